@@ -1,0 +1,3 @@
+"""megatron-minitron: Minitron-style structured pruning and distillation for megatron-core models."""
+
+__version__ = "0.1.0"

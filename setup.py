@@ -1,0 +1,36 @@
+"""megatron-minitron: Minitron-style pruning and distillation for megatron-core models."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-minitron",
+    version="0.1.0",
+    description="Structured pruning (activation importance) and knowledge distillation for megatron-core models, "
+                "at any tensor/pipeline/data-parallel layout, on GPU and on CPU",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_minitron", "megatron_minitron.*"]),
+    install_requires=[
+        # megatron-core is pinned: the CPU runtime patches exactly this version (runtime/cpu.py).
+        "megatron-core==0.16.1",
+        # torch is deliberately unpinned here: NVIDIA containers bring their own build; on CPU machines
+        # the README installs the CPU wheel first.
+        "torch>=2.4",
+        "numpy",
+        "sentencepiece",
+        # dist_checkpointing saves through a process pool that needs psutil.
+        "psutil",
+        # importance scores and Hugging Face weights are safetensors files.
+        "safetensors",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout", "tokenizers"],
+        "hf": ["tokenizers"],
+        # Transformer Engine comes with NVIDIA's PyTorch containers; this extra is for other GPU machines.
+        "te": ["transformer_engine[pytorch]"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["minitron=megatron_minitron.cli:main"]},
+)
