@@ -1,0 +1,51 @@
+"""Shared test helpers: launching real multi-process megatron runs under torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def torchrun(script: str | Path, *args: str, nproc: int, timeout: float = 600, cwd: Path = REPO,
+             env: dict | None = None) -> str:
+    """Run `script` on nproc processes with torchrun's standalone rendezvous (it picks a free port, so
+    parallel launches cannot race for one). Returns the output; on failure or timeout raises with the
+    output, which holds every failing rank's traceback (torchrun prefixes them with [rankN])."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(script), *map(str, args)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore",
+                **(env or {})}
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        raise AssertionError(f"{' '.join(cmd)} timed out after {timeout}s\n{out[-8000:]}\n{err[-8000:]}") from None
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited with {proc.returncode}\n{_ranks_tracebacks(output)}")
+    return output
+
+
+def _ranks_tracebacks(output: str, limit: int = 12000) -> str:
+    """The [rankN] traceback lines first (they name the failure), then the tail of everything."""
+    rank_lines = [line for line in output.splitlines() if line.startswith("[rank")]
+    return "\n".join(rank_lines)[-limit:] + "\n----- tail -----\n" + output[-4000:]
+
+
+@pytest.fixture(scope="session")
+def single_rank_runtime():
+    """A world of one process (gloo on CPU) with megatron's parallel state, for in-process tests."""
+    from megatron_minitron.runtime import ParallelConfig, initialize, shutdown
+    from megatron_minitron.runtime.dist import LaunchEnv, free_port
+
+    env = LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=free_port())
+    runtime = initialize(ParallelConfig(), env=env)
+    yield runtime
+    shutdown()
