@@ -49,3 +49,9 @@ def single_rank_runtime():
     runtime = initialize(ParallelConfig(), env=env)
     yield runtime
     shutdown()
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One cache directory (default tokenizer, tokenized embedded corpus) for the whole session."""
+    return tmp_path_factory.mktemp("data-cache")

@@ -335,6 +335,8 @@ def save_checkpoint(root: str | os.PathLike, *, model, arch: ArchConfig, runtime
 def _copy_tokenizer(root: Path, tokenizer: dict) -> dict:
     """Copy the tokenizer file into ROOT/tokenizer/ and return a reference relative to ROOT."""
     source = Path(tokenizer["path"])
+    if source.is_dir():  # a Hugging Face tokenizer directory: its tokenizer.json is the tokenizer
+        source = source / "tokenizer.json"
     if not source.is_file():
         raise CheckpointError(f"tokenizer file {source} does not exist")
     target = root / TOKENIZER_DIR / source.name

@@ -346,7 +346,8 @@ def train(trainer: Trainer, *, task: Task, train_batches: Callable[[int], Iterat
             val_record["val ppl"] = math.exp(min(val[task.losses[0]], 50.0))
             log.write(val_record)
             log.say(f"validation at iter {trainer.iteration}: " +
-                    " ".join(f"{k} {v:.4f}" for k, v in val_record.items() if k.startswith("val ")))
+                    " | ".join(f"{k} {v:.4f}" for k, v in val_record.items()
+                               if k.endswith("loss") or k.endswith("ppl")))
             records[-1]["valid"] = val
         if (cfg.save_interval and trainer.iteration % cfg.save_interval == 0) or at_end:
             path = save(trainer, paths.save, tokenizer=tokenizer, provenance=provenance)

@@ -8,9 +8,9 @@ import json
 import os
 import subprocess
 import sys
+from pydoc_data.topics import topics
 
 import pytest
-from pydoc_data.topics import topics
 
 from megatron_minitron.data import corpus
 

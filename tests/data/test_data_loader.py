@@ -48,7 +48,7 @@ def _take(iterator, count: int) -> list[dict[str, torch.Tensor]]:
 
 def _assert_same_batches(left, right) -> None:
     assert len(left) == len(right)
-    for a, b in zip(left, right):
+    for a, b in zip(left, right, strict=True):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), key
@@ -111,7 +111,9 @@ def test_gpt_samples_are_consecutive_windows_of_the_document_stream(tmp_path, sp
     )
     prefix = str(tmp_path / "docs")
     preprocess([str(source)], sp_tokenizer, prefix)
-    cfg = DataConfig(blend=[(1.0, prefix)], split="1", seq_length=SEQ, cache_dir=str(tmp_path / "c"))
+    cfg = DataConfig(
+        blend=[(1.0, prefix)], split="1", seq_length=SEQ, cache_dir=str(tmp_path / "c")
+    )
     train, valid, test = build_datasets(cfg, sp_tokenizer, (100, 0, 0))
     assert valid is None and test is None
     assert len(train) >= 100
@@ -137,10 +139,14 @@ def test_gpt_samples_are_consecutive_windows_of_the_document_stream(tmp_path, sp
             assert torch.equal(batch["loss_mask"][row], torch.ones(SEQ))
 
 
-def test_every_sample_is_a_contiguous_slice_of_whole_documents(tmp_path, id_tokenizer, write_indexed) -> None:
+def test_every_sample_is_a_contiguous_slice_of_whole_documents(
+    tmp_path, id_tokenizer, write_indexed
+) -> None:
     documents = _synthetic_documents(base=100, count=40, seed=0)
     prefix = write_indexed(str(tmp_path / "synthetic"), documents)
-    cfg = DataConfig(blend=[(1.0, prefix)], split="1", seq_length=SEQ, cache_dir=str(tmp_path / "c"))
+    cfg = DataConfig(
+        blend=[(1.0, prefix)], split="1", seq_length=SEQ, cache_dir=str(tmp_path / "c")
+    )
     train, _, _ = build_datasets(cfg, id_tokenizer, (60, 0, 0))
     by_start = {document[0]: document for document in documents}
     for index in range(len(train)):
@@ -170,8 +176,10 @@ def test_blend_weights_are_honoured(tmp_path, id_tokenizer, write_indexed) -> No
     cfg = DataConfig(
         blend=[(0.8, low), (0.2, high)], split="1", seq_length=SEQ, cache_dir=str(tmp_path / "c")
     )
+    initialized_before = torch.distributed.is_initialized()
     train, _, _ = build_datasets(cfg, id_tokenizer, (2000, 0, 0))
-    assert not torch.distributed.is_initialized()
+    # without a process group build_datasets makes a temporary one; it must not leak
+    assert torch.distributed.is_initialized() == initialized_before
     from_low = from_high = 0
     for batch in islice(batch_iterator(train, micro_batch_size=8, dp_rank=0, dp_size=1), 250):
         for row in batch["tokens"]:
@@ -186,28 +194,39 @@ def test_blend_weights_are_honoured(tmp_path, id_tokenizer, write_indexed) -> No
     assert abs(from_high / 2000 - 0.2) <= 0.03
 
 
-def test_build_datasets_works_inside_an_initialized_process_group(tmp_path, id_tokenizer, write_indexed) -> None:
+def test_build_datasets_works_inside_an_initialized_process_group(
+    tmp_path, id_tokenizer, write_indexed
+) -> None:
     low = write_indexed(str(tmp_path / "low"), _synthetic_documents(10, 50, seed=1))
     high = write_indexed(str(tmp_path / "high"), _synthetic_documents(2000, 50, seed=2))
     cfg = DataConfig(
-        blend=[(1.0, low), (1.0, high)], split="80,20,0", seq_length=SEQ, cache_dir=str(tmp_path / "c")
+        blend=[(1.0, low), (1.0, high)],
+        split="80,20,0",
+        seq_length=SEQ,
+        cache_dir=str(tmp_path / "c"),
     )
-    torch.distributed.init_process_group(
-        "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1
-    )
+    own_group = not torch.distributed.is_initialized()
+    if own_group:
+        torch.distributed.init_process_group(
+            "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1
+        )
     try:
         train, valid, test = build_datasets(cfg, id_tokenizer, (64, 16, 0))
         assert torch.distributed.is_initialized()
     finally:
-        torch.distributed.destroy_process_group()
+        if own_group:
+            torch.distributed.destroy_process_group()
     assert len(train) >= 64 and len(valid) >= 16 and test is None
-    # the same config without a process group hits megatron's caches and gives the same data
+    # the same config again (without a process group, unless another test left one) hits
+    # megatron's caches and gives the same data
     again, _, _ = build_datasets(cfg, id_tokenizer, (64, 16, 0))
     for index in range(64):
         assert torch.equal(train[index]["tokens"], again[index]["tokens"])
 
 
-def test_embedded_corpus_uses_held_out_valid_documents(tmp_path, sp_model_path, sp_tokenizer) -> None:
+def test_embedded_corpus_uses_held_out_valid_documents(
+    tmp_path, sp_model_path, sp_tokenizer
+) -> None:
     cfg = DataConfig(
         seq_length=SEQ, cache_dir=str(tmp_path), tokenizer=tokenizer_ref_for(sp_model_path)
     )
@@ -227,10 +246,14 @@ def test_embedded_corpus_uses_held_out_valid_documents(tmp_path, sp_model_path, 
 def test_missing_blend_prefix_is_named(tmp_path, id_tokenizer, write_indexed) -> None:
     present = write_indexed(str(tmp_path / "present"), _synthetic_documents(10, 5, seed=1))
     missing = str(tmp_path / "absent")
-    cfg = DataConfig(blend=[(1.0, present), (1.0, missing)], seq_length=SEQ, cache_dir=str(tmp_path))
+    cfg = DataConfig(
+        blend=[(1.0, present), (1.0, missing)], seq_length=SEQ, cache_dir=str(tmp_path)
+    )
     with pytest.raises(FileNotFoundError, match="blend prefix '.*absent'"):
         build_datasets(cfg, id_tokenizer, (10, 0, 0))
-    valid_missing = DataConfig(blend=[(1.0, present)], valid_blend=[(1.0, missing)], cache_dir=str(tmp_path))
+    valid_missing = DataConfig(
+        blend=[(1.0, present)], valid_blend=[(1.0, missing)], cache_dir=str(tmp_path)
+    )
     with pytest.raises(FileNotFoundError, match="absent"):
         build_datasets(valid_missing, id_tokenizer, (10, 10, 0))
 
@@ -250,7 +273,9 @@ def test_tokenizer_larger_than_model_is_rejected(tmp_path, id_tokenizer, write_i
 @pytest.fixture
 def synthetic_train(tmp_path, id_tokenizer, write_indexed):
     prefix = write_indexed(str(tmp_path / "data"), _synthetic_documents(10, 80, seed=4))
-    cfg = DataConfig(blend=[(1.0, prefix)], split="1", seq_length=SEQ, cache_dir=str(tmp_path / "c"))
+    cfg = DataConfig(
+        blend=[(1.0, prefix)], split="1", seq_length=SEQ, cache_dir=str(tmp_path / "c")
+    )
     train, _, _ = build_datasets(cfg, id_tokenizer, (200, 0, 0))
     return train
 
@@ -259,7 +284,7 @@ def test_dp_rank_slices_reassemble_the_single_rank_stream(synthetic_train) -> No
     whole = _take(batch_iterator(synthetic_train, micro_batch_size=6, dp_rank=0, dp_size=1), 5)
     rank0 = _take(batch_iterator(synthetic_train, micro_batch_size=3, dp_rank=0, dp_size=2), 5)
     rank1 = _take(batch_iterator(synthetic_train, micro_batch_size=3, dp_rank=1, dp_size=2), 5)
-    for global_batch, part0, part1 in zip(whole, rank0, rank1):
+    for global_batch, part0, part1 in zip(whole, rank0, rank1, strict=True):
         for key in loader.BATCH_KEYS:
             assert torch.equal(global_batch[key], torch.cat([part0[key], part1[key]]))
     assert not torch.equal(rank0[0]["tokens"], rank1[0]["tokens"])
@@ -268,14 +293,17 @@ def test_dp_rank_slices_reassemble_the_single_rank_stream(synthetic_train) -> No
 def test_start_sample_resumes_exactly(synthetic_train) -> None:
     fresh = _take(batch_iterator(synthetic_train, micro_batch_size=2, dp_rank=1, dp_size=2), 7)
     resumed = _take(
-        batch_iterator(synthetic_train, micro_batch_size=2, dp_rank=1, dp_size=2, start_sample=12), 4
+        batch_iterator(synthetic_train, micro_batch_size=2, dp_rank=1, dp_size=2, start_sample=12),
+        4,
     )
     _assert_same_batches(fresh[3:], resumed)
 
 
 def test_iterator_wraps_around_with_a_warning(synthetic_train) -> None:
     size = len(synthetic_train)
-    iterator = batch_iterator(synthetic_train, micro_batch_size=1, dp_rank=0, dp_size=1, start_sample=size - 1)
+    iterator = batch_iterator(
+        synthetic_train, micro_batch_size=1, dp_rank=0, dp_size=1, start_sample=size - 1
+    )
     last = next(iterator)
     with pytest.warns(UserWarning, match=f"end of the dataset \\({size} samples\\)"):
         first_again = next(iterator)
@@ -287,7 +315,10 @@ def test_iterator_wraps_around_with_a_warning(synthetic_train) -> None:
     ("kwargs", "message"),
     [
         ({"micro_batch_size": 0, "dp_rank": 0, "dp_size": 1}, "micro_batch_size"),
-        ({"micro_batch_size": 1, "dp_rank": 2, "dp_size": 2}, "dp_rank 2 must be smaller than dp_size 2"),
+        (
+            {"micro_batch_size": 1, "dp_rank": 2, "dp_size": 2},
+            "dp_rank 2 must be smaller than dp_size 2",
+        ),
         ({"micro_batch_size": 1, "dp_rank": 0, "dp_size": 1, "start_sample": -5}, "start_sample"),
     ],
 )

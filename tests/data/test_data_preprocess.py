@@ -45,13 +45,16 @@ def test_jsonl_documents_are_stored_exactly_with_eod(tmp_path, sp_tokenizer) -> 
 def test_txt_documents_are_separated_by_blank_lines(tmp_path, sp_tokenizer) -> None:
     source = tmp_path / "in.txt"
     source.write_text(
-        "\n\n" + DOCUMENTS[0] + "\n\n  \n" + DOCUMENTS[1] + "\r\n\n" + DOCUMENTS[2], encoding="utf-8"
+        "\n\n" + DOCUMENTS[0] + "\n\n  \n" + DOCUMENTS[1] + "\r\n\n" + DOCUMENTS[2],
+        encoding="utf-8",
     )
     preprocess([str(source)], sp_tokenizer, str(tmp_path / "out"), append_eod=False)
     assert _written(str(tmp_path / "out")) == [sp_tokenizer.tokenize(text) for text in DOCUMENTS]
 
 
-def test_several_inputs_concatenate_in_order_and_skip_blank_documents(tmp_path, sp_tokenizer) -> None:
+def test_several_inputs_concatenate_in_order_and_skip_blank_documents(
+    tmp_path, sp_tokenizer
+) -> None:
     first = _write_jsonl(tmp_path / "a.jsonl", [DOCUMENTS[0], "   ", ""], key="body")
     second = tmp_path / "b.txt"
     second.write_text(DOCUMENTS[2] + "\n", encoding="utf-8")

@@ -75,6 +75,10 @@ def test_sentencepiece_training_is_deterministic(tmp_path) -> None:
 def test_sentencepiece_rejects_tiny_vocab_and_missing_model(tmp_path) -> None:
     with pytest.raises(ValueError, match="vocab_size=100"):
         tk.train_sentencepiece(["some text"], 100, str(tmp_path / "tiny"))
+    # 300 pieces pass the absolute minimum but not the ~50 distinct characters of real text
+    with pytest.raises(ValueError, match="vocab_size=300 is too small for this text"):
+        tk.train_sentencepiece(embedded_documents("train")[:50], 300, str(tmp_path / "small"))
+    assert os.listdir(tmp_path) == []
     missing = str(tmp_path / "nope.model")
     with pytest.raises(FileNotFoundError, match="nope.model"):
         tk.SentencePieceTokenizer(missing)
@@ -83,7 +87,8 @@ def test_sentencepiece_rejects_tiny_vocab_and_missing_model(tmp_path) -> None:
 def test_hf_tokenizer_round_trip_and_eod(tmp_path) -> None:
     path = _train_hf_tokenizer_json(tmp_path / "tokenizer.json")
     hf = tk.HFTokenizer(path)
-    vocab = json.loads(open(path, encoding="utf-8").read())["model"]["vocab"]
+    with open(path, encoding="utf-8") as stream:
+        vocab = json.load(stream)["model"]["vocab"]
     assert hf.eod == vocab["<|endoftext|>"]
     assert hf.pad == vocab["<pad>"]
     assert hf.bos is None
@@ -99,7 +104,10 @@ def test_hf_tokenizer_round_trip_and_eod(tmp_path) -> None:
 
 def test_hf_tokenizer_explicit_and_missing_eod(tmp_path) -> None:
     path = _train_hf_tokenizer_json(tmp_path / "tokenizer.json")
-    assert tk.HFTokenizer(path, eod_token="<pad>").eod == tk.HFTokenizer(path).pad
+    explicit = tk.HFTokenizer(path, eod_token="<pad>")
+    assert explicit.eod == tk.HFTokenizer(path).pad
+    assert explicit.ref == tk.TokenizerRef(kind="huggingface", path=path, eod_token="<pad>")
+    assert explicit.ref.load().eod == explicit.eod
     with pytest.raises(ValueError, match="tokenizer.json.*<nope>"):
         tk.HFTokenizer(path, eod_token="<nope>")
 
@@ -117,6 +125,7 @@ def test_hf_tokenizer_without_any_known_eod_names_the_file(tmp_path) -> None:
 def test_tokenizer_ref_json_round_trip_and_validation(sp_model_path) -> None:
     ref = tk.tokenizer_ref_for(sp_model_path)
     assert ref == tk.TokenizerRef(kind="sentencepiece", path=sp_model_path)
+    assert ref.load().ref == ref
     assert tk.TokenizerRef.from_json(json.loads(json.dumps(ref.to_json()))) == ref
     assert ref.load().vocab_size == 600
     with pytest.raises(ValueError, match="'bpe'"):
@@ -151,3 +160,18 @@ def test_default_tokenizer_is_trained_once_and_cached(tmp_path, monkeypatch) -> 
     monkeypatch.setattr(tk, "train_sentencepiece", fail)
     assert tk.default_tokenizer(str(tmp_path), vocab_size=1000) == ref
     assert os.listdir(tmp_path / "tokenizers") == [os.path.basename(ref.path)]
+
+
+def test_fingerprint_follows_file_contents_not_path(tmp_path, sp_model_path) -> None:
+    copy = tmp_path / "copy.model"
+    with open(sp_model_path, "rb") as stream:
+        copy.write_bytes(stream.read())
+    original = tk.SentencePieceTokenizer(sp_model_path)
+    assert tk.SentencePieceTokenizer(str(copy)).fingerprint == original.fingerprint
+    # a small vocabulary: rare characters lose their own piece but still round-trip as bytes
+    other = tk.SentencePieceTokenizer(
+        tk.train_sentencepiece(embedded_documents("train")[:50], 320, str(tmp_path / "other"))
+    )
+    assert other.fingerprint != original.fingerprint
+    for text in SAMPLE_TEXTS:
+        assert other.detokenize(other.tokenize(text)) == text

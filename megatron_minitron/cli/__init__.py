@@ -1,0 +1,39 @@
+"""`minitron SUBCOMMAND ...`: one module per subcommand; each imports its heavy dependencies only
+when it runs, so `minitron --help` and argument errors are instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+SUBCOMMANDS = {
+    "pretrain": ("megatron_minitron.cli.pretrain", "train a model (from scratch or from a checkpoint) with megatron"),
+    "preprocess": ("megatron_minitron.cli.preprocess", "tokenize text/jsonl into a Megatron indexed dataset"),
+    "inspect": ("megatron_minitron.cli.inspect", "print a checkpoint's architecture and parameter count"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minitron", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `minitron` console script and `python -m megatron_minitron`."""
+    from megatron_minitron.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        # Bad input: one clear line, no traceback (every rank prints the same line).
+        print(f"minitron {args.command}: error: {error}", file=sys.stderr)
+        return 2

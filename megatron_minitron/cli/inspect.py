@@ -1,0 +1,44 @@
+"""`minitron inspect CKPT`: architecture, parameter count and provenance of a checkpoint, read from
+its metadata only (no process group, no weights loaded).
+
+    minitron inspect runs/teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint directory (ours or Megatron-LM's)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--tensors", action="store_true", help="also list every stored tensor and its global shape")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_minitron.model import checkpoint as ckpt
+
+    info = ckpt.resolve(args.checkpoint)
+    arch = info.arch
+    report = {"path": str(info.path), "origin": info.origin, "iteration": info.iteration,
+              "architecture": arch.explicit().to_json(), "num_parameters": arch.num_parameters(),
+              "num_parameters_without_embeddings": arch.num_parameters(include_embeddings=False),
+              "tokenizer": info.tokenizer, "saved_with": info.metadata.get("saved_with"),
+              "provenance": info.metadata.get("provenance"), "plan": info.metadata.get("plan")}
+    if args.tensors:
+        report["tensors"] = {k: list(v) for k, v in sorted(ckpt.tensor_shapes(info.path).items())}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{info.path}  ({info.origin} checkpoint, iteration {info.iteration})")
+    print(f"parameters: {report['num_parameters']:,} ({report['num_parameters_without_embeddings']:,} without "
+          f"embeddings)")
+    for key, value in report["architecture"].items():
+        print(f"  {key:36s} {value}")
+    for key in ("tokenizer", "saved_with", "provenance", "plan"):
+        if report[key]:
+            print(f"{key}: {json.dumps(report[key])}")
+    for key, shape in report.get("tensors", {}).items():
+        print(f"  {key:70s} {shape}")
+    return 0

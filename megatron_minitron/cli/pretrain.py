@@ -1,0 +1,179 @@
+"""`minitron pretrain`: train a GPT model with megatron-core at any TP/PP/DP.
+
+    torchrun --nproc-per-node 2 -m megatron_minitron pretrain --arch small --tp 2 --save runs/teacher
+
+Without --data-path it trains on the embedded corpus (CPython's documentation) with a SentencePiece
+tokenizer trained on it. --save DIR receives checkpoints (Megatron-LM layout), metrics.jsonl and
+run.json; an existing run there is continued only with --resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from megatron_minitron.cli._common import add_data_arguments, add_parallel_arguments, parallel_config, parse_blend
+from megatron_minitron.config import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default="small", help="architecture preset name or JSON file (default: small)")
+    parser.add_argument("--init", default=None, help="start from this checkpoint's weights (architecture from it)")
+    parser.add_argument("--save", required=True, help="run directory: checkpoints, metrics.jsonl, run.json")
+    parser.add_argument("--resume", action="store_true", help="continue the run already in --save")
+    parser.add_argument("--overwrite", action="store_true", help="delete a previous run in --save first")
+    add_parallel_arguments(parser)
+    add_data_arguments(parser)
+    t = parser.add_argument_group("training")
+    t.add_argument("--train-iters", type=int, default=300)
+    t.add_argument("--seq-length", type=int, default=256)
+    t.add_argument("--micro-batch-size", type=int, default=4)
+    t.add_argument("--global-batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--min-lr", type=float, default=1e-4)
+    t.add_argument("--lr-warmup-iters", type=int, default=20)
+    t.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "linear", "constant"])
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--clip-grad", type=float, default=1.0)
+    t.add_argument("--use-distributed-optimizer", action="store_true")
+    t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 weights with fp32 main weights (default: on GPU only)")
+    t.add_argument("--log-interval", type=int, default=10)
+    t.add_argument("--eval-interval", type=int, default=100)
+    t.add_argument("--eval-iters", type=int, default=10)
+    t.add_argument("--save-interval", type=int, default=0)
+    t.add_argument("--exit-interval", type=int, default=None)
+    t.add_argument("--seed", type=int, default=1234)
+
+
+def train_config(args: argparse.Namespace):
+    from megatron_minitron.training.loop import TrainConfig
+
+    return TrainConfig(
+        train_iters=args.train_iters, micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+        seq_length=args.seq_length, lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters,
+        lr_decay_style=args.lr_decay_style, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+        use_distributed_optimizer=args.use_distributed_optimizer, bf16=args.bf16, log_interval=args.log_interval,
+        eval_interval=args.eval_interval, eval_iters=args.eval_iters, save_interval=args.save_interval,
+        exit_interval=args.exit_interval, seed=args.seed)
+
+
+def check_run_dir(save: Path, *, resume: bool, overwrite: bool) -> None:
+    """No silent overwrite: an existing run needs --resume (continue) or --overwrite (start again)."""
+    from megatron_minitron.model.checkpoint import TRACKER
+
+    if not save.exists() or not any(save.iterdir()):
+        if resume:
+            raise ConfigError(f"--resume: {save} holds no run to continue")
+        return
+    is_run = (save / TRACKER).exists() or (save / "run.json").exists()
+    if resume and is_run:
+        return
+    if overwrite and is_run:
+        return
+    if not is_run:
+        raise ConfigError(f"--save {save} exists and is not a megatron-minitron run directory; choose a new path")
+    raise ConfigError(f"--save {save} already holds a run; pass --resume to continue it or --overwrite to "
+                      f"start it again")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_minitron.config import load_arch
+    from megatron_minitron.model import checkpoint as ckpt
+    from megatron_minitron.runtime import LaunchEnv
+
+    # ---- everything that can be checked before processes and data: fail fast, on every rank alike
+    parallel = parallel_config(args)
+    cfg = train_config(args)
+    save = Path(args.save)
+    check_run_dir(save, resume=args.resume, overwrite=args.overwrite)
+    init_info = ckpt.resolve(args.init) if args.init else None
+    arch = init_info.arch if init_info else load_arch(args.arch)
+    arch.check_parallel(tensor_parallel=parallel.tensor_parallel, pipeline_parallel=parallel.pipeline_parallel,
+                        first_stage_layers=parallel.first_stage_layers, last_stage_layers=parallel.last_stage_layers)
+    env = LaunchEnv.from_environ()
+    cfg.num_microbatches(parallel.data_parallel(env.world_size))
+    if cfg.seq_length > arch.max_position_embeddings:
+        raise ConfigError(f"--seq-length {cfg.seq_length} exceeds the model's max_position_embeddings="
+                          f"{arch.max_position_embeddings}")
+    data_cfg = _data_config(args, init_info)
+    if data_cfg.tokenizer is not None and (init_info is not None or Path(args.arch).is_file()):
+        from megatron_minitron.data.loader import check_vocab_fits
+
+        check_vocab_fits(data_cfg.tokenizer.load(), arch.vocab_size)  # the vocabulary is fixed by the model
+    return _train(args, parallel, cfg, env, save, arch, init_info, data_cfg)
+
+
+def _data_config(args: argparse.Namespace, init_info):
+    from megatron_minitron.data.loader import DataConfig
+    from megatron_minitron.data.tokenizer import TokenizerRef, tokenizer_ref_for
+
+    if args.tokenizer:
+        tokenizer = tokenizer_ref_for(args.tokenizer)
+    elif init_info is not None and init_info.tokenizer is not None:
+        tokenizer = TokenizerRef.from_json(init_info.tokenizer)
+    else:
+        tokenizer = None
+    return DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
+                      split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
+                      tokenizer=tokenizer)
+
+
+def _train(args, parallel, cfg, env, save: Path, arch, init_info, data_cfg) -> int:
+    from megatron_minitron.data.loader import batch_iterator, build_datasets, load_tokenizer
+    from megatron_minitron.runtime import initialize, shutdown
+    from megatron_minitron.training.loop import RunPaths, build_trainer, init_from, lm_task, train
+
+    runtime = initialize(parallel, seed=cfg.seed, env=env)
+    try:
+        if args.overwrite and runtime.rank == 0 and save.exists():
+            shutil.rmtree(save)
+        runtime.barrier()
+        tokenizer = load_tokenizer(data_cfg)
+        if init_info is None and not Path(args.arch).is_file():
+            # A preset trained from scratch takes the tokenizer's vocabulary.
+            arch = arch.replace(vocab_size=tokenizer.vocab_size, padded_vocab_size=None)
+        valid_samples = cfg.eval_iters * cfg.global_batch_size
+        train_ds, valid_ds, _ = build_datasets(data_cfg, tokenizer, (cfg.train_iters * cfg.global_batch_size,
+                                                                     valid_samples, 0),
+                                               model_vocab_size=arch.vocab_size)
+        trainer = build_trainer(arch, runtime, cfg)
+        if init_info is not None and ckpt_latest(save) is None:
+            init_from(trainer, init_info.root)
+        dp = dict(micro_batch_size=cfg.micro_batch_size, dp_rank=runtime.dp_rank, dp_size=runtime.data_parallel)
+        if runtime.rank == 0:
+            save.mkdir(parents=True, exist_ok=True)
+            (save / "run.json").write_text(json.dumps({"arch": arch.to_json(), "train": cfg.to_json(),
+                                                       "data": data_cfg.to_json(), "world_size": env.world_size,
+                                                       "parallel": vars(parallel)}, indent=2, default=str) + "\n")
+        if runtime.is_logging_rank:
+            print(f"training {arch.num_parameters() / 1e6:.2f}M parameters at TP={parallel.tensor_parallel} "
+                  f"PP={parallel.pipeline_parallel} DP={runtime.data_parallel} on {runtime.device.type} "
+                  f"({runtime.backend}); vocabulary {tokenizer.vocab_size}", flush=True)
+        train(trainer, task=lm_task(runtime.device),
+              train_batches=lambda start: batch_iterator(train_ds, start_sample=start, **dp),
+              valid_batches=(lambda: batch_iterator(valid_ds, **dp)) if valid_ds is not None else None,
+              paths=RunPaths(save=save, metrics=save / "metrics.jsonl"),
+              tokenizer=tokenizer_json(data_cfg, tokenizer),
+              provenance={"command": "pretrain", "init": str(init_info.root) if init_info else None})
+    finally:
+        shutdown()
+    return 0
+
+
+def ckpt_latest(save: Path):
+    from megatron_minitron.model.checkpoint import latest_iteration
+
+    return latest_iteration(save) if save.exists() else None
+
+
+def tokenizer_json(data_cfg, tokenizer) -> dict:
+    """The tokenizer reference stored in checkpoints."""
+    ref = data_cfg.tokenizer
+    if ref is None:
+        from megatron_minitron.data.tokenizer import tokenizer_ref_for
+
+        ref = tokenizer_ref_for(tokenizer.path)
+    return ref.to_json()
