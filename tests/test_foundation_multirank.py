@@ -1,5 +1,6 @@
 """Foundation across parallel layouts: one 4-process torchrun launch (tests/multirank/foundation.py)
-computes, these tests compare. Layouts: TP1 (DP4), TP2 (DP2), PP2 (DP2), TP2xPP2 (DP1)."""
+computes, these tests compare. Layouts: TP1 (DP4), TP2 (DP2), PP2 (DP2), TP2xPP2 (DP1), and for logits
+also TP2 with sequence parallelism and PP2 with uneven stages (1 + 3 layers)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def results(tmp_path_factory):
 def test_same_logits_at_every_layout(results):
     reference = torch.load(results / "logits_tp1_pp1.pt")
     assert reference.shape == (2, 32, 1024)
-    for layout in LAYOUTS[1:]:
+    for layout in LAYOUTS[1:] + ["tp2_sp", "pp2_uneven"]:
         logits = torch.load(results / f"logits_{layout}.pt")
         # fp32 with different reduction orders (TP splits the matmuls): ~1e-7 relative seen; 1e-5 bound.
         rel = (logits - reference).abs().max() / reference.abs().max()

@@ -170,10 +170,5 @@ def ckpt_latest(save: Path):
 
 
 def tokenizer_json(data_cfg, tokenizer) -> dict:
-    """The tokenizer reference stored in checkpoints."""
-    ref = data_cfg.tokenizer
-    if ref is None:
-        from megatron_minitron.data.tokenizer import tokenizer_ref_for
-
-        ref = tokenizer_ref_for(tokenizer.path)
-    return ref.to_json()
+    """The tokenizer reference stored in checkpoints (keeps an explicit HF eod token)."""
+    return (data_cfg.tokenizer or tokenizer.ref).to_json()

@@ -58,14 +58,17 @@ def phase_logits(out: Path) -> None:
     info = ckpt.resolve(out / "reference")
     tokens = torch.stack([synthetic.sample(10_000 + i, SEQ, ARCH.vocab_size)[:-1] for i in range(2)])
     positions = torch.arange(SEQ).expand(2, SEQ)
-    for tp, pp in LAYOUTS:
-        rt = initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
+    extra = {"tp2_sp": ParallelConfig(tensor_parallel=2, sequence_parallel=True),
+             "pp2_uneven": ParallelConfig(pipeline_parallel=2, first_stage_layers=1, last_stage_layers=3)}
+    layouts = {f"tp{tp}_pp{pp}": ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp) for tp, pp in LAYOUTS}
+    for name, parallel in {**layouts, **extra}.items():
+        rt = initialize(parallel)
         model = build_model(info.arch, rt)
         ckpt.load_checkpoint(info, model=model)
         logits = forward_logits(model, tokens, positions, rt)
         if rt.is_logging_rank:
-            torch.save(logits, out / f"logits_tp{tp}_pp{pp}.pt")
-        if (tp, pp) == (1, 2):
+            torch.save(logits, out / f"logits_{name}.pt")
+        if name == "tp1_pp2":
             ckpt.save_checkpoint(out / "resaved_tp1pp2", model=model, arch=info.arch, runtime=rt, iteration=None)
 
 
