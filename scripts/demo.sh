@@ -9,4 +9,4 @@ resume=()
 [ -f runs/demo-teacher/latest_checkpointed_iteration.txt ] && resume=(--resume)  # a finished run is kept
 exec .venv/bin/python -m torch.distributed.run --standalone --nproc-per-node 2 -m megatron_minitron pretrain \
   --arch small --tp 2 --save runs/demo-teacher "${resume[@]}" \
-  --train-iters 300 --seq-length 256 --micro-batch-size 4 --global-batch-size 16 --eval-interval 100 "$@"
+  --train-iters 200 --seq-length 256 --micro-batch-size 4 --global-batch-size 8 --eval-interval 50 "$@"

@@ -1,0 +1,79 @@
+"""One prepared GPU check (run on a lent GPU machine; CI never runs it).
+
+    torchrun --nproc-per-node 1 benchmarks/gpu_check.py --out $OUT/gpu_check.json
+
+On one GPU with NCCL it: builds the tiny model with the local spec and with the Transformer-Engine
+spec (when TE imports), loads both from one checkpoint saved by the local-spec model, compares
+their logits (fp32), trains a few bf16 steps with the TE spec and checks the loss falls, saves and
+reloads that bf16 checkpoint and checks the weights round-trip bit for bit. Prints and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_minitron.config import preset  # noqa: E402
+from megatron_minitron.model import checkpoint as ckpt  # noqa: E402
+from megatron_minitron.model.build import build_model, transformer_engine_available, unwrap  # noqa: E402
+from megatron_minitron.model.forward import forward_logits  # noqa: E402
+from megatron_minitron.runtime import ParallelConfig, initialize, shutdown  # noqa: E402
+from megatron_minitron.training.loop import TrainConfig, build_trainer, lm_task, train_step  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="gpu_check.json")
+    args = parser.parse_args()
+    runtime = initialize(ParallelConfig())
+    report: dict = {"device": str(runtime.device), "backend": runtime.backend,
+                    "te_available": transformer_engine_available(),
+                    "cuda": torch.version.cuda, "torch": torch.__version__}
+    arch = preset("tiny")
+    tokens = torch.randint(0, arch.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(64).expand(2, 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = build_model(arch, runtime, dtype=torch.float32, use_te=False)
+        ckpt.save_checkpoint(Path(tmp) / "local", model=local, arch=arch, runtime=runtime, iteration=None)
+        info = ckpt.resolve(Path(tmp) / "local")
+        reference = forward_logits(local, tokens, positions, runtime)
+        if report["te_available"]:
+            te = build_model(arch, runtime, dtype=torch.float32, use_te=True)
+            ckpt.load_checkpoint(info, model=te)
+            logits = forward_logits(te, tokens, positions, runtime)
+            report["te_vs_local_logits_rel_diff"] = float((logits - reference).abs().max() / reference.abs().max())
+
+        cfg = TrainConfig(train_iters=40, micro_batch_size=4, global_batch_size=8, seq_length=63, lr=3e-3,
+                          lr_warmup_iters=2, bf16=True)
+        trainer = build_trainer(arch, runtime, cfg)
+        fixed = {"tokens": tokens[:, :-1].repeat(2, 1)[:4], "labels": tokens[:, 1:].repeat(2, 1)[:4],
+                 "loss_mask": torch.ones(4, 63), "position_ids": torch.arange(63).expand(4, 63)}
+
+        def data():
+            while True:
+                yield fixed
+
+        losses = [train_step(trainer, lm_task(runtime.device), data())["lm loss"] for _ in range(20)]
+        report["bf16_losses_first_last"] = [losses[0], losses[-1]]
+        report["bf16_loss_fell"] = losses[-1] < losses[0] - 1.0
+        ckpt.save_checkpoint(Path(tmp) / "bf16", model=trainer.model[0], arch=arch, runtime=runtime, iteration=20)
+        again = build_model(arch, runtime, dtype=torch.bfloat16)
+        ckpt.load_checkpoint(ckpt.resolve(Path(tmp) / "bf16"), model=again)
+        saved = unwrap(trainer.model[0]).state_dict()
+        report["bf16_roundtrip_bit_identical"] = all(
+            torch.equal(value, unwrap(again).state_dict()[key]) for key, value in saved.items()
+            if isinstance(value, torch.Tensor) and not key.endswith("_extra_state"))
+    print(json.dumps(report, indent=2))
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
