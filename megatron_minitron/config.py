@@ -201,10 +201,10 @@ class ArchConfig:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ArchConfig":
         """Inverse of to_json; unknown keys are an error naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = unknown_fields(cls, data)
         if unknown:
-            raise ConfigError(f"unknown architecture fields {unknown}; known fields: {sorted(names)}")
+            known = sorted(f.name for f in dataclasses.fields(cls))
+            raise ConfigError(f"unknown architecture fields {unknown}; known fields: {known}")
         return cls(**data)
 
     def fingerprint(self) -> str:
@@ -221,6 +221,11 @@ class ArchConfig:
     def replace(self, **changes: Any) -> "ArchConfig":
         """A copy with some fields changed (validated)."""
         return dataclasses.replace(self, **changes)
+
+
+def unknown_fields(cls: type, data: dict[str, Any]) -> list[str]:
+    """Keys of data that are not fields of the dataclass cls (sorted), for from_json errors."""
+    return sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

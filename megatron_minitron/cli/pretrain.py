@@ -123,6 +123,7 @@ def _data_config(args: argparse.Namespace, init_info):
 
 def _train(args, parallel, cfg, env, save: Path, arch, init_info, data_cfg) -> int:
     from megatron_minitron.data.loader import batch_iterator, build_datasets, load_tokenizer
+    from megatron_minitron.model.checkpoint import latest_iteration
     from megatron_minitron.runtime import initialize, shutdown
     from megatron_minitron.training.loop import RunPaths, build_trainer, init_from, lm_task, train
 
@@ -140,7 +141,7 @@ def _train(args, parallel, cfg, env, save: Path, arch, init_info, data_cfg) -> i
                                                                      valid_samples, 0),
                                                model_vocab_size=arch.vocab_size)
         trainer = build_trainer(arch, runtime, cfg)
-        if init_info is not None and ckpt_latest(save) is None:
+        if init_info is not None and latest_iteration(save) is None:
             init_from(trainer, init_info.root)
         dp = dict(micro_batch_size=cfg.micro_batch_size, dp_rank=runtime.dp_rank, dp_size=runtime.data_parallel)
         if runtime.rank == 0:
@@ -161,12 +162,6 @@ def _train(args, parallel, cfg, env, save: Path, arch, init_info, data_cfg) -> i
     finally:
         shutdown()
     return 0
-
-
-def ckpt_latest(save: Path):
-    from megatron_minitron.model.checkpoint import latest_iteration
-
-    return latest_iteration(save) if save.exists() else None
 
 
 def tokenizer_json(data_cfg, tokenizer) -> dict:

@@ -158,9 +158,11 @@ class DataConfig:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DataConfig:
         """Build a DataConfig from ``to_json`` output, rejecting unknown keys."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        from megatron_minitron.config import unknown_fields
+
+        unknown = unknown_fields(cls, data)
         if unknown:
+            known = {field.name for field in dataclasses.fields(cls)}
             raise ValueError(
                 f"unknown DataConfig keys {unknown}; expected a subset of {sorted(known)}"
             )
