@@ -84,6 +84,10 @@ class Plan:
             if values and not (0 <= values[0] and values[-1] < bound):
                 raise PlanError(f"plan {name} indices must lie in [0, {bound}); got {values[0]}..{values[-1]}")
 
+        for name, arch, count in (("params_before", src, self.params_before), ("params_after", dst, self.params_after)):
+            if count and count != arch.num_parameters():
+                raise PlanError(f"plan {name}={count} does not match its architecture's {arch.num_parameters()} "
+                                f"parameters; the plan file was edited or is corrupt")
         check("layers", self.layers, dst.num_layers, src.num_layers)
         check("hidden", self.hidden, dst.hidden_size, src.hidden_size)
         for name in ("ffn", "query_groups", "heads"):
@@ -106,6 +110,23 @@ class Plan:
                                     f"(heads {group * src_per_group}..{(group + 1) * src_per_group - 1}); got "
                                     f"{list(block)}")
         return self
+
+    def summary(self) -> str:
+        """A few lines for logs and `minitron inspect`: each axis before -> after, dropped layers, parameters."""
+        src, dst = self.source.explicit(), self.target.explicit()
+        lines = [f"pruning plan: source {self.source_fingerprint} -> target {dst.fingerprint()}"]
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups"):
+            before, after = getattr(src, name), getattr(dst, name)
+            change = "" if before == after else f"  ({after / before:.0%})"
+            lines.append(f"  {name:<20} {before:>7} -> {after:<7}{change}".rstrip())
+        dropped = sorted(set(range(src.num_layers)) - set(self.layers))
+        if dropped:
+            lines.append(f"  dropped layers {dropped} (chosen by {self.scores.get('layer_metric', 'unknown')})")
+        if self.head_merge:
+            lines.append("  pruned heads are merged into kept ones")
+        ratio = self.params_after / self.params_before if self.params_before else float("nan")
+        lines.append(f"  parameters {self.params_before:,} -> {self.params_after:,} ({ratio:.1%} of the source)")
+        return "\n".join(lines)
 
     def is_identity(self) -> bool:
         return self.source.explicit() == self.target.explicit() and self.layers == tuple(range(self.source.num_layers))
@@ -135,8 +156,12 @@ class Plan:
         unknown = unknown_fields(cls, data)
         if unknown:
             raise PlanError(f"unknown plan keys {unknown}")
+        missing = [key for key in ("params_before", "params_after") if not data.get(key)]
+        if fingerprint is None or missing:
+            raise PlanError(f"plan lacks {(['source_fingerprint'] if fingerprint is None else []) + missing}; "
+                            f"every plan file records its source fingerprint and both parameter counts")
         plan = cls(**data)
-        if fingerprint is not None and fingerprint != plan.source_fingerprint:
+        if fingerprint != plan.source_fingerprint:
             raise PlanError(f"plan source_fingerprint {fingerprint} does not match its source architecture "
                             f"({plan.source_fingerprint}); the plan file was edited or is corrupt")
         return plan.validate()
