@@ -16,12 +16,7 @@ import torch
 from megatron_minitron.config import ArchConfig, ConfigError
 from megatron_minitron.importance.scores import Scores, load_scores
 from megatron_minitron.plan.plan import Plan, PlanError
-from megatron_minitron.plan.target import Target
-
-SIZE_FLAGS = {"num_layers": "--target-num-layers", "hidden_size": "--target-hidden-size",
-              "ffn_hidden_size": "--target-ffn-hidden-size", "num_attention_heads": "--target-num-attention-heads",
-              "num_query_groups": "--target-num-query-groups"}
-
+from megatron_minitron.plan.target import SIZE_FLAGS, Target
 
 def make_plan(scores: Union[Scores, str, os.PathLike], target: Target, *, source: Optional[ArchConfig] = None,
               tensor_parallel: Optional[int] = None, pipeline_parallel: Optional[int] = None) -> Plan:

@@ -131,16 +131,16 @@ def load_target(path: str | os.PathLike) -> Target:
 
 
 # ------------------------------------------------------------------------------------- argparse
-_FLAGS = {f"target_{name}": f"--target-{name.replace('_', '-')}" for name in AXES}
+SIZE_FLAGS = {name: f"--target-{name.replace('_', '-')}" for name in AXES}
+_FLAGS = {f"target_{name}": flag for name, flag in SIZE_FLAGS.items()}
 _FLAGS.update(drop_layers="--drop-layers", layer_metric="--layer-metric")
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     """The pruning-target flags: per-axis sizes, layer choice, head merge, or one --export-config."""
     group = parser.add_argument_group("pruning target (sizes to keep; untouched axes keep the source's)")
-    for name in AXES:
-        group.add_argument(f"--target-{name.replace('_', '-')}", type=int, default=None, metavar="N",
-                           help=f"target {name}")
+    for name, flag in SIZE_FLAGS.items():
+        group.add_argument(flag, type=int, default=None, metavar="N", help=f"target {name}")
     group.add_argument("--drop-layers", type=int, nargs="+", default=None, metavar="LAYER",
                        help="source layers to remove (0-based), instead of ranking them")
     group.add_argument("--layer-metric", choices=LAYER_METRICS, default=None,
