@@ -1,0 +1,389 @@
+"""How every tensor of a torch_dist checkpoint maps from the source model to the pruned one.
+
+Pure functions of a `Plan`: no files, no processes. For each stored key, `rule_for(key, plan)` says
+what the target key is and, per dimension, which source indices survive (`None`: all of them). A
+layer-stacked tensor (`decoder.layers.X`, shape [L, ...]) selects the kept layers on axis 0 and
+then, per kept layer, its own indices on the other dims (each layer keeps its own heads and
+neurons); the per-layer layout of `singleton_local_shards` checkpoints (`decoder.layers.{i}.X`)
+uses the same per-layer rules and renumbers i.
+
+What each axis selects (source indices; every list is ascending, so a row range of the target
+reads one contiguous row range of the source):
+
+- hidden: every dim of size hidden_size: qkv/fc1 columns, proj/fc2 rows and biases, every norm
+  weight/bias, word/position embedding and output-layer columns (vocab rows, padding included,
+  are untouched).
+- qkv rows (group-major, see DESIGN.md §2): per kept group g, the kept query heads' rows (in head
+  order), then g's key rows, then g's value rows, kv_channels rows each. The qkv bias alike.
+- linear_proj columns: the kept heads' kv_channels columns, in the same order as the qkv rows.
+- fc1 rows: the kept neurons; GLU models hold [gate; up], and the same neurons are kept in both
+  halves. singleton layouts store them as `weight_w` (gate) / `weight_v` (up).
+- linear_fc2 columns: the kept neurons.
+
+Head merge (optional, `plan.head_merge`, needs head scores): the Minitron paper adds residual
+information of pruned heads to the kept ones, head_i <- head_i + (head_i - head_{2K-i+1}) when L
+heads become K. Here it is applied per source query group, where heads rank by their importance
+score: with n heads in the group of which K are kept, the kept head of rank i (1 = most important)
+absorbs the head of group rank 2K-i+1 when that rank exists (<= n) and that head is pruned, so the
+least important kept head absorbs the most important pruned one. "Head" means the weights that
+belong to one query head alone: its kv_channels query rows of linear_qkv (and their bias) and its
+kv_channels input columns of linear_proj; keys and values are shared by the group and stay as they
+are. W_kept <- 2 W_kept - W_pruned on those rows/columns, before the selection.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from megatron_minitron.config import ConfigError
+from megatron_minitron.plan.plan import Plan
+
+LAYER_PREFIX = "decoder.layers."
+DROPPED_PREFIXES = ("optimizer.", "rng_state")
+"""Stored keys the pruned checkpoint leaves out: optimizer state (its shapes and the distributed
+optimizer's flat layout belong to the source model; distillation starts a fresh optimizer) and the
+RNG states of the ranks that saved the source (their shape is that layout's)."""
+
+_SHARD_SUFFIX = re.compile(r"^(?P<name>.+)/shard_(?P<offsets>[0-9.]+)_(?P<shape>[0-9.]+)$")
+
+
+class PruneError(ConfigError):
+    """A checkpoint, plan or option the pruner cannot apply; the message names the key or file."""
+
+
+# Per-layer parameters: what each non-layer dim of the tensor indexes (None: not pruned).
+LAYER_RULES: dict[str, tuple[Optional[str], ...]] = {
+    "self_attention.linear_qkv.layer_norm_weight": ("hidden",),
+    "self_attention.linear_qkv.layer_norm_bias": ("hidden",),
+    "input_layernorm.weight": ("hidden",),
+    "input_layernorm.bias": ("hidden",),
+    "self_attention.linear_qkv.weight": ("qkv", "hidden"),
+    "self_attention.linear_qkv.bias": ("qkv",),
+    "self_attention.linear_proj.weight": ("hidden", "heads"),
+    "self_attention.linear_proj.bias": ("hidden",),
+    "mlp.linear_fc1.layer_norm_weight": ("hidden",),
+    "mlp.linear_fc1.layer_norm_bias": ("hidden",),
+    "pre_mlp_layernorm.weight": ("hidden",),
+    "pre_mlp_layernorm.bias": ("hidden",),
+    "mlp.linear_fc1.weight": ("fc1", "hidden"),
+    "mlp.linear_fc1.bias": ("fc1",),
+    "mlp.linear_fc1.weight_w": ("ffn", "hidden"),
+    "mlp.linear_fc1.weight_v": ("ffn", "hidden"),
+    "mlp.linear_fc1.bias_w": ("ffn",),
+    "mlp.linear_fc1.bias_v": ("ffn",),
+    "mlp.linear_fc2.weight": ("hidden", "ffn"),
+    "mlp.linear_fc2.bias": ("hidden",),
+}
+
+# Tensors outside the layers.
+GLOBAL_RULES: dict[str, tuple[Optional[str], ...]] = {
+    "embedding.word_embeddings.weight": (None, "hidden"),
+    "embedding.position_embeddings.weight": (None, "hidden"),
+    "output_layer.weight": (None, "hidden"),
+    "decoder.final_layernorm.weight": ("hidden",),
+    "decoder.final_layernorm.bias": ("hidden",),
+}
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """How one stored tensor becomes one target tensor.
+
+    For a layer-stacked tensor (`layered`), target[j] = select(source[source_layer(j)], j); otherwise
+    target = select(source, 0). `select` picks `index(j)[d]` on dim d of the per-layer tensor (None:
+    every index), after the head merge when `merge(j)` lists pairs.
+    """
+
+    source_key: str
+    target_key: str
+    source_shape: tuple[int, ...]
+    target_shape: tuple[int, ...]
+    layered: bool
+    """Stacked layer axis on dim 0 of the stored tensor."""
+    axes: tuple[Optional[str], ...]
+    """Axis name of each per-layer dim (hidden, qkv, heads, fc1, ffn or None)."""
+    source_layer: Callable[[int], int]
+    index: Callable[[int], tuple[Optional[torch.Tensor], ...]]
+    merge: Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]
+    """Per target layer: (kept rows, pruned rows) pairs of `merge_dim`, each pair kv_channels long."""
+    merge_dim: Optional[int] = None
+    """Per-layer dim the head merge edits (qkv rows or proj columns), None when it does not apply."""
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        return self.target_shape[1:] if self.layered else self.target_shape
+
+    def apply(self, source: torch.Tensor, j: int = 0, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """The target layer j (the whole target for an unlayered tensor) from the per-layer source
+        tensor; with rows=(a, b), only target rows a:b of the first per-layer dim, given source rows
+        `source_rows(j, a, b)` (relative to their start)."""
+        index = self.index(j)
+        pairs = self.merge(j)
+        if pairs:
+            if rows is not None and self.merge_dim == 0:
+                raise PruneError(f"{self.source_key}: the head merge needs whole layers (no row chunks)")
+            source = source.clone()
+            for kept, pruned in pairs:
+                kept_part = source.index_select(self.merge_dim, kept)
+                pruned_part = source.index_select(self.merge_dim, pruned)
+                source.index_copy_(self.merge_dim, kept, 2 * kept_part - pruned_part)
+        out = source
+        for dim, idx in enumerate(index):
+            if dim == 0 and rows is not None:
+                if idx is not None:
+                    a, b = rows
+                    start = int(idx[a]) if b > a else 0
+                    out = out.index_select(0, idx[a:b] - start)
+                continue
+            if idx is not None:
+                out = out.index_select(dim, idx)
+        return out
+
+    def source_rows(self, j: int, a: int, b: int) -> tuple[int, int]:
+        """Source row range (first per-layer dim) that target rows a:b of layer j read."""
+        idx = self.index(j)[0] if self.index(j) else None
+        if idx is None or b <= a:
+            return a, b
+        return int(idx[a]), int(idx[b - 1]) + 1
+
+
+def _range_or_none(indices: Sequence[int], size: int) -> Optional[torch.Tensor]:
+    if len(indices) == size and tuple(indices) == tuple(range(size)):
+        return None
+    return torch.as_tensor(list(indices), dtype=torch.long)
+
+
+class AxisIndices:
+    """Kept source indices of every axis for every kept layer of a plan (cached tensors)."""
+
+    def __init__(self, plan: Plan, head_scores: Optional[torch.Tensor] = None):
+        self.plan = plan
+        src = plan.source.explicit()
+        self.src = src
+        self.kv = src.head_dim
+        self.per_group = src.num_attention_heads // src.query_groups
+        self.hidden = _range_or_none(plan.hidden, src.hidden_size)
+        self._cache: dict[tuple[str, int], Optional[torch.Tensor]] = {}
+        if plan.head_merge and head_scores is None:
+            raise PruneError("the plan asks for the head merge, which needs the head importance scores "
+                             "(scores tensor 'heads' [layers, heads]); pass the scores directory")
+        if head_scores is not None and tuple(head_scores.shape) != (src.num_layers, src.num_attention_heads):
+            raise PruneError(f"head scores have shape {tuple(head_scores.shape)}; the source model needs "
+                             f"{(src.num_layers, src.num_attention_heads)}")
+        self.head_scores = head_scores
+
+    def get(self, axis: Optional[str], j: int) -> Optional[torch.Tensor]:
+        if axis is None:
+            return None
+        if axis == "hidden":
+            return self.hidden
+        key = (axis, j)
+        if key not in self._cache:
+            self._cache[key] = getattr(self, f"_{axis}")(j)
+        return self._cache[key]
+
+    def _ffn(self, j: int) -> Optional[torch.Tensor]:
+        return _range_or_none(self.plan.ffn[j], self.src.ffn_hidden_size)
+
+    def _fc1(self, j: int) -> Optional[torch.Tensor]:
+        ffn = self.plan.ffn[j]
+        F = self.src.ffn_hidden_size
+        rows = list(ffn) + [F + i for i in ffn] if self.src.gated else list(ffn)
+        return _range_or_none(rows, F * (2 if self.src.gated else 1))
+
+    def _heads(self, j: int) -> Optional[torch.Tensor]:
+        kv = self.kv
+        cols = [h * kv + c for h in self.plan.heads[j] for c in range(kv)]
+        return _range_or_none(cols, self.src.num_attention_heads * kv)
+
+    def qkv_rows_of_head(self, head: int) -> list[int]:
+        group, local = divmod(head, self.per_group)
+        start = (group * (self.per_group + 2) + local) * self.kv
+        return list(range(start, start + self.kv))
+
+    def _qkv(self, j: int) -> Optional[torch.Tensor]:
+        kv, n = self.kv, self.per_group
+        n_dst = len(self.plan.heads[j]) // len(self.plan.query_groups[j])
+        rows: list[int] = []
+        for t, group in enumerate(self.plan.query_groups[j]):
+            for head in self.plan.heads[j][t * n_dst:(t + 1) * n_dst]:
+                rows += self.qkv_rows_of_head(head)
+            base = group * (n + 2) * kv
+            rows += range(base + n * kv, base + (n + 2) * kv)  # the group's key then value rows
+        return _range_or_none(rows, self.src.query_groups * (n + 2) * kv)
+
+    def merge_pairs(self, j: int) -> list[tuple[int, int]]:
+        """(kept head, pruned head) pairs of the head merge in target layer j (see the module docstring)."""
+        if not self.plan.head_merge:
+            return []
+        layer = self.plan.layers[j]
+        scores = self.head_scores[layer]
+        kept = set(self.plan.heads[j])
+        n = self.per_group
+        pairs = []
+        for group in self.plan.query_groups[j]:
+            heads = list(range(group * n, (group + 1) * n))
+            ranked = sorted(heads, key=lambda h: (-float(scores[h]), h))
+            kept_ranked = [h for h in ranked if h in kept]
+            K = len(kept_ranked)
+            for i, head in enumerate(kept_ranked, start=1):
+                other = 2 * K - i + 1
+                if other <= n and ranked[other - 1] not in kept:
+                    pairs.append((head, ranked[other - 1]))
+        return pairs
+
+
+def parse_shard_key(key: str) -> Optional[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """`name/shard_{offsets}_{shape}` (a megatron ShardedObject) -> (name, offsets, shape), else None."""
+    match = _SHARD_SUFFIX.match(key)
+    if match is None:
+        return None
+    offsets = tuple(int(x) for x in match["offsets"].split("."))
+    shape = tuple(int(x) for x in match["shape"].split("."))
+    return match["name"], offsets, shape
+
+
+def _split_layer_key(key: str) -> tuple[Optional[int], str]:
+    """decoder.layers.{i}.X -> (i, X); decoder.layers.X -> (None, X)."""
+    rest = key[len(LAYER_PREFIX):]
+    head, _, tail = rest.partition(".")
+    if head.isdigit():
+        return int(head), tail
+    return None, rest
+
+
+def is_dropped(key: str) -> bool:
+    return key.startswith(DROPPED_PREFIXES)
+
+
+def rename_object(key: str, plan: Plan) -> Optional[str]:
+    """Target key of a stored object (`_extra_state/shard_...`), or None when its layer is pruned.
+
+    Layer-stacked objects are `decoder.layers.X/shard_{i}_{L}` (layer i of L; megatron prepends
+    the layer axis); per-layer ones are `decoder.layers.{i}.X/shard_0_1`. Both get the target layer
+    number and count (the loader's planner finds objects by these exact names, see DESIGN.md §2).
+    """
+    parsed = parse_shard_key(key)
+    if parsed is None:
+        raise PruneError(f"stored object {key!r} is not a megatron ShardedObject (name/shard_<offsets>_<shape>); "
+                         f"the pruner does not know how to carry it over")
+    name, offsets, shape = parsed
+    if not name.startswith(LAYER_PREFIX):
+        return key  # e.g. an output layer's extra state: no layer axis, nothing pruned
+    new_of = {src: dst for dst, src in enumerate(plan.layers)}
+    layer, suffix = _split_layer_key(name)
+    if layer is not None:  # singleton layout: the layer number is in the name
+        if layer not in new_of:
+            return None
+        name = f"{LAYER_PREFIX}{new_of[layer]}.{suffix}"
+        return f"{name}/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"
+    if shape[0] != plan.source.num_layers:
+        raise PruneError(f"stored object {key!r} has a layer axis of {shape[0]}, but the source model has "
+                         f"{plan.source.num_layers} layers")
+    if offsets[0] not in new_of:
+        return None
+    offsets = (new_of[offsets[0]],) + offsets[1:]
+    shape = (plan.target.num_layers,) + shape[1:]
+    return f"{name}/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"
+
+
+def rule_for(key: str, shape: Sequence[int], plan: Plan, axes_index: AxisIndices) -> Optional[TensorRule]:
+    """The rule for one stored tensor; None when the tensor is not carried over (a pruned layer of a
+    per-layer checkpoint, or a dropped key). Unknown keys raise PruneError naming them."""
+    shape = tuple(int(s) for s in shape)
+    if is_dropped(key):
+        return None
+    if key.startswith(LAYER_PREFIX):
+        layer, suffix = _split_layer_key(key)
+        if suffix not in LAYER_RULES:
+            raise PruneError(f"checkpoint tensor {key!r} is not one the pruner knows (per-layer names: "
+                             f"{sorted(LAYER_RULES)}); refusing to copy it unchanged")
+        axes = LAYER_RULES[suffix]
+        if layer is None:
+            if len(shape) != len(axes) + 1 or shape[0] != plan.source.num_layers:
+                raise PruneError(f"checkpoint tensor {key!r} has shape {shape}; expected a stacked layer axis "
+                                 f"of {plan.source.num_layers} followed by {len(axes)} dims")
+            target_key, layered, per_layer = key, True, shape[1:]
+            source_layer = (lambda j: plan.layers[j])
+            j_of = (lambda j: j)
+        else:
+            if layer not in plan.layers:
+                return None
+            j_fixed = plan.layers.index(layer)
+            target_key, layered, per_layer = f"{LAYER_PREFIX}{j_fixed}.{suffix}", False, shape
+            source_layer = (lambda j: layer)
+            j_of = (lambda j, _j=j_fixed: _j)
+    elif key in GLOBAL_RULES:
+        axes = GLOBAL_RULES[key]
+        target_key, layered, per_layer = key, False, shape
+        source_layer = (lambda j: 0)
+        j_of = (lambda j: 0)
+    else:
+        raise PruneError(f"checkpoint tensor {key!r} is not one the pruner knows (known: {sorted(GLOBAL_RULES)} "
+                         f"and per-layer {sorted(LAYER_RULES)}); refusing to copy it unchanged")
+
+    expected = _expected_sizes(plan)
+    if len(per_layer) != len(axes):
+        raise PruneError(f"checkpoint tensor {key!r} has shape {shape}; expected {len(axes)} dims per layer")
+    for d, axis in enumerate(axes):
+        if axis is not None and per_layer[d] != expected[axis]:
+            raise PruneError(f"checkpoint tensor {key!r} has size {per_layer[d]} on its {axis} dim, but the plan's "
+                             f"source model has {expected[axis]}: the plan does not belong to this checkpoint")
+
+    def index(j: int) -> tuple[Optional[torch.Tensor], ...]:
+        return tuple(axes_index.get(axis, j_of(j)) for axis in axes)
+
+    merge_dim = None
+    if plan.head_merge and axes and axes[0] == "qkv":
+        merge_dim = 0
+    elif plan.head_merge and len(axes) > 1 and axes[1] == "heads":
+        merge_dim = 1
+
+    def merge(j: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if merge_dim is None:
+            return []
+        out = []
+        for kept, pruned in axes_index.merge_pairs(j_of(j)):
+            if axes[merge_dim] == "qkv":
+                rows = axes_index.qkv_rows_of_head(kept), axes_index.qkv_rows_of_head(pruned)
+            else:
+                kv = axes_index.kv
+                rows = list(range(kept * kv, (kept + 1) * kv)), list(range(pruned * kv, (pruned + 1) * kv))
+            out.append((torch.tensor(rows[0]), torch.tensor(rows[1])))
+        return out
+
+    # Every kept layer keeps the same number of indices per axis (the plan validated it): use layer 0's.
+    target_layer = tuple(per_layer[d] if idx is None else len(idx) for d, idx in enumerate(index(0)))
+    target_shape = ((plan.target.num_layers,) + target_layer) if layered else target_layer
+    return TensorRule(source_key=key, target_key=target_key, source_shape=shape, target_shape=target_shape,
+                      layered=layered, axes=axes, source_layer=source_layer, index=index, merge=merge,
+                      merge_dim=merge_dim)
+
+
+def _expected_sizes(plan: Plan) -> dict[str, int]:
+    src = plan.source.explicit()
+    kv = src.head_dim
+    return {"hidden": src.hidden_size, "ffn": src.ffn_hidden_size,
+            "fc1": src.ffn_hidden_size * (2 if src.gated else 1), "heads": src.num_attention_heads * kv,
+            "qkv": (src.num_attention_heads + 2 * src.query_groups) * kv}
+
+
+def slice_full(tensors: dict[str, torch.Tensor], plan: Plan, head_scores: Optional[torch.Tensor] = None
+               ) -> dict[str, torch.Tensor]:
+    """Apply the plan to whole in-memory tensors (reference path for tests and small models)."""
+    axes = AxisIndices(plan, head_scores)
+    out = {}
+    for key, tensor in tensors.items():
+        rule = rule_for(key, tensor.shape, plan, axes)
+        if rule is None:
+            continue
+        if rule.layered:
+            out[rule.target_key] = torch.stack([rule.apply(tensor[rule.source_layer(j)], j)
+                                                for j in range(plan.target.num_layers)])
+        else:
+            out[rule.target_key] = rule.apply(tensor)
+    return out
