@@ -55,3 +55,17 @@ def single_rank_runtime():
 def data_cache(tmp_path_factory):
     """One cache directory (default tokenizer, tokenized embedded corpus) for the whole session."""
     return tmp_path_factory.mktemp("data-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, data_cache):
+    """A briefly trained `tiny` checkpoint with the default tokenizer (one process, ~20 s)."""
+    save = tmp_path_factory.mktemp("tiny-teacher") / "run"
+    cmd = [sys.executable, "-m", "megatron_minitron", "pretrain", "--arch", "tiny", "--save", str(save),
+           "--cache-dir", str(data_cache), "--train-iters", "20", "--seq-length", "64", "--micro-batch-size", "4",
+           "--global-batch-size", "8", "--lr", "3e-3", "--lr-warmup-iters", "2", "--eval-interval", "20",
+           "--eval-iters", "1", "--log-interval", "20"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return save

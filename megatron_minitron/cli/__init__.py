@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 SUBCOMMANDS = {
     "pretrain": ("megatron_minitron.cli.pretrain", "train a model (from scratch or from a checkpoint) with megatron"),
     "preprocess": ("megatron_minitron.cli.preprocess", "tokenize text/jsonl into a Megatron indexed dataset"),
+    "importance": ("megatron_minitron.cli.importance", "score heads, neurons, hidden channels and layers"),
     "inspect": ("megatron_minitron.cli.inspect", "print a checkpoint's architecture and parameter count"),
 }
 

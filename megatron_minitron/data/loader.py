@@ -169,7 +169,7 @@ class DataConfig:
         return cls(**data)
 
 
-def _rank0_first(build: Callable[[], _T]) -> _T:
+def rank0_first(build: Callable[[], _T]) -> _T:
     """Run ``build`` on global rank 0, then (after a barrier) on the other ranks.
 
     Used for work that fills a cache: rank 0 does it, the others then find it. Without
@@ -187,7 +187,7 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer:
     """Open ``cfg.tokenizer``, or the default tokenizer (trained on rank 0 on first use)."""
     if cfg.tokenizer is not None:
         return cfg.tokenizer.load()
-    ref = _rank0_first(lambda: default_tokenizer(cfg.cache_dir, cfg.default_vocab_size))
+    ref = rank0_first(lambda: default_tokenizer(cfg.cache_dir, cfg.default_vocab_size))
     return ref.load()
 
 
@@ -231,7 +231,7 @@ def prepare_embedded_corpus(cache_dir: str, tokenizer: Tokenizer) -> tuple[str, 
         for split, prefix in zip(("train", "valid"), prefixes, strict=True):
             _tokenize_embedded_split(prefix, split, tokenizer)
 
-    _rank0_first(build)
+    rank0_first(build)
     return prefixes
 
 

@@ -31,9 +31,10 @@ def check_aggregation(name: str, *, axis: str) -> int:
 
 def sequence_sums(x: torch.Tensor) -> torch.Tensor:
     """Per-sample sums over the sequence of a megatron activation [seq, batch, channels]:
-    [batch, channels, 3] holding sum x, sum x^2 and sum |x| in fp32. Partial sums over sequence
+    [batch, channels, 3] holding sum x, sum x^2 and sum |x| in fp64 (the sequence variance is a
+    difference of two such sums: fp32 would lose digits to cancellation). Partial sums over sequence
     chunks (sequence parallelism) add up to the full-sequence sums."""
-    x = x.float()
+    x = x.double()
     return torch.stack([x.sum(0), x.square().sum(0), x.abs().sum(0)], dim=-1)
 
 

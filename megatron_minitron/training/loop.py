@@ -178,7 +178,7 @@ def masked_loss_sum(per_token_loss: torch.Tensor, loss_mask: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------------------- steps
-def _reduce_reports(reports: list[dict], names: tuple[str, ...], runtime: Runtime) -> dict[str, float]:
+def reduce_reports(reports: list[dict], names: tuple[str, ...], runtime: Runtime) -> dict[str, float]:
     """Token-weighted mean of each reported loss over micro-batches and data-parallel ranks, known on
     every rank (summed over DP on the last pipeline stage, then broadcast along the pipeline)."""
     from megatron.core import parallel_state
@@ -214,7 +214,7 @@ def train_step(trainer: Trainer, task: Task, data_iterator: Iterator[dict]) -> d
     trainer.scheduler.step(increment=1)
     trainer.iteration += 1
     trainer.consumed_samples += cfg.global_batch_size
-    out = _reduce_reports(reports, task.losses, runtime)
+    out = reduce_reports(reports, task.losses, runtime)
     out.update(grad_norm=float(grad_norm or 0.0), lr=trainer.optimizer.param_groups[0]["lr"])
     return out
 
@@ -235,7 +235,7 @@ def evaluate(trainer: Trainer, task: Task, data_iterator: Iterator[dict], num_it
             micro_batch_size=cfg.micro_batch_size, forward_only=True)
     for chunk in trainer.model:
         chunk.train()
-    return _reduce_reports(reports, task.losses, runtime)
+    return reduce_reports(reports, task.losses, runtime)
 
 
 # ------------------------------------------------------------------------------------- the loop
