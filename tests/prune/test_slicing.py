@@ -25,7 +25,8 @@ def make_plan(src=SRC, *, layers=None, hidden=None, ffn=None, groups=None, heads
                          num_attention_heads=len(heads), num_query_groups=len(groups))
     L = len(layers)
     return Plan(source=src, target=target, layers=layers, hidden=hidden, ffn=[ffn] * L, query_groups=[groups] * L,
-                heads=[heads] * L, head_merge=head_merge).validate()
+                heads=[heads] * L, head_merge=head_merge, params_before=src.num_parameters(),
+                params_after=target.num_parameters()).validate()
 
 
 def stacked_shapes(arch) -> dict[str, tuple[int, ...]]:

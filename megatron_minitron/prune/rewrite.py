@@ -1,0 +1,462 @@
+"""`prune_checkpoint`: stream a torch_dist checkpoint through a plan into a new, smaller one.
+
+    prune_checkpoint("runs/teacher", plan, "runs/pruned", workers=4)
+
+How it works, and why:
+
+1. Validate everything before the first byte is written: the plan against the checkpoint's
+   architecture, the DCP metadata (missing, truncated, corrupted), every shard file (present, long
+   enough), every stored key (a rule exists for it, its shape matches the plan's source), the common
+   state, the tokenizer, and the output path (new or --overwrite, not inside the source, not a
+   parent of it).
+2. Cut the work into units: one unit is one chunk of one target tensor, a row range of its first
+   per-layer dim (a layer's rows for stacked tensors), sized so that the source rows it reads stay
+   under `chunk_bytes`; stored objects (`_extra_state`) are units of their own. Units are split over
+   the workers in key order into runs of about equal bytes.
+3. Each worker reads exactly the source rows of its units (storage.SourceReader, one `readinto`
+   per stored chunk), applies the slicing rule, and appends the result as a DCP chunk to its own
+   `__{worker}_0.distcp`. Peak memory of a worker is about two chunks (source rows + target rows),
+   whatever the model size.
+4. The coordinator merges every worker's records into one DCP `.metadata`, writes megatron's
+   `metadata.json` and `common.pt` (Megatron-LM args of the target), `minitron.json` (target
+   architecture, the plan, provenance) and the tokenizer, then the tracker file, and renames the
+   temporary directory `.NAME.partial` beside the output into place. A crash at any point leaves
+   only that partial directory, which holds no tracker and never looks finished; the source is only
+   ever opened for reading.
+
+Why not `dcp.save`: it needs the whole state dict in memory at once and numbers its files by
+process-group rank; writing DCP storage directly (the same `torch.save` archives, the same pickled
+Metadata) keeps memory at a few chunks and lets N independent processes write one checkpoint.
+The output loads with megatron's dist_checkpointing at any TP/PP, like any torch_dist checkpoint.
+
+Workers are spawned processes (`workers=N`), or the ranks of a torchrun launch (`group=`): rank 0
+validates and finalises, every rank rewrites its share.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from megatron_minitron.model import checkpoint as ckpt
+from megatron_minitron.plan.plan import Plan
+from megatron_minitron.prune import storage
+from megatron_minitron.prune.slicing import AxisIndices, PruneError, is_dropped, rename_object, rule_for
+
+DEFAULT_CHUNK_BYTES = 64 << 20
+COMMON_DROPPED = ("optimizer", "opt_param_scheduler", "train_state", "rng_state", "rerun_state_machine")
+"""Common-state entries of the source that the pruned checkpoint leaves out (training state of the
+source run; the pruned model starts a new run)."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of work: rows a:b of target layer `layer` of one tensor, or one stored object."""
+
+    source_key: str
+    target_key: str
+    layer: Optional[int] = None
+    """Target layer of a stacked tensor (None: an unstacked tensor, or an object)."""
+    rows: tuple[int, int] = (0, 0)
+    read_bytes: int = 0
+    write_bytes: int = 0
+    is_object: bool = False
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a worker needs (picklable: workers rebuild the rules from the plan)."""
+
+    source: str
+    partial: str
+    plan: Plan
+    head_scores: Optional[torch.Tensor]
+    units: tuple[Unit, ...]
+    worker: int
+
+
+# ------------------------------------------------------------------------------------ validation
+def _check_paths(source_root: Path, out: Path, overwrite: bool) -> None:
+    src, dst = source_root.resolve(), out.resolve()
+    if dst == src or src in dst.parents:
+        raise PruneError(f"output {out} is inside the source checkpoint {source_root}; the pruner never writes "
+                         f"into its source: choose a path outside it")
+    if dst in src.parents:
+        raise PruneError(f"output {out} contains the source checkpoint {source_root}; overwriting it would "
+                         f"delete the source")
+    ckpt.check_new_output(out, overwrite=overwrite)
+    if out.exists() and not out.is_dir():
+        raise PruneError(f"output {out} exists and is not a directory")
+
+
+def _common_state(info: ckpt.CheckpointInfo, plan: Plan) -> dict:
+    try:
+        common = torch.load(info.path / "common.pt", map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise PruneError(f"{info.path} has no common.pt: the checkpoint is incomplete") from None
+    except Exception as error:
+        raise PruneError(f"{info.path / 'common.pt'} is truncated or corrupted ({type(error).__name__}: {error})"
+                         ) from None
+    from argparse import Namespace
+
+    base = vars(common["args"]).copy() if isinstance(common.get("args"), Namespace) else {}
+    base.pop("iteration", None)
+    args = ckpt.megatron_args_from_arch(plan.target.explicit())
+    merged = Namespace(**{**base, **vars(args)})
+    return {"checkpoint_version": common.get("checkpoint_version", 3.0), "iteration": 0, "args": merged}
+
+
+def _megatron_metadata(info: ckpt.CheckpointInfo) -> dict:
+    path = info.path / "metadata.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise PruneError(f"{path} is unreadable or corrupted: {error}") from None
+    if meta.get("sharded_backend") != "torch_dist":
+        raise PruneError(f"{path}: sharded backend {meta.get('sharded_backend')!r}; the pruner rewrites torch_dist "
+                         f"checkpoints only")
+    return meta
+
+
+def plan_units(metadata, plan: Plan, head_scores: Optional[torch.Tensor], chunk_bytes: int) -> list[Unit]:
+    """Every unit of work, in a fixed order (sorted keys), so any worker count writes the same chunks."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    axes = AxisIndices(plan, head_scores)
+    units: list[Unit] = []
+    for key in sorted(metadata.state_dict_metadata):
+        meta = metadata.state_dict_metadata[key]
+        if not isinstance(meta, TensorStorageMetadata):
+            if is_dropped(key):
+                continue
+            target = rename_object(key, plan)
+            if target is not None:
+                units.append(Unit(key, target, is_object=True))
+            continue
+        rule = rule_for(key, tuple(meta.size), plan, axes)
+        if rule is None:
+            continue
+        itemsize = torch.empty((), dtype=meta.properties.dtype).element_size()
+        per_layer_src = rule.source_shape[1:] if rule.layered else rule.source_shape
+        src_row = itemsize * math.prod(per_layer_src[1:])
+        dst_row = itemsize * math.prod(rule.layer_shape[1:])
+        rows_total = rule.layer_shape[0]
+        max_src_rows = max(1, chunk_bytes // max(1, src_row))
+        layers = range(plan.target.num_layers) if rule.layered else [None]
+        for layer in layers:
+            j = 0 if layer is None else layer
+            idx = rule.index(j)[0]
+            if rule.merge_dim == 0 and rule.merge(j):
+                spans = [(0, rows_total)]  # the head merge reads rows of other heads: whole layer
+            else:
+                spans = _row_spans(idx, rows_total, max_src_rows)
+            for a, b in spans:
+                s0, s1 = (0, per_layer_src[0]) if rule.merge_dim == 0 and rule.merge(j) else rule.source_rows(j, a, b)
+                units.append(Unit(key, rule.target_key, layer=layer, rows=(a, b), read_bytes=(s1 - s0) * src_row,
+                                  write_bytes=(b - a) * dst_row))
+    return units
+
+
+def _row_spans(idx: Optional[torch.Tensor], rows: int, max_src_rows: int) -> list[tuple[int, int]]:
+    """Target row ranges whose source rows (idx[a]..idx[b-1]) span at most max_src_rows."""
+    if rows == 0:
+        return [(0, 0)]
+    if idx is None:
+        return [(a, min(a + max_src_rows, rows)) for a in range(0, rows, max_src_rows)]
+    spans, a = [], 0
+    while a < rows:
+        limit = int(idx[a]) + max_src_rows
+        b = int(torch.searchsorted(idx, limit))
+        b = max(b, a + 1)
+        spans.append((a, b))
+        a = b
+    return spans
+
+
+def split_units(units: list[Unit], workers: int) -> list[list[Unit]]:
+    """Contiguous runs of about equal bytes (keeps each worker's reads local to few shard files)."""
+    total = sum(u.read_bytes + u.write_bytes + 1 for u in units)
+    shares: list[list[Unit]] = [[] for _ in range(workers)]
+    done = 0
+    for unit in units:
+        w = min(workers - 1, int(done * workers / max(1, total)))
+        shares[w].append(unit)
+        done += unit.read_bytes + unit.write_bytes + 1
+    return shares
+
+
+# --------------------------------------------------------------------------------------- workers
+def run_job(job: Job, report: Optional[Callable[[int, int, int], None]] = None) -> list[storage.Record]:
+    """Rewrite one worker's units into `__{worker}_0.distcp`; returns the records of what it wrote."""
+    plan = job.plan
+    reader = storage.SourceReader(Path(job.source))
+    axes = AxisIndices(plan, job.head_scores)
+    writer = storage.ChunkWriter(Path(job.partial), f"__{job.worker}_0.distcp")
+    parent = os.getppid()
+    rules: dict = {}
+    try:
+        for n, unit in enumerate(job.units):
+            if os.getppid() != parent:  # the coordinator died: stop writing
+                os._exit(3)
+            if unit.is_object:
+                data, transforms = reader.read_bytes(unit.source_key)
+                writer.object(unit.target_key, data, transforms)
+            else:
+                if unit.source_key not in rules:
+                    meta = reader.tensor_meta(unit.source_key)
+                    rules[unit.source_key] = rule_for(unit.source_key, tuple(meta.size), plan, axes)
+                rule = rules[unit.source_key]
+                _rewrite_unit(rule, unit, reader, writer)
+            if report is not None:
+                report(n + 1, reader.bytes_read, writer.bytes_written)
+    finally:
+        reader.close()
+        writer.close()
+    return writer.records
+
+
+def _rewrite_unit(rule, unit: Unit, reader: storage.SourceReader, writer: storage.ChunkWriter) -> None:
+    j = 0 if unit.layer is None else unit.layer
+    a, b = unit.rows
+    source_layer = rule.source_layer(j) if rule.layered else None
+    whole_layer = rule.merge_dim == 0 and rule.merge(j)
+    if whole_layer:
+        rows = (0, rule.source_shape[1 if rule.layered else 0])
+    else:
+        rows = rule.source_rows(j, a, b)
+    source = reader.read_rows(rule.source_key, source_layer, *rows)
+    target = rule.apply(source, j) if whole_layer else rule.apply(source, j, rows=(a, b))
+    if whole_layer:
+        target = target[a:b]
+    lead = (unit.layer,) if rule.layered else ()
+    if rule.layered:
+        target = target.unsqueeze(0)
+    offsets = lead + (a,) + (0,) * (len(rule.layer_shape) - 1)
+    writer.tensor(rule.target_key, target, offsets, rule.target_shape)
+
+
+def _worker_main(job: Job, queue) -> None:
+    """Entry point of a spawned worker: progress and the result go back through the queue."""
+    try:
+        torch.set_num_threads(1)
+        records = run_job(job, lambda n, r, w: queue.put(("progress", job.worker, n, r, w)))
+        queue.put(("done", job.worker, records))
+    except BaseException as error:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+        queue.put(("error", job.worker, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+
+
+# ----------------------------------------------------------------------------------------- driver
+@dataclass
+class _Progress:
+    """Progress lines: tensors and bytes done, throughput, ETA (at most one line a second)."""
+
+    units: int
+    total_bytes: int
+    print_fn: Callable[[str], None]
+    start: float = 0.0
+    last: float = 0.0
+
+    def __post_init__(self):
+        self.start = self.last = time.monotonic()
+        self.state: dict[int, tuple[int, int, int]] = {}
+
+    def update(self, worker: int, n: int, read: int, written: int, force: bool = False) -> None:
+        self.state[worker] = (n, read, written)
+        now = time.monotonic()
+        if not force and now - self.last < 1.0:
+            return
+        self.last = now
+        n, read, written = (sum(v[i] for v in self.state.values()) for i in range(3))
+        elapsed = max(now - self.start, 1e-9)
+        rate = (read + written) / elapsed
+        left = max(0, self.total_bytes - read - written)
+        eta = left / rate if rate > 0 else float("inf")
+        self.print_fn(f"prune: {n}/{self.units} chunks, {read / 1e6:.1f} MB read, {written / 1e6:.1f} MB written, "
+                      f"{rate / 1e6:.1f} MB/s, ETA {eta:.0f}s")
+
+
+def _spawn(jobs: list[Job], progress: _Progress) -> list[storage.Record]:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker_main, args=(job, queue), daemon=True) for job in jobs]
+    for p in procs:
+        p.start()
+    records: list[storage.Record] = []
+    pending = {job.worker for job in jobs}
+    try:
+        while pending:
+            try:
+                message = queue.get(timeout=1.0)
+            except Exception:  # queue.Empty: check that nobody died silently
+                dead = [j.worker for j, p in zip(jobs, procs) if j.worker in pending and p.exitcode not in (None, 0)]
+                if dead:
+                    raise PruneError(f"prune worker {dead[0]} died (exit code "
+                                     f"{procs[dead[0]].exitcode}) before finishing its share") from None
+                continue
+            kind, worker = message[0], message[1]
+            if kind == "progress":
+                progress.update(worker, *message[2:])
+            elif kind == "done":
+                records += message[2]
+                pending.discard(worker)
+            else:
+                raise PruneError(f"prune worker {worker} failed: {message[2]}")
+    finally:
+        for p in procs:
+            if p.is_alive() and pending:
+                p.kill()
+            p.join()
+    return records
+
+
+def prune_checkpoint(source: str | os.PathLike, plan: Plan, out: str | os.PathLike, *, workers: int = 1,
+                     overwrite: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                     head_scores: Optional[torch.Tensor] = None, group=None,
+                     print_fn: Callable[[str], None] = print) -> Path:
+    """Write the pruned checkpoint of `source` under `out` (Megatron-LM layout, `release/`).
+
+    workers: spawned processes (1: in this process). group: a torch.distributed process group whose
+    ranks share the work instead (every rank calls this; rank 0 validates and finalises).
+    head_scores: [layers, heads] importance of the source heads, needed when plan.head_merge.
+    Returns the torch_dist directory of the new checkpoint.
+    """
+    import torch.distributed as dist
+
+    out = Path(out)
+    rank = dist.get_rank(group) if group is not None else 0
+    world = dist.get_world_size(group) if group is not None else 1
+    partial = out.parent / f".{out.name}.partial"
+    if workers < 1:
+        raise PruneError(f"--workers must be >= 1, got {workers}")
+    if chunk_bytes < 1:
+        raise PruneError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+
+    error, prepared = None, None
+    if rank == 0:
+        try:
+            prepared = _prepare(Path(source), plan, out, overwrite, head_scores, chunk_bytes)
+        except (PruneError, ckpt.CheckpointError, ValueError) as e:
+            error = e
+    if group is not None:
+        box = [error is None]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+        if not box[0]:
+            if error is not None:
+                raise error
+            raise PruneError("rank 0 refused the inputs (see its error)")
+    elif error is not None:
+        raise error
+
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        (partial / "release").mkdir(parents=True)
+    if group is not None:
+        dist.barrier(group=group)
+    info = ckpt.resolve(source)
+    metadata = storage.read_dcp_metadata(info.path)
+    units = plan_units(metadata, plan, head_scores, chunk_bytes)
+    total = sum(u.read_bytes + u.write_bytes for u in units)
+    progress = _Progress(units=len(units), total_bytes=total, print_fn=print_fn if rank == 0 else (lambda s: None))
+    n_workers = world if group is not None else workers
+    shares = split_units(units, n_workers)
+    jobs = [Job(source=str(info.path), partial=str(partial / "release"), plan=plan,
+                head_scores=head_scores, units=tuple(share), worker=w) for w, share in enumerate(shares)]
+    try:
+        if group is not None:
+            records = run_job(jobs[rank], lambda n, r, w: progress.update(rank, n, r, w))
+            gathered = [None] * world
+            dist.all_gather_object(gathered, records, group=group)
+            records = [r for part in gathered for r in part]
+        elif workers == 1:
+            records = run_job(jobs[0], lambda n, r, w: progress.update(0, n, r, w))
+        else:
+            records = _spawn(jobs, progress)
+        progress.update(-1, 0, 0, 0, force=True)
+        if rank == 0:
+            _finalize(partial, out, prepared, records, overwrite)
+            print_fn(f"prune: wrote {out} ({plan.target.num_parameters():,} parameters, "
+                     f"{time.monotonic() - progress.start:.1f}s)")
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if group is not None:
+        dist.barrier(group=group)
+    return ckpt.iteration_dir(out, None)
+
+
+@dataclass
+class _Prepared:
+    info: ckpt.CheckpointInfo
+    plan: Plan
+    common: dict
+    megatron_meta: dict
+    tokenizer: Optional[dict]
+
+
+def _prepare(source: Path, plan: Plan, out: Path, overwrite: bool, head_scores, chunk_bytes: int) -> _Prepared:
+    """Every check that can fail, before anything is written."""
+    info = ckpt.resolve(source)
+    plan.validate()
+    ckpt.check_architecture(plan.source, info.arch, where=f"{info.path} (the plan's source)")
+    _check_paths(info.root, out, overwrite)
+    metadata = storage.read_dcp_metadata(info.path)
+    storage.check_storage_files(info.path, metadata)
+    plan_units(metadata, plan, head_scores, chunk_bytes)  # raises on unknown or mismatched keys
+    common = _common_state(info, plan)
+    megatron_meta = _megatron_metadata(info)
+    tokenizer = info.tokenizer
+    if tokenizer is not None and not Path(tokenizer["path"]).exists():
+        if info.origin == "minitron":
+            raise PruneError(f"the source's tokenizer {tokenizer['path']} is missing; the pruned checkpoint "
+                             f"could not carry it")
+        tokenizer = None  # a Megatron-LM checkpoint naming a tokenizer on another machine
+    return _Prepared(info=info, plan=plan, common=common, megatron_meta=megatron_meta, tokenizer=tokenizer)
+
+
+def _finalize(partial: Path, out: Path, prepared: _Prepared, records: list[storage.Record], overwrite: bool) -> None:
+    """Metadata, common state, minitron.json, tokenizer, tracker; then the rename into place."""
+    release = partial / "release"
+    storage.write_metadata(release, records)
+    torch.save(prepared.common, release / "common.pt")
+    info, plan = prepared.info, prepared.plan
+    meta = {"format": ckpt.FORMAT, "architecture": plan.target.explicit().to_json(), "iteration": 0,
+            "num_parameters": plan.target.num_parameters(),
+            "provenance": {"pruned_from": str(info.root.resolve()), "source_iteration": info.iteration,
+                           "source_fingerprint": plan.source_fingerprint, "scores": plan.scores,
+                           "head_merge": plan.head_merge},
+            "plan": plan.to_json()}
+    if prepared.tokenizer is not None:
+        meta["tokenizer"] = ckpt._copy_tokenizer(partial, prepared.tokenizer)
+    (release / ckpt.META).write_text(json.dumps(meta, indent=2) + "\n")
+    # megatron's marker of a finished torch_dist directory, then the tracker: both last.
+    (release / "metadata.json").write_text(json.dumps(prepared.megatron_meta))
+    (partial / ckpt.TRACKER).write_text("release")
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty directory the user made for the output
+    if out.exists():
+        if not overwrite:  # appeared while we were writing
+            raise PruneError(f"output {out} appeared while pruning; not replacing it")
+        trash = out.parent / f".{out.name}.replaced"
+        shutil.rmtree(trash, ignore_errors=True)
+        out.rename(trash)
+        partial.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        partial.rename(out)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

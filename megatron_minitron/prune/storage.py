@@ -1,0 +1,364 @@
+"""Reading and writing the storage of a torch_dist (DCP) checkpoint one region at a time.
+
+A torch_dist directory is `.metadata` (a pickled `torch.distributed.checkpoint.Metadata`: global
+shape, dtype and stored chunks of every tensor, and where each chunk lies: file, byte offset,
+length) plus `__*.distcp` files in which every chunk is one `torch.save` archive (an uncompressed
+zip) and every object one raw byte string. That is all a loader needs, so the pruner writes it
+directly instead of going through `dcp.save`, which wants the whole state dict in memory at once
+and numbers its files by process-group rank:
+
+- reads: `SourceReader.read_rows` finds the tensor data inside each stored archive (zip local
+  header + the pickled tensor description) and reads only the requested rows with one
+  `readinto`, so a worker never holds more than the region it asked for, even when the source
+  stored a whole embedding as one chunk. Archives it cannot parse (another torch format, transforms)
+  are read whole with `torch.load`, as DCP itself does.
+- writes: `ChunkWriter` appends `torch.save` archives to one file per worker, exactly as DCP's
+  FileSystemWriter does (its `_write_item`), and returns where each went; `write_metadata` merges
+  every worker's records into one `.metadata`.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_minitron.prune.slicing import PruneError
+
+
+# --------------------------------------------------------------------------------------- metadata
+def read_dcp_metadata(ckpt: Path):
+    """The DCP Metadata of a torch_dist directory, with a clear error for a missing, truncated or
+    corrupted file (torch raises bare pickle/EOF errors that name no file)."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    path = Path(ckpt) / ".metadata"
+    if not path.is_file():
+        raise PruneError(f"{ckpt} has no DCP metadata file {path.name}: not a torch_dist checkpoint, or unfinished")
+    try:
+        with open(path, "rb") as f:
+            metadata = pickle.load(f)
+    except Exception as error:  # truncated: EOFError/UnpicklingError; garbage: anything pickle raises
+        raise PruneError(f"{path} is truncated or corrupted ({type(error).__name__}: {error})") from None
+    if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "storage_data", None), dict):
+        raise PruneError(f"{path} does not hold torch.distributed.checkpoint metadata (found {type(metadata).__name__})")
+    return metadata
+
+
+def check_storage_files(ckpt: Path, metadata) -> int:
+    """Every file the metadata points into exists and is long enough; returns the bytes stored."""
+    sizes: dict[str, int] = {}
+    total = 0
+    for index, info in metadata.storage_data.items():
+        path = Path(ckpt) / info.relative_path
+        if info.relative_path not in sizes:
+            if not path.is_file():
+                raise PruneError(f"{ckpt}: shard file {info.relative_path} is missing (it holds {index.fqn!r})")
+            sizes[info.relative_path] = path.stat().st_size
+        if info.offset + info.length > sizes[info.relative_path]:
+            raise PruneError(f"{path} is truncated: {index.fqn!r} needs bytes up to {info.offset + info.length}, "
+                             f"the file has {sizes[info.relative_path]}")
+        total += info.length
+    return total
+
+
+# ------------------------------------------------------------------------------------------ reads
+@dataclass(frozen=True)
+class _Layout:
+    """Where the raw elements of one stored tensor archive lie in its file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    data_offset: int
+
+
+class _FileView(io.RawIOBase):
+    """A read-only window [start, start + length) of an open file (what zipfile/torch.load see)."""
+
+    def __init__(self, f, start: int, length: int):
+        self.f, self.start, self.length, self.pos = f, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.length}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self.length - self.pos))
+        self.f.seek(self.start + self.pos)
+        got = self.f.readinto(memoryview(buffer)[:n])
+        self.pos += got
+        return got
+
+
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16,
+                   "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+
+
+class _TensorMeta(pickle.Unpickler):
+    """Unpickles a torch.save data.pkl into (storage key, dtype, offset, shape, stride) without data."""
+
+    def find_class(self, module, name):
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return lambda storage, offset, size, stride, *rest: (storage, offset, tuple(size), tuple(stride))
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        raise pickle.UnpicklingError(f"unexpected global {module}.{name}")
+
+    def persistent_load(self, pid):
+        _kind, dtype, key, _location, _numel = pid
+        return key, dtype
+
+
+def _parse_layout(f, start: int, length: int) -> Optional[_Layout]:
+    """Element layout of a stored tensor archive, or None when it is not a plain contiguous tensor."""
+    try:
+        view = _FileView(f, start, length)
+        with zipfile.ZipFile(view) as archive:
+            names = {info.filename: info for info in archive.infolist()}
+            pkl = next(n for n in names if n.endswith("/data.pkl"))
+            (key, dtype), offset, shape, stride = _TensorMeta(io.BytesIO(archive.read(pkl))).load()
+        prefix = pkl[: -len("data.pkl")]
+        record = names[f"{prefix}data/{key}"]
+        expected = 1
+        for size, st in zip(reversed(shape), reversed(stride)):
+            if size != 1 and st != expected:
+                return None
+            expected *= size
+        if record.compress_type != zipfile.ZIP_STORED:
+            return None
+        f.seek(start + record.header_offset)
+        header = f.read(30)
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        data = start + record.header_offset + 30 + name_len + extra_len
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return _Layout(dtype=dtype, shape=shape, data_offset=data + offset * itemsize)
+    except Exception:  # anything unexpected: the caller falls back to torch.load
+        return None
+
+
+class SourceReader:
+    """Row regions of the global tensors of a torch_dist checkpoint (one per worker process)."""
+
+    def __init__(self, ckpt: Path, metadata=None):
+        self.ckpt = Path(ckpt)
+        self.metadata = metadata if metadata is not None else read_dcp_metadata(self.ckpt)
+        self._files: dict[str, io.BufferedReader] = {}
+        self._layouts: dict = {}
+        self._loaded: tuple = (None, None)  # the last archive torch.load had to read whole
+        self.bytes_read = 0
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def _file(self, rel: str):
+        if rel not in self._files:
+            self._files[rel] = open(self.ckpt / rel, "rb", buffering=0)
+        return self._files[rel]
+
+    def tensor_meta(self, key: str):
+        return self.metadata.state_dict_metadata[key]
+
+    def read_rows(self, key: str, layer: Optional[int], r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 of the first per-layer dim of tensor `key` (of layer `layer` of a stacked
+        tensor, or of the tensor itself when layer is None), every other dim whole."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        meta = self.tensor_meta(key)
+        size = tuple(meta.size)
+        lead = 0 if layer is None else 1  # dims before the row dim
+        if len(size) == lead:  # a stacked scalar per layer: treat it as one row
+            raise PruneError(f"{key}: stacked scalars are not supported")
+        out = torch.empty((r1 - r0,) + size[lead + 1:], dtype=meta.properties.dtype)
+        covered = 0
+        for chunk in meta.chunks:
+            offs, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+            if layer is not None and not offs[0] <= layer < offs[0] + sizes[0]:
+                continue
+            x0, x1 = max(r0, offs[lead]), min(r1, offs[lead] + sizes[lead])
+            if x0 >= x1:
+                continue
+            info = self.metadata.storage_data[MetadataIndex(key, offs)]
+            rest = sizes[lead + 1:]
+            dest = out[x0 - r0:x1 - r0]
+            dest = dest[(slice(None),) + tuple(slice(o, o + s) for o, s in zip(offs[lead + 1:], rest))]
+            local_layer = 0 if layer is None else layer - offs[0]
+            self._read_chunk_rows(key, info, sizes, lead, local_layer, x0 - offs[lead], x1 - offs[lead], dest)
+            covered += dest.numel()
+        if covered != out.numel():
+            raise PruneError(f"{self.ckpt}: the stored chunks of {key!r} do not cover rows {r0}:{r1}"
+                             f"{'' if layer is None else f' of layer {layer}'}; the metadata is inconsistent")
+        return out
+
+    def _read_chunk_rows(self, key, info, sizes, lead, local_layer, x0, x1, dest: torch.Tensor) -> None:
+        f = self._file(info.relative_path)
+        cache_key = (info.relative_path, info.offset)
+        if cache_key not in self._layouts:
+            layout = None if info.transform_descriptors else _parse_layout(f, info.offset, info.length)
+            if layout is not None and layout.shape != tuple(sizes):
+                layout = None
+            self._layouts[cache_key] = layout
+        layout = self._layouts[cache_key]
+        if layout is None:  # fall back to reading the whole archive, as DCP does
+            if self._loaded[0] != cache_key:
+                self._loaded = (None, None)
+                view = _FileView(f, info.offset, info.length)
+                self._loaded = (cache_key, torch.load(io.BufferedReader(view), map_location="cpu", weights_only=True))
+                self.bytes_read += info.length
+            chunk = self._loaded[1]
+            chunk = chunk[local_layer] if lead else chunk
+            dest.copy_(chunk[x0:x1])
+            return
+        itemsize = dest.element_size()
+        row_elems = 1
+        for s in sizes[lead + 1:]:
+            row_elems *= s
+        layer_elems = row_elems * sizes[lead]
+        start = layout.data_offset + (local_layer * layer_elems + x0 * row_elems) * itemsize
+        nbytes = (x1 - x0) * row_elems * itemsize
+        target = dest if dest.is_contiguous() else torch.empty(dest.shape, dtype=dest.dtype)
+        buffer = target.view(-1).view(torch.uint8).numpy() if nbytes else None
+        f.seek(start)
+        got = f.readinto(buffer) if nbytes else 0
+        if got != nbytes:
+            raise PruneError(f"{self.ckpt / info.relative_path}: short read of {key!r} ({got} of {nbytes} bytes); "
+                             f"the file is truncated")
+        if target is not dest:
+            dest.copy_(target)
+        self.bytes_read += nbytes
+
+    def read_bytes(self, key: str) -> tuple[bytes, Optional[list]]:
+        """Raw bytes of a stored object and its transform descriptors (copied verbatim)."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        info = self.metadata.storage_data[MetadataIndex(key)]
+        f = self._file(info.relative_path)
+        f.seek(info.offset)
+        data = f.read(info.length)
+        self.bytes_read += len(data)
+        return data, info.transform_descriptors
+
+
+# ----------------------------------------------------------------------------------------- writes
+@dataclass(frozen=True)
+class Record:
+    """One written item: a tensor chunk (offsets/sizes into the global tensor) or an object."""
+
+    key: str
+    relative_path: str
+    offset: int
+    length: int
+    chunk_offsets: Optional[tuple[int, ...]] = None
+    chunk_sizes: Optional[tuple[int, ...]] = None
+    global_shape: Optional[tuple[int, ...]] = None
+    dtype: Optional[torch.dtype] = None
+    transform_descriptors: Optional[list] = None
+
+
+class ChunkWriter:
+    """Appends items to one `.distcp` file, the way DCP's FileSystemWriter lays them out."""
+
+    def __init__(self, directory: Path, name: str):
+        self.name = name
+        self.path = Path(directory) / name
+        self.f = open(self.path, "wb")
+        self.records: list[Record] = []
+        self.bytes_written = 0
+
+    def tensor(self, key: str, chunk: torch.Tensor, offsets: tuple[int, ...], global_shape: tuple[int, ...]) -> None:
+        start = self.f.tell()
+        torch.save(chunk.contiguous(), self.f)
+        length = self.f.tell() - start
+        self.bytes_written += length
+        self.records.append(Record(key=key, relative_path=self.name, offset=start, length=length,
+                                   chunk_offsets=tuple(offsets), chunk_sizes=tuple(chunk.shape),
+                                   global_shape=tuple(global_shape), dtype=chunk.dtype))
+
+    def object(self, key: str, data: bytes, transform_descriptors=None) -> None:
+        start = self.f.tell()
+        self.f.write(data)
+        self.bytes_written += len(data)
+        self.records.append(Record(key=key, relative_path=self.name, offset=start, length=len(data),
+                                   transform_descriptors=transform_descriptors))
+
+    def close(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+def write_metadata(directory: Path, records: list[Record]) -> None:
+    """Merge every worker's records into one `.metadata` (what DCP's FileSystemWriter.finish writes)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                       MetadataIndex, StorageMeta, TensorProperties,
+                                                       TensorStorageMetadata)
+
+    state: dict = {}
+    storage: dict = {}
+    for r in sorted(records, key=lambda r: (r.key, r.chunk_offsets or ())):
+        if r.chunk_offsets is None:
+            state[r.key] = BytesStorageMetadata()
+            storage[MetadataIndex(r.key)] = _StorageInfo(r.relative_path, r.offset, r.length, r.transform_descriptors)
+            continue
+        if r.key not in state:
+            state[r.key] = TensorStorageMetadata(properties=TensorProperties(dtype=r.dtype),
+                                                 size=torch.Size(r.global_shape), chunks=[])
+        state[r.key].chunks.append(ChunkStorageMetadata(offsets=torch.Size(r.chunk_offsets),
+                                                        sizes=torch.Size(r.chunk_sizes)))
+        storage[MetadataIndex(r.key, r.chunk_offsets)] = _StorageInfo(r.relative_path, r.offset, r.length)
+    for key, meta in state.items():
+        if isinstance(meta, TensorStorageMetadata):
+            _check_coverage(key, meta)
+    metadata = Metadata(state_dict_metadata=state, planner_data=None, storage_data=storage,
+                        storage_meta=StorageMeta(checkpoint_id=str(directory)))
+    metadata.version = _dcp_version()
+    tmp = Path(directory) / ".metadata.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(metadata, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(Path(directory) / ".metadata")
+
+
+def _dcp_version() -> str:
+    from torch.distributed.checkpoint import filesystem
+
+    return getattr(filesystem, "CURRENT_DCP_VERSION", "1.0.0")
+
+
+def _check_coverage(key: str, meta) -> None:
+    total = 1
+    for s in meta.size:
+        total *= s
+    stored = 0
+    for chunk in meta.chunks:
+        n = 1
+        for s in chunk.sizes:
+            n *= s
+        stored += n
+    if stored != total:
+        raise PruneError(f"internal error: the chunks written for {key!r} hold {stored} elements, the tensor {total}")
