@@ -31,11 +31,20 @@ def check_aggregation(name: str, *, axis: str) -> int:
 
 def sequence_sums(x: torch.Tensor) -> torch.Tensor:
     """Per-sample sums over the sequence of a megatron activation [seq, batch, channels]:
-    [batch, channels, 3] holding sum x, sum x^2 and sum |x| in fp64 (the sequence variance is a
-    difference of two such sums: fp32 would lose digits to cancellation). Partial sums over sequence
-    chunks (sequence parallelism) add up to the full-sequence sums."""
-    x = x.double()
-    return torch.stack([x.sum(0), x.square().sum(0), x.abs().sum(0)], dim=-1)
+    [batch, channels, 3] holding sum x, sum x^2 and sum |x| as fp64 values. Partial sums over
+    sequence chunks (sequence parallelism) add up to the full-sequence sums.
+
+    The variance over the sequence is later a difference of the first two, so sum x^2 is built from
+    the chunk's centred squares plus (sum x)^2 / n, both accurate, instead of a plain fp32 sum of
+    squares that would lose the variance of large-mean channels to cancellation. Everything touching
+    the full activation stays fp32 (a cast of it to fp64 alone would triple the hooks' cost)."""
+    x = x.float()
+    n = x.shape[0]
+    mean = x.mean(0)
+    centred = x - mean
+    total = mean.double() * n + centred.sum(0).double()  # the second term is the rounding left in the mean
+    squares = centred.square().sum(0).double() + total.square() / n
+    return torch.stack([total, squares, x.abs().sum(0).double()], dim=-1)
 
 
 def sequence_aggregates(sums: torch.Tensor, seq_length: int) -> torch.Tensor:

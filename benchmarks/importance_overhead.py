@@ -1,0 +1,104 @@
+"""Calibration throughput with importance hooks vs the same forward passes without them
+(target: ratio >= 0.95), and the size of the accumulators as the number of tokens grows (target: constant).
+
+    torchrun --nproc-per-node 2 benchmarks/importance_overhead.py --tp 2
+
+Both sides run the same model on the same micro-batches through the same forward-only schedule;
+passes alternate (bare, hooked, bare, ...) so machine noise hits both alike, and the ratio of median
+throughputs is reported. Writes JSON to --out (default benchmarks/results/importance_overhead.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_minitron.config import preset  # noqa: E402
+from megatron_minitron.importance.calibration import micro_batch_sizes, micro_batches  # noqa: E402
+from megatron_minitron.importance.hooks import Collector  # noqa: E402
+from megatron_minitron.importance.run import forward_passes  # noqa: E402
+from megatron_minitron.model.build import build_model  # noqa: E402
+from megatron_minitron.runtime import ParallelConfig, initialize, shutdown  # noqa: E402
+
+
+def samples(n: int, seq: int, vocab: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        t = torch.randint(0, vocab, (seq + 1,), generator=g)
+        out.append({"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(seq), "position_ids": torch.arange(seq)})
+    return out
+
+
+def accumulator_bytes(collector: Collector) -> int:
+    return sum(t.numel() * t.element_size() for t in [*collector.acc.values(), collector.bi])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--arch", default="small")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks/results/importance_overhead.json")
+    args = parser.parse_args()
+
+    rt = initialize(ParallelConfig(tensor_parallel=args.tp))
+    arch = preset(args.arch)
+    model = build_model(arch, rt)
+    data = samples(args.samples, args.seq_length, arch.vocab_size)
+    sizes = micro_batch_sizes(args.samples, micro_batch_size=args.micro_batch_size, dp_rank=rt.dp_rank,
+                              dp_size=rt.data_parallel)
+
+    def batches():
+        return micro_batches(data, args.samples, micro_batch_size=args.micro_batch_size, dp_rank=rt.dp_rank,
+                             dp_size=rt.data_parallel)
+
+    collector = Collector(model, rt, arch, seq_length=args.seq_length)
+    forward_passes(model, rt, batches(), sizes, args.seq_length)  # warm-up
+    times = {"bare": [], "hooked": []}
+    for _ in range(args.repeats):
+        for name in ("bare", "hooked"):
+            rt.barrier()
+            start = time.perf_counter()
+            if name == "hooked":
+                with collector.attached():
+                    forward_passes(model, rt, batches(), sizes, args.seq_length)
+            else:
+                forward_passes(model, rt, batches(), sizes, args.seq_length)
+            rt.barrier()
+            times[name].append(time.perf_counter() - start)
+    tokens = args.samples * args.seq_length
+    throughput = {name: tokens / statistics.median(t) for name, t in times.items()}
+    # accumulator memory: the same collector after 1x and 4x the tokens
+    small = Collector(model, rt, arch, seq_length=args.seq_length // 4)
+    short = [{k: v[: args.seq_length // 4] for k, v in d.items()} for d in data[: args.micro_batch_size]]
+    with small.attached():
+        forward_passes(model, rt, micro_batches(short, len(short), micro_batch_size=args.micro_batch_size,
+                                                dp_rank=0, dp_size=1), [len(short)], args.seq_length // 4)
+    result = {
+        "arch": args.arch, "tp": args.tp, "samples": args.samples, "seq_length": args.seq_length,
+        "tokens_per_s_bare": throughput["bare"], "tokens_per_s_hooked": throughput["hooked"],
+        "throughput_ratio": throughput["hooked"] / throughput["bare"], "target_ratio": 0.95,
+        "accumulator_bytes": {"tokens": [len(short) * args.seq_length // 4, tokens],
+                              "bytes": [accumulator_bytes(small), accumulator_bytes(collector)]},
+    }
+    if rt.rank == 0:
+        print(json.dumps(result, indent=2))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
