@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "pretrain": ("megatron_minitron.cli.pretrain", "train a model (from scratch or from a checkpoint) with megatron"),
     "preprocess": ("megatron_minitron.cli.preprocess", "tokenize text/jsonl into a Megatron indexed dataset"),
     "importance": ("megatron_minitron.cli.importance", "score heads, neurons, hidden channels and layers"),
+    "prune": ("megatron_minitron.cli.prune", "rewrite a checkpoint into its pruned version (streaming, N workers)"),
     "inspect": ("megatron_minitron.cli.inspect", "print a checkpoint's architecture and parameter count"),
 }
 

@@ -36,9 +36,13 @@ def run(args: argparse.Namespace) -> int:
           f"embeddings)")
     for key, value in report["architecture"].items():
         print(f"  {key:36s} {value}")
-    for key in ("tokenizer", "saved_with", "provenance", "plan"):
+    for key in ("tokenizer", "saved_with", "provenance"):
         if report[key]:
             print(f"{key}: {json.dumps(report[key])}")
+    if report["plan"]:  # a pruned checkpoint: what was kept, readable (the indices are in --json)
+        from megatron_minitron.plan.plan import Plan
+
+        print(Plan.from_json(report["plan"]).summary())
     for key, shape in report.get("tensors", {}).items():
         print(f"  {key:70s} {shape}")
     return 0

@@ -86,6 +86,22 @@ class Job:
 
 
 # ------------------------------------------------------------------------------------ validation
+def resolve_source(path: str | os.PathLike) -> ckpt.CheckpointInfo:
+    """checkpoint.resolve, but a missing, truncated or corrupted DCP `.metadata` is reported as such
+    (resolve reads it with torch, whose pickle errors name no file)."""
+    root = Path(path)
+    tracked = ckpt.latest_iteration(root) if root.is_dir() else None
+    if tracked == "release":
+        candidate = root / "release"
+    elif tracked is not None and tracked.isdigit():
+        candidate = ckpt.iteration_dir(root, int(tracked))
+    else:
+        candidate = root
+    if (candidate / "metadata.json").is_file():
+        storage.read_dcp_metadata(candidate)
+    return ckpt.resolve(root)
+
+
 def _check_paths(source_root: Path, out: Path, overwrite: bool) -> None:
     src, dst = source_root.resolve(), out.resolve()
     if dst == src or src in dst.parents:
@@ -408,7 +424,7 @@ class _Prepared:
 
 def _prepare(source: Path, plan: Plan, out: Path, overwrite: bool, head_scores, chunk_bytes: int) -> _Prepared:
     """Every check that can fail, before anything is written."""
-    info = ckpt.resolve(source)
+    info = resolve_source(source)
     plan.validate()
     ckpt.check_architecture(plan.source, info.arch, where=f"{info.path} (the plan's source)")
     _check_paths(info.root, out, overwrite)
