@@ -1,0 +1,1 @@
+"""Knowledge distillation: the loss functions (losses.py) and the teacher-beside-student training loop."""

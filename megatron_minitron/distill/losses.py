@@ -1,0 +1,244 @@
+"""Distillation losses on megatron's vocab-parallel logits and on hidden states.
+
+Every function returns a per-token loss (no reduction over tokens), so the caller applies the loss
+mask with `masked_mean` and hands megatron its (loss sum, token count) pair: averaging happens once,
+over the whole global batch, never per micro-batch.
+
+Logits are this tensor-parallel rank's slice of the (padded) vocabulary, [..., V_local], exactly as
+megatron's output layer returns them; every rank of `group` holds a slice of the same width, in rank
+order. `group=None`, or a group of one process, means the tensor holds the whole vocabulary and no
+collective runs; pure torch, so everything here is testable without megatron or a process group.
+
+Math is done in fp32 whatever the logits' dtype, `chunk_size` tokens at a time, so that the fp32
+working set is a few chunk_size x V_local arrays instead of tokens x V_local (8k tokens of a 256k
+vocabulary would be 8 GiB per fp32 copy). The KL functions return fp32 losses and gradients in the
+student's dtype; the teacher never receives a gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+CHUNK_ELEMENTS = 2**25
+"""Default chunk: as many tokens as keep one fp32 chunk x V_local array at 128 MiB."""
+
+COMPUTE_DTYPE = torch.float32
+"""Working precision of the KL math: a module constant so that the tests can run this very code in
+float64 under a finite-difference gradient check."""
+
+
+# ------------------------------------------------------------------------------------- collectives
+def _group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
+    if _group_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def _all_gather_last(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate every rank's tensor along the last dim, in rank order (no autograd)."""
+    if _group_size(group) == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(_group_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+class _GatherReplicated(torch.autograd.Function):
+    """All-gather along the last dim for a loss that every rank then computes identically: the
+    gradient of this rank's slice is its own part of the (replicated) output gradient, not a sum
+    over ranks, which would count the same loss once per rank."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group, ctx.width = group, tensor.shape[-1]
+        return _all_gather_last(tensor, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank = 0 if _group_size(ctx.group) == 1 else dist.get_rank(ctx.group)
+        return grad[..., rank * ctx.width:(rank + 1) * ctx.width], None
+
+
+# ---------------------------------------------------------------------------------- vocab-parallel KL
+def _default_chunk(vocab_local: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, vocab_local))
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A fresh fp32 copy divided by τ (a copy even for fp32 input, so in-place work below is safe)."""
+    return logits.to(COMPUTE_DTYPE, copy=True).div_(temperature)
+
+
+def _global_max(student: torch.Tensor, teacher: torch.Tensor, temperature: float, group) -> torch.Tensor:
+    """[2, N] max of the scaled logits over the global vocabulary, for a stable sum-exp. Taken on the
+    input dtype (no fp32 copy): dividing by τ > 0 in fp32 preserves order, so the max commutes."""
+    m = torch.stack((student.amax(-1), teacher.amax(-1))).to(COMPUTE_DTYPE).div_(temperature)
+    return _all_reduce(m, dist.ReduceOp.MAX, group)
+
+
+def _log_softmax_(scaled: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    return scaled.sub_(lse.unsqueeze(-1))
+
+
+def _kl_rows(log_ps: torch.Tensor, log_pt: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """This rank's part of Σ_v p (log p − log q) per row: p = teacher (forward) or student (reverse)."""
+    log_p, log_q = (log_ps, log_pt) if reverse else (log_pt, log_ps)
+    return torch.sub(log_p, log_q).mul_(log_p.exp()).sum(-1)
+
+
+class _VocabParallelKL(torch.autograd.Function):
+    """Forward: three passes of collectives (max, then per-chunk sum-exp, then one sum of the KL
+    partials). Backward recomputes each chunk's log-probabilities from the saved log-sum-exps (no
+    collective) and writes the gradient chunk by chunk into one buffer of the student's dtype, which
+    is what keeps the fp32 memory bounded; autograd of a chunked forward would keep every chunk's
+    fp32 intermediates alive until backward."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, group, temperature, reverse, chunk_size):
+        student2d, teacher2d = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+        lse = _global_max(student2d, teacher2d, temperature, group)
+        kl = torch.zeros(student2d.shape[0], dtype=COMPUTE_DTYPE, device=student.device)
+        for i in range(0, student2d.shape[0], chunk_size):
+            s, t = _scaled(student2d[i:i + chunk_size], temperature), _scaled(teacher2d[i:i + chunk_size], temperature)
+            m = lse[:, i:i + chunk_size]
+            sums = torch.stack(((s - m[0].unsqueeze(-1)).exp_().sum(-1), (t - m[1].unsqueeze(-1)).exp_().sum(-1)))
+            m.add_(_all_reduce(sums, dist.ReduceOp.SUM, group).log_())  # lse = max + log Σ exp(x − max)
+            kl[i:i + chunk_size] = _kl_rows(_log_softmax_(s, m[0]), _log_softmax_(t, m[1]), reverse)
+        _all_reduce(kl, dist.ReduceOp.SUM, group)
+        ctx.save_for_backward(student, teacher, lse, kl)
+        ctx.temperature, ctx.reverse, ctx.chunk_size = temperature, reverse, chunk_size
+        return kl.reshape(student.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        student, teacher, lse, kl = ctx.saved_tensors
+        student2d, teacher2d = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+        grad_rows = grad_kl.reshape(-1).to(COMPUTE_DTYPE) / ctx.temperature
+        grad = torch.empty_like(student2d)
+        for i in range(0, student2d.shape[0], ctx.chunk_size):
+            rows = slice(i, i + ctx.chunk_size)
+            log_ps = _log_softmax_(_scaled(student2d[rows], ctx.temperature), lse[0, rows])
+            log_pt = _log_softmax_(_scaled(teacher2d[rows], ctx.temperature), lse[1, rows])
+            grad[rows] = _kl_grad(log_ps, log_pt, kl[rows], ctx.reverse).mul_(grad_rows[rows].unsqueeze(-1))
+        return grad.reshape(student.shape), None, None, None, None, None
+
+
+def _kl_grad(log_ps: torch.Tensor, log_pt: torch.Tensor, kl: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """d KL / d (student logits / τ), in place over log_ps.
+    forward KL(p_t‖p_s): p_s − p_t.
+    reverse KL(p_s‖p_t): p_s (log p_s − log p_t − KL), from d p_s,v / d z_i = p_s,v (δ_vi − p_s,i)
+    (the Σ p_s d log p_s term vanishes because Σ_v d p_s,v = 0)."""
+    if reverse:
+        return torch.sub(log_ps, log_pt).sub_(kl.unsqueeze(-1)).mul_(log_ps.exp_())
+    return log_ps.exp_().sub_(log_pt.exp_())
+
+
+def _check(student: torch.Tensor, teacher: torch.Tensor, temperature: float, chunk_size: int | None) -> int:
+    if student.shape != teacher.shape:
+        raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
+                         "differ in shape: the same tokens and the same padded vocabulary slice are needed")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
+    return chunk_size or _default_chunk(student.shape[-1])
+
+
+def vocab_parallel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, group=None,
+                      temperature: float = 1.0, reverse: bool = False, scale_by_temperature_squared: bool = False,
+                      chunk_size: int | None = None) -> torch.Tensor:
+    """Per-token KL divergence between softmax(logits / τ) of teacher and student over the global
+    (padded) vocabulary split over `group`; returns fp32 [...] for logits [..., V_local].
+
+    forward (default): KL(p_t ‖ p_s) = Σ_v p_t (log p_t − log p_s), the Minitron choice (mode-covering);
+    reverse=True: KL(p_s ‖ p_t). `scale_by_temperature_squared` multiplies by τ², which keeps the
+    gradient magnitude independent of τ (Hinton et al.), so loss weights tuned at τ=1 still apply.
+    Every rank of `group` gets the same per-token values; the gradient reaches only the student's
+    slice. `chunk_size` tokens are converted to fp32 at a time (default: CHUNK_ELEMENTS / V_local)."""
+    chunk = _check(student_logits, teacher_logits, temperature, chunk_size)
+    kl = _VocabParallelKL.apply(student_logits, teacher_logits.detach(), group, float(temperature), reverse, chunk)
+    return kl * temperature**2 if scale_by_temperature_squared else kl
+
+
+# ------------------------------------------------------------------------------------------- top-k
+def _local_top_k(teacher2d: torch.Tensor, k: int, chunk_size: int) -> torch.Tensor:
+    """Indices of each row's k largest teacher logits on this rank (chunked to bound top-k's workspace)."""
+    return torch.cat([teacher2d[i:i + chunk_size].topk(k, dim=-1).indices
+                      for i in range(0, teacher2d.shape[0], chunk_size)])
+
+
+def top_k_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, k: int, group=None,
+             temperature: float = 1.0, reverse: bool = False, scale_by_temperature_squared: bool = False,
+             chunk_size: int | None = None) -> torch.Tensor:
+    """Per-token KL restricted to the teacher's top-k tokens; fp32 [...] for logits [..., V_local].
+
+    Definition: S = the k tokens with the largest teacher logits over the global vocabulary (ties broken
+    by torch.topk, so exactly tied logits may pick another set at another TP size); both distributions
+    are renormalised over S, p̃ = softmax(logits_S / τ), and the loss is KL(p̃_t ‖ p̃_s) (reverse:
+    KL(p̃_s ‖ p̃_t)), optionally × τ². Tokens outside S get no gradient. The global set is found by
+    gathering each rank's local top-min(k, V_local) teacher logits and the student logits at the same
+    tokens (the global top-k lies within their union), then choosing the top-k of that list, identically
+    on every rank; only N x k values per rank cross the group, never the vocabulary. Plain autograd
+    from there: the k-wide math is small, and the backward of the gather scatters into one buffer."""
+    chunk = _check(student_logits, teacher_logits, temperature, chunk_size)
+    vocab_local, world = student_logits.shape[-1], _group_size(group)
+    if not 1 <= k <= vocab_local * world:
+        raise ValueError(f"k must be in [1, global vocabulary {vocab_local * world}], got {k}")
+    student2d = student_logits.reshape(-1, vocab_local)
+    teacher2d = teacher_logits.detach().reshape(-1, vocab_local)
+    local = _local_top_k(teacher2d, min(k, vocab_local), chunk)
+    teacher_all = _all_gather_last(teacher2d.gather(-1, local).to(COMPUTE_DTYPE), group)
+    student_all = _GatherReplicated.apply(student2d.gather(-1, local).to(COMPUTE_DTYPE), group)
+    chosen = teacher_all.topk(k, dim=-1).indices
+    log_pt = (teacher_all.gather(-1, chosen) / temperature).log_softmax(-1)
+    log_ps = (student_all.gather(-1, chosen) / temperature).log_softmax(-1)
+    log_p, log_q = (log_ps, log_pt) if reverse else (log_pt, log_ps)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).reshape(student_logits.shape[:-1])
+    return kl * temperature**2 if scale_by_temperature_squared else kl
+
+
+# ------------------------------------------------------------------------------ intermediate losses
+def hidden_cosine_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """1 − cos(student, teacher) per token over the last (hidden) dim, fp32, e.g. [s, b] for [s, b, h].
+    Inputs are already normalised and mapped to the teacher's width by the caller. Scale-free, so a
+    mapped layer whose norm differs from the teacher's is judged by direction only; the teacher is
+    detached, and `eps` keeps an all-zero row (padding) finite."""
+    _check_hidden(student_hidden, teacher_hidden)
+    student, teacher = student_hidden.float(), teacher_hidden.detach().float()
+    cos = torch.nn.functional.cosine_similarity(student, teacher, dim=-1, eps=eps)
+    return 1.0 - cos
+
+
+def hidden_mse_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+    """Mean over the hidden dim of (student − teacher)² per token, fp32; the teacher is detached."""
+    _check_hidden(student_hidden, teacher_hidden)
+    return (student_hidden.float() - teacher_hidden.detach().float()).square().mean(-1)
+
+
+def _check_hidden(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    if student.shape != teacher.shape:
+        raise ValueError(f"student hidden {tuple(student.shape)} and teacher hidden {tuple(teacher.shape)} differ: "
+                         "map the student's hidden size to the teacher's before the loss")
+
+
+# ------------------------------------------------------------------------------------------ masking
+def masked_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ of the loss over unmasked tokens as fp32, number of unmasked tokens as int) — megatron's
+    per-token-loss pair: the schedule sums both over micro-batches and DP ranks and divides once, so
+    the mean is exact whatever the split. Named for what the pair is for; the division is the caller's.
+
+    Masked tokens are selected out with `where` rather than multiplied by 0, so a NaN or inf computed
+    at a masked position (say, a padded sequence) can neither reach the sum nor its gradient; a fully
+    masked micro-batch gives (0., 0) with zero gradients."""
+    if per_token_loss.shape != loss_mask.shape:  # megatron's logits are [s, b, V], its loss mask [b, s]
+        raise ValueError(f"per-token loss {tuple(per_token_loss.shape)} and loss mask {tuple(loss_mask.shape)} "
+                         "differ in shape (transpose [s, b] losses to the mask's [b, s])")
+    keep = loss_mask.reshape(-1).bool()
+    loss = per_token_loss.reshape(-1).float()
+    total = torch.where(keep, loss, torch.zeros((), dtype=loss.dtype, device=loss.device)).sum()
+    return total, keep.sum().to(torch.int)

@@ -1,0 +1,1 @@
+"""Tests of the distillation losses and loop."""
