@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "preprocess": ("megatron_minitron.cli.preprocess", "tokenize text/jsonl into a Megatron indexed dataset"),
     "importance": ("megatron_minitron.cli.importance", "score heads, neurons, hidden channels and layers"),
     "prune": ("megatron_minitron.cli.prune", "rewrite a checkpoint into its pruned version (streaming, N workers)"),
+    "distill": ("megatron_minitron.cli.distill", "retrain a pruned student by distillation from its teacher"),
     "inspect": ("megatron_minitron.cli.inspect", "print a checkpoint's architecture and parameter count"),
 }
 

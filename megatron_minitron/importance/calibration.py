@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
-import torch
 
 from megatron_minitron.config import ConfigError
 

@@ -97,8 +97,13 @@ def layer_spec(config, *, use_te: bool):
 
 
 def build_model(arch: ArchConfig, runtime: Runtime, *, dtype: Optional[torch.dtype] = None,
-                use_te: Optional[bool] = None, hidden_dropout: float = 0.0, attention_dropout: float = 0.0):
-    """This rank's stage of the model, on its device (bf16 on GPU, fp32 on CPU unless dtype is given)."""
+                use_te: Optional[bool] = None, hidden_dropout: float = 0.0, attention_dropout: float = 0.0,
+                parallel: Optional[ParallelConfig] = None):
+    """This rank's stage of the model, on its device (bf16 on GPU, fp32 on CPU unless dtype is given).
+
+    `parallel` overrides the runtime's layout for this model only; its TP/PP sizes must be the
+    runtime's, but its first/last stage layer counts may differ (a distillation teacher deeper than
+    its student splits its own layers over the same pipeline stages)."""
     from megatron.core.models.gpt import GPTModel
 
     if dtype is None:
@@ -108,7 +113,12 @@ def build_model(arch: ArchConfig, runtime: Runtime, *, dtype: Optional[torch.dty
     elif use_te and not transformer_engine_available():
         raise ConfigError("the Transformer-Engine layer spec was requested, but transformer_engine is not "
                           "importable or CUDA is absent; use the local spec")
-    config = transformer_config(arch, runtime.parallel, dtype=dtype, hidden_dropout=hidden_dropout,
+    if parallel is None:
+        parallel = runtime.parallel
+    elif (parallel.tensor_parallel, parallel.pipeline_parallel, parallel.sequence_parallel) != (
+            runtime.parallel.tensor_parallel, runtime.parallel.pipeline_parallel, runtime.parallel.sequence_parallel):
+        raise ConfigError(f"a model's layout {parallel} must keep the runtime's TP, PP and SP ({runtime.parallel})")
+    config = transformer_config(arch, parallel, dtype=dtype, hidden_dropout=hidden_dropout,
                                 attention_dropout=attention_dropout)
     model = GPTModel(
         config=config,

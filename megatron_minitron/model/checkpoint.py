@@ -347,10 +347,12 @@ def _copy_tokenizer(root: Path, tokenizer: dict) -> dict:
 
 
 def load_checkpoint(info: CheckpointInfo, *, model, runtime=None, optimizer=None, scheduler=None,
-                    load_rng: bool = False) -> dict:
+                    load_rng: bool = False, optional_prefixes: tuple[str, ...] = ()) -> dict:
     """Load weights (and optionally optimizer, scheduler, RNG) into a model built from info.arch.
 
-    Returns the checkpoint's train_state (empty when it has none).
+    Parameters whose name starts with one of `optional_prefixes` (modules added for training only,
+    such as distillation's projections) are loaded when the checkpoint has them and otherwise keep
+    their initial values. Returns the checkpoint's train_state (empty when it has none).
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -358,6 +360,10 @@ def load_checkpoint(info: CheckpointInfo, *, model, runtime=None, optimizer=None
     from megatron_minitron.model.build import unwrap
 
     model_sd = model_sharded_state_dict(model, singleton_local_shards=info.singleton_local_shards)
+    if optional_prefixes:
+        stored = tensor_shapes(info.path)
+        model_sd = {name: sh for name, sh in model_sd.items()
+                    if not (name.startswith(optional_prefixes) and getattr(sh, "key", name) not in stored)}
     check_shapes(model_sd, info.path)
     request: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:

@@ -111,10 +111,19 @@ class Trainer:
     scheduler: object
     iteration: int = 0
     consumed_samples: int = 0
+    chunks: Optional[list] = None
+    """What megatron's schedule runs, when it is not `model` itself (distillation wraps the student
+    and the teacher of each stage in one chunk); the optimizer and checkpoints still see `model`."""
+
+    @property
+    def schedule_chunks(self) -> list:
+        return self.chunks if self.chunks is not None else self.model
 
 
-def build_trainer(arch: ArchConfig, runtime: Runtime, cfg: TrainConfig) -> Trainer:
-    """Model (DDP-wrapped), megatron optimizer and LR scheduler for this rank."""
+def build_trainer(arch: ArchConfig, runtime: Runtime, cfg: TrainConfig,
+                  attach: Optional[Callable[[torch.nn.Module], None]] = None) -> Trainer:
+    """Model (DDP-wrapped), megatron optimizer and LR scheduler for this rank. `attach(model)` may add
+    trainable submodules (distillation projections) before DDP and the optimizer see the model."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -123,6 +132,8 @@ def build_trainer(arch: ArchConfig, runtime: Runtime, cfg: TrainConfig) -> Train
     bf16 = cfg.bf16 if cfg.bf16 is not None else runtime.device.type == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
     module = build_model(arch, runtime, dtype=dtype)
+    if attach is not None:
+        attach(module.module if hasattr(module, "module") else module)
     config = module.config
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=cfg.use_distributed_optimizer)
@@ -152,6 +163,14 @@ class Task:
     per-token triple (loss sum, token count, {name: tensor([sum, count])})."""
     losses: tuple[str, ...]
     """Names in the report dict, in a fixed order; the first is the one that is optimised."""
+    stage_losses: Optional[Callable[[dict, bool], dict[str, float]]] = None
+    """`stage_losses(reduced, training)`: losses computed on any pipeline stage (not only the last),
+    reduced over all ranks and reset, after each schedule run; gets the reduced last-stage losses
+    (distillation's intermediate losses, rescaled to the KD loss)."""
+    get_state: Optional[Callable[[], dict]] = None
+    """State the task carries from step to step, saved in checkpoints for an exact resume."""
+    set_state: Optional[Callable[[dict], None]] = None
+    """Restores what get_state returned."""
 
 
 def lm_task(device: torch.device) -> Task:
@@ -205,7 +224,7 @@ def train_step(trainer: Trainer, task: Task, data_iterator: Iterator[dict]) -> d
         chunk.zero_grad_buffer()
     trainer.optimizer.zero_grad()
     reports = get_forward_backward_func()(
-        forward_step_func=task.forward_step, data_iterator=data_iterator, model=trainer.model,
+        forward_step_func=task.forward_step, data_iterator=data_iterator, model=trainer.schedule_chunks,
         num_microbatches=cfg.num_microbatches(runtime.data_parallel), seq_length=cfg.seq_length,
         micro_batch_size=cfg.micro_batch_size, forward_only=False)
     success, grad_norm, _ = trainer.optimizer.step()
@@ -215,6 +234,8 @@ def train_step(trainer: Trainer, task: Task, data_iterator: Iterator[dict]) -> d
     trainer.iteration += 1
     trainer.consumed_samples += cfg.global_batch_size
     out = reduce_reports(reports, task.losses, runtime)
+    if task.stage_losses is not None:
+        out.update(task.stage_losses(out, True))
     out.update(grad_norm=float(grad_norm or 0.0), lr=trainer.optimizer.param_groups[0]["lr"])
     return out
 
@@ -225,17 +246,20 @@ def evaluate(trainer: Trainer, task: Task, data_iterator: Iterator[dict], num_it
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     cfg, runtime = trainer.cfg, trainer.runtime
-    for chunk in trainer.model:
+    for chunk in trainer.schedule_chunks:
         chunk.eval()
     reports: list[dict] = []
     for _ in range(num_iters):
         reports += get_forward_backward_func()(
-            forward_step_func=task.forward_step, data_iterator=data_iterator, model=trainer.model,
+            forward_step_func=task.forward_step, data_iterator=data_iterator, model=trainer.schedule_chunks,
             num_microbatches=cfg.num_microbatches(runtime.data_parallel), seq_length=cfg.seq_length,
             micro_batch_size=cfg.micro_batch_size, forward_only=True)
-    for chunk in trainer.model:
+    for chunk in trainer.schedule_chunks:
         chunk.train()
-    return reduce_reports(reports, task.losses, runtime)
+    out = reduce_reports(reports, task.losses, runtime)
+    if task.stage_losses is not None:
+        out.update(task.stage_losses(out, False))
+    return out
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -268,7 +292,7 @@ class MetricsLog:
             print(line, flush=True)
 
 
-def resume(trainer: Trainer, root: Path) -> bool:
+def resume(trainer: Trainer, root: Path, task: Optional[Task] = None) -> bool:
     """Restore model, optimizer, scheduler, RNG and data position from root's latest checkpoint."""
     if ckpt.latest_iteration(root) is None:
         return False
@@ -283,25 +307,29 @@ def resume(trainer: Trainer, root: Path) -> bool:
                                  scheduler=trainer.scheduler, load_rng=same_layout)
     trainer.iteration = int(state.get("iteration", info.iteration))
     trainer.consumed_samples = int(state.get("consumed_samples", 0))
+    if task is not None and task.set_state is not None and "task" in state:
+        task.set_state(state["task"])
     return True
 
 
-def init_from(trainer: Trainer, path: Path) -> ckpt.CheckpointInfo:
+def init_from(trainer: Trainer, path: Path, optional_prefixes: tuple[str, ...] = ()) -> ckpt.CheckpointInfo:
     """Load only the weights of a checkpoint (fine-tuning, distillation students); its architecture
-    must be the trainer's."""
+    must be the trainer's. Parameters under `optional_prefixes` may be absent from it."""
     info = ckpt.resolve(path)
     ckpt.check_architecture(trainer.arch, info.arch, where=str(info.path))
-    ckpt.load_checkpoint(info, model=trainer.model[0])
+    ckpt.load_checkpoint(info, model=trainer.model[0], optional_prefixes=optional_prefixes)
     return info
 
 
-def save(trainer: Trainer, root: Path, *, tokenizer: Optional[dict], provenance: Optional[dict] = None) -> Path:
-    """Checkpoint with optimizer, scheduler, RNG and data position."""
+def save(trainer: Trainer, root: Path, *, tokenizer: Optional[dict], provenance: Optional[dict] = None,
+         task: Optional[Task] = None) -> Path:
+    """Checkpoint with optimizer, scheduler, RNG, data position and the task's state."""
+    train_state = {"iteration": trainer.iteration, "consumed_samples": trainer.consumed_samples}
+    if task is not None and task.get_state is not None:
+        train_state["task"] = task.get_state()
     return ckpt.save_checkpoint(root, model=trainer.model[0], arch=trainer.arch, runtime=trainer.runtime,
                                 iteration=trainer.iteration, tokenizer=tokenizer, optimizer=trainer.optimizer,
-                                scheduler=trainer.scheduler, provenance=provenance,
-                                train_state={"iteration": trainer.iteration,
-                                             "consumed_samples": trainer.consumed_samples})
+                                scheduler=trainer.scheduler, provenance=provenance, train_state=train_state)
 
 
 def train(trainer: Trainer, *, task: Task, train_batches: Callable[[int], Iterator[dict]],
@@ -314,7 +342,7 @@ def train(trainer: Trainer, *, task: Task, train_batches: Callable[[int], Iterat
     """
     cfg, runtime = trainer.cfg, trainer.runtime
     log = MetricsLog(paths.metrics, enabled=runtime.is_logging_rank)
-    if resume(trainer, paths.save):
+    if resume(trainer, paths.save, task):
         log.say(f"resumed from {paths.save} at iteration {trainer.iteration} "
                 f"({trainer.consumed_samples} samples consumed)")
     data = train_batches(trainer.consumed_samples)
@@ -325,8 +353,10 @@ def train(trainer: Trainer, *, task: Task, train_batches: Callable[[int], Iterat
         t0 = time.perf_counter()
         out = train_step(trainer, task, data)
         dt = time.perf_counter() - t0
-        if not math.isfinite(out[task.losses[0]]):
-            raise FloatingPointError(f"{task.losses[0]} is {out[task.losses[0]]} at iteration {trainer.iteration}")
+        bad = {k: v for k, v in out.items() if k.endswith("loss") and not math.isfinite(v)}
+        if bad:
+            terms = ", ".join(f"{k} {v}" for k, v in out.items() if k.endswith("loss"))
+            raise FloatingPointError(f"non-finite {', '.join(bad)} at iteration {trainer.iteration} ({terms})")
         done = trainer.iteration - first_iter
         elapsed = time.perf_counter() - start
         record = {"iteration": trainer.iteration, **out, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
@@ -343,14 +373,14 @@ def train(trainer: Trainer, *, task: Task, train_batches: Callable[[int], Iterat
         if valid_batches is not None and ((cfg.eval_interval and trainer.iteration % cfg.eval_interval == 0) or at_end):
             val = evaluate(trainer, task, valid_batches(), cfg.eval_iters)
             val_record = {"kind": "valid", "iteration": trainer.iteration, **{f"val {k}": v for k, v in val.items()}}
-            val_record["val ppl"] = math.exp(min(val[task.losses[0]], 50.0))
+            val_record["val ppl"] = math.exp(min(val.get("lm loss", val[task.losses[0]]), 50.0))
             log.write(val_record)
             log.say(f"validation at iter {trainer.iteration}: " +
                     " | ".join(f"{k} {v:.4f}" for k, v in val_record.items()
                                if k.endswith("loss") or k.endswith("ppl")))
             records[-1]["valid"] = val
         if (cfg.save_interval and trainer.iteration % cfg.save_interval == 0) or at_end:
-            path = save(trainer, paths.save, tokenizer=tokenizer, provenance=provenance)
+            path = save(trainer, paths.save, tokenizer=tokenizer, provenance=provenance, task=task)
             log.say(f"saved checkpoint {path}")
     return records
 

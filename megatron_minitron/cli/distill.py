@@ -1,0 +1,154 @@
+"""`minitron distill`: retrain a pruned student by knowledge distillation from its unpruned teacher,
+both in one megatron training loop at any TP/PP/DP (the same layout for both).
+
+    torchrun --nproc-per-node 2 -m megatron_minitron distill --teacher runs/teacher \
+        --student runs/pruned --tp 2 --train-iters 400 --save runs/student
+
+The student's weights come from --student (a checkpoint, usually written by `minitron prune`); the
+teacher is frozen. --save receives the student's checkpoints (Megatron-LM layout, with the
+hidden-size projections of intermediate losses when there are any), metrics.jsonl, run.json and
+final_validation.json. Every check that needs no forward pass runs before the processes start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
+                                           check_run_dir, parallel_config, parse_blend, train_config)
+from megatron_minitron.config import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", required=True, help="the unpruned model's checkpoint")
+    parser.add_argument("--student", required=True, help="the student's initial checkpoint (e.g. a pruned one)")
+    parser.add_argument("--save", required=True, help="run directory: checkpoints, metrics.jsonl, run.json")
+    parser.add_argument("--resume", action="store_true", help="continue the run already in --save")
+    parser.add_argument("--overwrite", action="store_true", help="delete a previous run in --save first")
+    add_parallel_arguments(parser)
+    parser.add_argument("--teacher-first-stage-layers", type=int, default=None,
+                        help="teacher layers on the first pipeline stage (default: even split of its depth)")
+    parser.add_argument("--teacher-last-stage-layers", type=int, default=None)
+    add_data_arguments(parser)
+    add_training_arguments(parser)
+    k = parser.add_argument_group("distillation losses")
+    k.add_argument("--kd-loss", default="forward", choices=["forward", "reverse"], help="KL direction on logits")
+    k.add_argument("--kd-temperature", type=float, default=1.0)
+    k.add_argument("--kd-temperature-squared", action="store_true", help="multiply the KL by temperature^2")
+    k.add_argument("--kd-top-k", type=int, default=None, help="KL over the teacher's top-k tokens only")
+    k.add_argument("--kd-weight", type=float, default=1.0)
+    k.add_argument("--lm-loss-weight", type=float, default=0.0, help="weight of the student's LM loss (default 0)")
+    k.add_argument("--intermediate-layers", nargs="+", default=(), metavar="T:S",
+                   help="match teacher layer T's hidden state to student layer S's (0-based), e.g. 11:5")
+    k.add_argument("--intermediate-loss", default="cosine", choices=["cosine", "mse"])
+    k.add_argument("--intermediate-weight", type=float, default=1.0)
+    k.add_argument("--no-rescale-intermediate", action="store_true",
+                   help="do not rescale intermediate losses to the KD loss's magnitude")
+    k.add_argument("--skip-teacher-check", action="store_true",
+                   help="distill even from a teacher whose validation loss is near ln(vocab)")
+
+
+def distill_config(args: argparse.Namespace):
+    from megatron_minitron.distill.loop import DistillConfig
+
+    return DistillConfig(kd_loss=args.kd_loss, temperature=args.kd_temperature,
+                         temperature_squared=args.kd_temperature_squared, top_k=args.kd_top_k,
+                         kd_weight=args.kd_weight, lm_weight=args.lm_loss_weight,
+                         intermediate_layers=tuple(args.intermediate_layers), intermediate_loss=args.intermediate_loss,
+                         intermediate_weight=args.intermediate_weight,
+                         rescale_intermediate=not args.no_rescale_intermediate,
+                         teacher_check=not args.skip_teacher_check,
+                         teacher_first_stage_layers=args.teacher_first_stage_layers,
+                         teacher_last_stage_layers=args.teacher_last_stage_layers)
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_minitron.data.loader import DataConfig
+    from megatron_minitron.data.tokenizer import TokenizerRef, tokenizer_ref_for
+    from megatron_minitron.distill.loop import check_models, teacher_parallel
+    from megatron_minitron.distill.model import check_pairs_on_stages, parse_layer_pairs
+    from megatron_minitron.model import checkpoint as ckpt
+    from megatron_minitron.runtime import LaunchEnv
+
+    # ---- everything that needs no process: fail fast, on every rank alike
+    parallel = parallel_config(args)
+    cfg, dcfg = train_config(args), distill_config(args)
+    save = Path(args.save)
+    check_run_dir(save, resume=args.resume, overwrite=args.overwrite)
+    teacher, student = ckpt.resolve(args.teacher), ckpt.resolve(args.student)
+    for name, info in (("--teacher", teacher), ("--student", student)):
+        if save.resolve() == info.root.resolve() or save.resolve().is_relative_to(info.root.resolve()):
+            raise ConfigError(f"--save {save} is inside {name} {info.root}; write the run elsewhere")
+    check_models(teacher.arch, student.arch, seq_length=cfg.seq_length)
+    student.arch.check_parallel(tensor_parallel=parallel.tensor_parallel, pipeline_parallel=parallel.pipeline_parallel,
+                                first_stage_layers=parallel.first_stage_layers,
+                                last_stage_layers=parallel.last_stage_layers)
+    t_parallel = teacher_parallel(parallel, teacher.arch, dcfg)
+    pairs = parse_layer_pairs(dcfg.intermediate_layers, teacher_layers=teacher.arch.num_layers,
+                              student_layers=student.arch.num_layers)
+    check_pairs_on_stages(pairs, t_parallel.layers_per_stage(teacher.arch.num_layers),
+                          parallel.layers_per_stage(student.arch.num_layers))
+    env = LaunchEnv.from_environ()
+    cfg.num_microbatches(parallel.data_parallel(env.world_size))
+    tokenizer = _tokenizer(args, teacher, student, tokenizer_ref_for, TokenizerRef)
+    data_cfg = DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
+                          split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
+                          tokenizer=tokenizer)
+    return _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save)
+
+
+def _tokenizer(args, teacher, student, tokenizer_ref_for, TokenizerRef):
+    """The one tokenizer of both models: --tokenizer, else the student's (which must be the teacher's)."""
+    from megatron_minitron.data.loader import check_vocab_fits
+
+    refs = {name: TokenizerRef.from_json(info.tokenizer) for name, info in (("teacher", teacher),
+                                                                            ("student", student)) if info.tokenizer}
+    if len(refs) == 2:
+        prints = {name: ref.load().fingerprint for name, ref in refs.items()}
+        if prints["teacher"] != prints["student"]:
+            raise ConfigError(f"teacher and student use different tokenizers ({refs['teacher'].path} vs "
+                              f"{refs['student'].path}); distillation compares their logits token by token")
+    ref = tokenizer_ref_for(args.tokenizer) if args.tokenizer else refs.get("student") or refs.get("teacher")
+    if ref is not None:
+        check_vocab_fits(ref.load(), student.arch.vocab_size)
+    return ref
+
+
+def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: Path) -> int:
+    from megatron_minitron.data.loader import batch_iterator, build_datasets, load_tokenizer
+    from megatron_minitron.distill.loop import distill
+    from megatron_minitron.runtime import initialize, shutdown
+
+    runtime = initialize(parallel, seed=cfg.seed, env=env)
+    try:
+        if args.overwrite and runtime.rank == 0 and save.exists():
+            shutil.rmtree(save)
+        runtime.barrier()
+        tokenizer = load_tokenizer(data_cfg)
+        train_ds, valid_ds, _ = build_datasets(data_cfg, tokenizer, (cfg.train_iters * cfg.global_batch_size,
+                                                                     cfg.eval_iters * cfg.global_batch_size, 0),
+                                               model_vocab_size=student.arch.vocab_size)
+        dp = dict(micro_batch_size=cfg.micro_batch_size, dp_rank=runtime.dp_rank, dp_size=runtime.data_parallel)
+        if runtime.rank == 0:
+            save.mkdir(parents=True, exist_ok=True)
+            (save / "run.json").write_text(json.dumps({
+                "teacher": str(teacher.root), "student": str(student.root), "arch": student.arch.to_json(),
+                "teacher_arch": teacher.arch.to_json(), "train": cfg.to_json(), "distill": dcfg.to_json(),
+                "data": data_cfg.to_json(), "world_size": env.world_size, "parallel": vars(parallel)},
+                indent=2, default=str) + "\n")
+        if runtime.is_logging_rank:
+            print(f"distilling {teacher.arch.num_parameters() / 1e6:.2f}M -> {student.arch.num_parameters() / 1e6:.2f}M "
+                  f"parameters at TP={parallel.tensor_parallel} PP={parallel.pipeline_parallel} "
+                  f"DP={runtime.data_parallel} on {runtime.device.type} ({runtime.backend})", flush=True)
+        distill(teacher_info=teacher, student_info=student, runtime=runtime, train_cfg=cfg, cfg=dcfg,
+                train_batches=lambda start: batch_iterator(train_ds, start_sample=start, **dp),
+                valid_batches=(lambda: batch_iterator(valid_ds, **dp)) if valid_ds is not None else None,
+                save=save, tokenizer=(data_cfg.tokenizer or tokenizer.ref).to_json(),
+                provenance={"command": "distill", "teacher": str(teacher.root), "student": str(student.root),
+                            "plan": student.metadata.get("plan"), "distill": dcfg.to_json()})
+    finally:
+        shutdown()
+    return 0
