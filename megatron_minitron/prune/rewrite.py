@@ -29,7 +29,7 @@ process-group rank; writing DCP storage directly (the same `torch.save` archives
 Metadata) keeps memory at a few chunks and lets N independent processes write one checkpoint.
 The output loads with megatron's dist_checkpointing at any TP/PP, like any torch_dist checkpoint.
 
-Workers are spawned processes (`workers=N`), or the ranks of a torchrun launch (`group=`): rank 0
+Workers are forked processes (`workers=N`; spawned where fork does not exist), or the ranks of a torchrun launch (`group=`): rank 0
 validates and finalises, every rank rewrites its share.
 """
 
@@ -83,6 +83,7 @@ class Job:
     head_scores: Optional[torch.Tensor]
     units: tuple[Unit, ...]
     worker: int
+    fsync: bool = True
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -212,12 +213,26 @@ def split_units(units: list[Unit], workers: int) -> list[list[Unit]]:
 
 
 # --------------------------------------------------------------------------------------- workers
+def _return_freed_memory() -> None:
+    """Serve every allocation of 1 MiB or more with its own mmap (glibc), so a freed chunk goes back
+    to the OS. glibc's default threshold adapts upwards to 32 MiB, after which chunk-sized tensors come
+    from the heap and fragment it: measured, a worker's peak RSS then grew with the model size."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixing it also stops the adaptation)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_job(job: Job, report: Optional[Callable[[int, int, int], None]] = None) -> list[storage.Record]:
     """Rewrite one worker's units into `__{worker}_0.distcp`; returns the records of what it wrote."""
+    _return_freed_memory()
     plan = job.plan
     reader = storage.SourceReader(Path(job.source))
     axes = AxisIndices(plan, job.head_scores)
-    writer = storage.ChunkWriter(Path(job.partial), f"__{job.worker}_0.distcp")
+    writer = storage.ChunkWriter(Path(job.partial), f"__{job.worker}_0.distcp", fsync=job.fsync)
     parent = os.getppid()
     rules: dict = {}
     try:
@@ -266,7 +281,7 @@ def _worker_main(job: Job, queue) -> None:
     try:
         torch.set_num_threads(1)
         records = run_job(job, lambda n, r, w: queue.put(("progress", job.worker, n, r, w)))
-        queue.put(("done", job.worker, records))
+        queue.put(("done", job.worker, records, _peak_rss_mb()))
     except BaseException as error:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         queue.put(("error", job.worker, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
 
@@ -301,10 +316,27 @@ class _Progress:
                       f"{rate / 1e6:.1f} MB/s, ETA {eta:.0f}s")
 
 
-def _spawn(jobs: list[Job], progress: _Progress) -> list[storage.Record]:
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM: unlike ru_maxrss it does not carry over the
+    parent's peak through fork+exec, which is how spawn starts workers)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _spawn(jobs: list[Job], progress: _Progress, peaks: dict) -> list[storage.Record]:
     import multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
+    # fork, as torch's DataLoader does: a spawned worker re-imports torch (~4 s each, measured on
+    # 2 cores ~10 s for two), longer than rewriting a GB. Workers only read and write files and set
+    # one intra-op thread before any torch op (the DataLoader rule that keeps OpenMP fork-safe).
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker_main, args=(job, queue), daemon=True) for job in jobs]
     for p in procs:
@@ -326,6 +358,7 @@ def _spawn(jobs: list[Job], progress: _Progress) -> list[storage.Record]:
                 progress.update(worker, *message[2:])
             elif kind == "done":
                 records += message[2]
+                peaks[worker] = message[3]
                 pending.discard(worker)
             else:
                 raise PruneError(f"prune worker {worker} failed: {message[2]}")
@@ -340,12 +373,15 @@ def _spawn(jobs: list[Job], progress: _Progress) -> list[storage.Record]:
 def prune_checkpoint(source: str | os.PathLike, plan: Plan, out: str | os.PathLike, *, workers: int = 1,
                      overwrite: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                      head_scores: Optional[torch.Tensor] = None, group=None,
-                     print_fn: Callable[[str], None] = print) -> Path:
+                     print_fn: Callable[[str], None] = print, stats: Optional[dict] = None,
+                     fsync: bool = True) -> Path:
     """Write the pruned checkpoint of `source` under `out` (Megatron-LM layout, `release/`).
 
     workers: spawned processes (1: in this process). group: a torch.distributed process group whose
     ranks share the work instead (every rank calls this; rank 0 validates and finalises).
     head_scores: [layers, heads] importance of the source heads, needed when plan.head_merge.
+    fsync: flush every written file to disk before the final rename (off only to measure).
+    stats: filled (on rank 0) with seconds, bytes_read, bytes_written, units and each worker's peak RSS.
     Returns the torch_dist directory of the new checkpoint.
     """
     import torch.distributed as dist
@@ -388,7 +424,9 @@ def prune_checkpoint(source: str | os.PathLike, plan: Plan, out: str | os.PathLi
     n_workers = world if group is not None else workers
     shares = split_units(units, n_workers)
     jobs = [Job(source=str(info.path), partial=str(partial / "release"), plan=plan,
-                head_scores=head_scores, units=tuple(share), worker=w) for w, share in enumerate(shares)]
+                head_scores=head_scores, units=tuple(share), worker=w, fsync=fsync)
+            for w, share in enumerate(shares)]
+    peaks: dict = {}
     try:
         if group is not None:
             records = run_job(jobs[rank], lambda n, r, w: progress.update(rank, n, r, w))
@@ -398,10 +436,16 @@ def prune_checkpoint(source: str | os.PathLike, plan: Plan, out: str | os.PathLi
         elif workers == 1:
             records = run_job(jobs[0], lambda n, r, w: progress.update(0, n, r, w))
         else:
-            records = _spawn(jobs, progress)
+            records = _spawn(jobs, progress, peaks)
         progress.update(-1, 0, 0, 0, force=True)
+        if workers == 1 or group is not None:
+            peaks[rank] = _peak_rss_mb()
         if rank == 0:
             _finalize(partial, out, prepared, records, overwrite)
+            if stats is not None:
+                read, written = (sum(v[i] for v in progress.state.values()) for i in (1, 2))
+                stats.update(seconds=time.monotonic() - progress.start, bytes_read=read, bytes_written=written,
+                             units=len(units), workers=n_workers, peak_rss_mb=dict(sorted(peaks.items())))
             print_fn(f"prune: wrote {out} ({plan.target.num_parameters():,} parameters, "
                      f"{time.monotonic() - progress.start:.1f}s)")
     except BaseException:
