@@ -216,3 +216,21 @@ def test_sigkill_mid_way_leaves_source_intact_and_nothing_finished(source, tmp_p
 
     prune_checkpoint(src, identity_plan(ARCH), out, print_fn=lambda s: None)
     assert not partial.exists() and ckpt.resolve(out).arch == ARCH.explicit()
+
+
+def test_reader_finds_rows_inside_stored_archives(source, tmp_path):
+    """Both megatron's archives and ours (no CRC) are read by row ranges, never whole (the fast path)."""
+    from megatron_minitron.plan.plan import identity_plan
+    from megatron_minitron.prune.rewrite import prune_checkpoint
+    from megatron_minitron.prune.storage import SourceReader
+
+    out = prune_checkpoint(source / "src", identity_plan(ARCH), tmp_path / "o", print_fn=lambda s: None)
+    for path in (ckpt.resolve(source / "src").path, out):
+        full = ckpt.read_tensors(path)
+        reader = SourceReader(path)
+        rows = reader.read_rows("decoder.layers.mlp.linear_fc1.weight", 2, 150, 250)  # spans the gate/up chunks
+        assert torch.equal(rows, full["decoder.layers.mlp.linear_fc1.weight"][2, 150:250])
+        assert torch.equal(reader.read_rows("embedding.word_embeddings.weight", None, 7, 9),
+                           full["embedding.word_embeddings.weight"][7:9])
+        assert reader._layouts and all(layout is not None for layout in reader._layouts.values())
+        reader.close()
