@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from megatron_minitron.config import ArchConfig, ConfigError, unknown_fields
 

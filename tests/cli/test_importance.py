@@ -4,7 +4,6 @@ each caught before any forward pass."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from megatron_minitron.cli import main
-from tests.conftest import REPO, torchrun
+from tests.conftest import REPO, child_env, torchrun
 
 ARGS = ["--num-samples", "12", "--seq-length", "64", "--micro-batch-size", "4"]
 
@@ -101,8 +100,7 @@ def test_fewer_samples_than_requested_is_an_error_not_a_repeat(tiny_teacher, dat
     cmd = [sys.executable, "-m", "megatron_minitron", "importance", "--load", str(tiny_teacher), "--out",
            str(tmp_path / "o"), "--cache-dir", str(data_cache), "--data-file", str(tmp_path / "small.jsonl"),
            "--num-samples", "5000", "--seq-length", "64"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "distinct samples of 64 tokens, fewer than --num-samples 5000" in proc.stderr
     assert "--cap-samples" in proc.stderr and not (tmp_path / "o").exists()

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from megatron_minitron.cli import main
-from tests.conftest import REPO, torchrun
+from tests.conftest import torchrun
 
 
 @pytest.fixture(scope="module")
