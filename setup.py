@@ -26,8 +26,8 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "tokenizers"],
-        "hf": ["tokenizers"],
+        "test": ["pytest>=8", "pytest-timeout", "tokenizers", "transformers"],
+        "hf": ["tokenizers", "transformers"],
         # Transformer Engine comes with NVIDIA's PyTorch containers; this extra is for other GPU machines.
         "te": ["transformer_engine[pytorch]"],
         "plot": ["matplotlib"],

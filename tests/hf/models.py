@@ -1,0 +1,97 @@
+"""Small randomly initialised transformers models of every supported family, saved as Hub-format
+directories (config.json, safetensors, tokenizer.json), and their reference logits.
+
+Shared by the in-process tests and by tests/multirank/hf_layouts.py. Every parameter, norms and biases
+included, is drawn at random (HF initialises norms to one and biases to zero, which would hide a
+mapping error in them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB = 1000
+TOKENIZER_VOCAB = 300
+TOKENS = torch.randint(0, TOKENIZER_VOCAB, (2, 24), generator=torch.Generator().manual_seed(11))
+
+# name -> (transformers config class, kwargs). Two layers each (one per stage at PP2); every size is even
+# so TP2 splits heads, groups and ffn.
+CASES: dict[str, tuple[str, dict]] = {
+    "llama2": ("LlamaConfig", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=4, vocab_size=VOCAB, rms_norm_eps=1e-5, max_position_embeddings=256,
+                                   rope_theta=10000.0, tie_word_embeddings=False)),
+    "llama3.1": ("LlamaConfig", dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=VOCAB, rms_norm_eps=1e-5,
+                                     max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False,
+                                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 8192})),
+    "mistral-nemo": ("MistralConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=VOCAB,
+                                           rms_norm_eps=1e-5, max_position_embeddings=1024, rope_theta=1000000.0,
+                                           sliding_window=None, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=VOCAB, rms_norm_eps=1e-6, max_position_embeddings=512,
+                                  rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=64, vocab_size=VOCAB,
+                                activation_function="gelu", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
+                                attn_pdrop=0.0)),
+}
+
+
+def hf_model(name: str, seed: int = 0):
+    """The transformers model of a case, every parameter random, in eval mode."""
+    import transformers
+
+    cls_name, kwargs = CASES[name]
+    config = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight") or ".ln_" in pname and pname.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+    return model.eval()
+
+
+def write_tokenizer(directory: Path, eos: str = "</s>") -> None:
+    """A word-level tokenizer.json of TOKENIZER_VOCAB ids (specials first) and its tokenizer_config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<unk>", "<s>", eos]
+    vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(TOKENIZER_VOCAB - len(specials))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": eos, "unk_token": "<unk>"}))
+
+
+def save_case(name: str, directory: Path, *, seed: int = 0, max_shard_size: str | None = None) -> torch.Tensor:
+    """Save a case's model (and tokenizer) to directory; returns its logits on TOKENS."""
+    model = hf_model(name, seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    write_tokenizer(directory, eos="<|endoftext|>" if name == "gpt2" else "</s>")
+    with torch.no_grad():
+        return model(TOKENS).logits.float()
+
+
+def hf_logits(directory: Path, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
+    """Logits of a saved HF directory, loaded by transformers with no custom code."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return float((a - b).abs().max() / b.abs().max())
