@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "prune": ("megatron_minitron.cli.prune", "rewrite a checkpoint into its pruned version (streaming, N workers)"),
     "distill": ("megatron_minitron.cli.distill", "retrain a pruned student by distillation from its teacher"),
     "inspect": ("megatron_minitron.cli.inspect", "print a checkpoint's architecture and parameter count"),
+    "demo": ("megatron_minitron.cli.demo", "the whole method on the embedded corpus, with a report"),
     "import-hf": ("megatron_minitron.cli.import_hf", "convert a local Hugging Face model directory to a checkpoint"),
     "export-hf": ("megatron_minitron.cli.export_hf", "convert a checkpoint to a Hugging Face model directory"),
 }

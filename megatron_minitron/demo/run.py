@@ -1,0 +1,367 @@
+"""The demo's stages, run by every rank of one torchrun job (one start-up for the whole method).
+
+Read it top to bottom: `run_demo` calls the stages in the order of the method --
+`teacher` (train it, or find it in the cache), `importance` (calibration pass with hooks plus the
+depth LM-loss passes), `plans` (width, depth, random and the 3x3 aggregation grid), `prune`
+(streaming rewrites, the ranks sharing the work), `zero_shot` (validation LM loss of each pruned
+model) and `retrain` (the four arms, each for the same steps x batch x sequence = equal tokens).
+It returns what rank 0 needs to write results.json; the metrics themselves stay in each run's
+metrics.jsonl, which the report reads back.
+
+Every model is built from its checkpoint's own architecture at the job's layout; every collective
+goes through the runtime's groups (the pruner's work-sharing uses the job's world group).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from megatron_minitron.demo.config import AGGREGATIONS, DemoConfig, default_targets
+
+
+@dataclasses.dataclass
+class Context:
+    """What every stage shares: config, runtime, data and the log."""
+
+    cfg: DemoConfig
+    runtime: object
+    out: Path
+    data_cfg: object
+    tokenizer: object
+    train_ds: object
+    valid_ds: object
+    timings: dict = dataclasses.field(default_factory=dict)
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def log(self, line: str) -> None:
+        if self.runtime.is_logging_rank:
+            print(f"[demo {time.perf_counter() - self.started:6.0f}s] {line}", flush=True)
+
+    def train_cfg(self, iters: int, lr: float, *, eval_interval: int, log_interval: int):
+        from megatron_minitron.training.loop import TrainConfig
+
+        c = self.cfg
+        return TrainConfig(train_iters=iters, micro_batch_size=c.micro_batch_size,
+                           global_batch_size=c.global_batch_size, seq_length=c.seq_length, lr=lr, min_lr=lr / 10,
+                           lr_warmup_iters=c.warmup_iters, eval_interval=eval_interval, eval_iters=c.eval_iters,
+                           log_interval=log_interval, seed=c.seed)
+
+    def batches(self, dataset, start: int = 0):
+        from megatron_minitron.data.loader import batch_iterator
+
+        rt = self.runtime
+        return batch_iterator(dataset, micro_batch_size=self.cfg.micro_batch_size, dp_rank=rt.dp_rank,
+                              dp_size=rt.data_parallel, start_sample=start)
+
+    def valid_batches(self):
+        return self.batches(self.valid_ds)
+
+    def train_batches(self, start: int):
+        return self.batches(self.train_ds, start)
+
+    def tokenizer_json(self) -> dict:
+        return (self.data_cfg.tokenizer or self.tokenizer.ref).to_json()
+
+    def stage(self, name: str):
+        return _Stage(self, name)
+
+
+class _Stage:
+    """Times one stage into ctx.timings (seconds, as the logging rank saw them)."""
+
+    def __init__(self, ctx: Context, name: str) -> None:
+        self.ctx, self.name = ctx, name
+
+    def __enter__(self):
+        self.ctx.log(f"--- {self.name}")
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.ctx.timings[self.name] = round(time.perf_counter() - self.t0, 2)
+        gc.collect()
+
+
+def run_demo(cfg: DemoConfig) -> Optional[dict]:
+    """Every stage, on every rank; rank 0 gets back the raw results (None elsewhere)."""
+    from megatron_minitron.runtime import ParallelConfig, initialize, shutdown
+
+    runtime = initialize(ParallelConfig(tensor_parallel=cfg.tensor_parallel, pipeline_parallel=cfg.pipeline_parallel),
+                         seed=cfg.seed)
+    try:
+        if runtime.rank == 0:
+            prepare_out(cfg)
+        runtime.barrier()
+        ctx = _context(cfg, runtime)
+        with ctx.stage("teacher"):
+            teacher, teacher_record = train_teacher(ctx)
+        width_target, depth_target = default_targets(teacher.arch, cfg)
+        block = teacher.arch.num_layers - depth_target.num_layers
+        with ctx.stage("importance"):
+            scores = importance(ctx, teacher, block_size=block)
+        with ctx.stage("plans"):
+            named = plans(ctx, scores, teacher.arch, width_target, depth_target)
+        with ctx.stage("prune"):
+            checkpoints = prune(ctx, teacher, named)
+        with ctx.stage("zero-shot"):
+            zero = {name: zero_shot_loss(ctx, path) for name, path in checkpoints.items()}
+            zero["teacher"] = zero_shot_loss(ctx, teacher.root)
+            ctx.log("zero-shot validation LM loss: " + ", ".join(f"{k} {v:.3f}" for k, v in zero.items()))
+        arms = {}
+        for arm, how in (("width_kd", ("kd", "width")), ("depth_kd", ("kd", "depth")), ("scratch", ("lm", None)),
+                         ("width_lm", ("lm", "width"))):
+            with ctx.stage(f"retrain {arm}"):
+                arms[arm] = retrain(ctx, arm, teacher, how, checkpoints, named["width"].target)
+        raw = None
+        if runtime.rank == 0:
+            raw = {"config": cfg.to_json(), "teacher": teacher_record, "timings": ctx.timings,
+                   "layout": {"tp": cfg.tensor_parallel, "pp": cfg.pipeline_parallel, "dp": runtime.data_parallel,
+                              "world_size": runtime.world_size, "device": runtime.device.type,
+                              "backend": runtime.backend},
+                   "scores": str(ctx.out / "scores"), "block_size": block,
+                   "plans": {name: str(ctx.out / "plans" / f"{name}.json") for name in named},
+                   "checkpoints": {name: str(path) for name, path in checkpoints.items()},
+                   "zero_shot": zero, "arms": arms}
+        runtime.barrier()
+        return raw
+    finally:
+        shutdown()
+
+
+def prepare_out(cfg: DemoConfig) -> None:
+    """An empty --out holding only the demo's config (a previous demo run there is removed; anything
+    else was refused before the processes started)."""
+    from megatron_minitron.cli.demo import MARKER
+
+    out = Path(cfg.out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+
+
+def _context(cfg: DemoConfig, runtime) -> Context:
+    from megatron_minitron.cli._common import parse_blend
+    from megatron_minitron.data.loader import DataConfig, build_datasets, load_tokenizer
+    from megatron_minitron.data.tokenizer import TokenizerRef, tokenizer_ref_for
+    from megatron_minitron.model.checkpoint import resolve
+
+    tokenizer_ref = None
+    if cfg.tokenizer:
+        tokenizer_ref = tokenizer_ref_for(cfg.tokenizer)
+    elif cfg.teacher and resolve(cfg.teacher).tokenizer:
+        tokenizer_ref = TokenizerRef.from_json(resolve(cfg.teacher).tokenizer)
+    data_cfg = DataConfig(blend=parse_blend(list(cfg.data_path or ())), valid_blend=parse_blend(
+        list(cfg.valid_data_path or ())), split=cfg.split, seq_length=cfg.seq_length, seed=cfg.seed,
+        cache_dir=cfg.cache_dir, tokenizer=tokenizer_ref)
+    tokenizer = load_tokenizer(data_cfg)
+    gbs = cfg.global_batch_size
+    train_ds, valid_ds, _ = build_datasets(data_cfg, tokenizer, (max(cfg.teacher_iters, cfg.retrain_iters) * gbs,
+                                                                 cfg.eval_iters * gbs, 0))
+    if valid_ds is None:
+        from megatron_minitron.config import ConfigError
+
+        raise ConfigError("the data gives no validation samples; pass --valid-data-path or a --split with a "
+                          "validation share")
+    out = Path(cfg.out)
+    return Context(cfg=cfg, runtime=runtime, out=out, data_cfg=data_cfg, tokenizer=tokenizer, train_ds=train_ds,
+                   valid_ds=valid_ds)
+
+
+# ------------------------------------------------------------------------------------------- teacher
+def train_teacher(ctx: Context):
+    """The teacher's CheckpointInfo and a record of where it came from. A finished teacher of the
+    same configuration in the cache is reused; an unfinished one is trained again from scratch."""
+    from megatron_minitron.config import load_arch
+    from megatron_minitron.model.checkpoint import latest_iteration, resolve
+    from megatron_minitron.training.loop import RunPaths, build_trainer, lm_task, train
+
+    cfg, rt = ctx.cfg, ctx.runtime
+    if cfg.teacher:
+        info = resolve(cfg.teacher)
+        ctx.log(f"teacher: {info.root} (given), {info.arch.num_parameters() / 1e6:.2f}M parameters")
+        return info, {"path": str(info.root), "source": "given", "train_seconds": 0.0}
+    arch = load_arch(cfg.arch)
+    if not Path(cfg.arch).is_file():  # a preset takes the tokenizer's vocabulary
+        arch = arch.replace(vocab_size=ctx.tokenizer.vocab_size, padded_vocab_size=None)
+    arch.check_parallel(tensor_parallel=cfg.tensor_parallel, pipeline_parallel=cfg.pipeline_parallel)
+    save = Path(cfg.teacher_cache) / f"teacher-{cfg.teacher_key(arch, rt.world_size)}"
+    finished = latest_iteration(save) == str(cfg.teacher_iters)
+    rt.barrier()  # every rank has looked before rank 0 may clear an unfinished one
+    if finished:
+        ctx.log(f"teacher: reusing {save} (trained earlier with the same settings; delete it to train again)")
+        return resolve(save), {"path": str(save), "source": "cache", "train_seconds": 0.0}
+    if rt.rank == 0:
+        shutil.rmtree(save, ignore_errors=True)
+        save.mkdir(parents=True)
+        (save / "run.json").write_text(json.dumps({"arch": arch.to_json(), "demo": cfg.to_json()}, indent=2,
+                                                  default=str) + "\n")
+    rt.barrier()
+    tcfg = ctx.train_cfg(cfg.teacher_iters, cfg.teacher_lr, eval_interval=max(1, cfg.teacher_iters // 4),
+                         log_interval=max(1, cfg.teacher_iters // 10))
+    ctx.log(f"teacher: training {arch.num_parameters() / 1e6:.2f}M parameters for {cfg.teacher_iters} steps at "
+            f"TP={cfg.tensor_parallel} PP={cfg.pipeline_parallel} DP={rt.data_parallel} into {save}")
+    t0 = time.perf_counter()
+    trainer = build_trainer(arch, rt, tcfg)
+    train(trainer, task=lm_task(rt.device), train_batches=ctx.train_batches, valid_batches=ctx.valid_batches,
+          paths=RunPaths(save=save, metrics=save / "metrics.jsonl"), tokenizer=ctx.tokenizer_json(),
+          provenance={"command": "demo", "role": "teacher"})
+    del trainer
+    return resolve(save), {"path": str(save), "source": "trained", "train_seconds": round(time.perf_counter() - t0, 2)}
+
+
+# ---------------------------------------------------------------------------------------- importance
+def importance(ctx: Context, teacher, *, block_size: int):
+    """Scores of the teacher at the job's layout, written to OUT/scores and read back on every rank."""
+    from megatron_minitron.importance.calibration import CalibrationData, build_calibration_dataset, micro_batches
+    from megatron_minitron.importance.run import ImportanceConfig, collect, make_scores
+    from megatron_minitron.importance.scores import load_scores, save_scores
+    from megatron_minitron.model.build import build_model, transformer_engine_available
+    from megatron_minitron.model.checkpoint import load_checkpoint
+
+    cfg, rt = ctx.cfg, ctx.runtime
+    calibration = CalibrationData(data_path=cfg.data_path, num_samples=cfg.calib_samples, seq_length=cfg.seq_length,
+                                  seed=cfg.seed, cap=True, cache_dir=cfg.cache_dir)
+    icfg = ImportanceConfig(micro_batch_size=cfg.micro_batch_size, lm_loss=True, block_sizes=(block_size,),
+                            lm_loss_samples=cfg.lm_loss_samples)
+    icfg.validate(teacher.arch.num_layers)
+    dataset, num_samples = build_calibration_dataset(calibration, ctx.tokenizer, model_vocab_size=teacher.arch.vocab_size)
+    use_te = transformer_engine_available()
+    model = build_model(teacher.arch, rt, use_te=use_te)
+    load_checkpoint(teacher, model=model)
+
+    def batches():
+        return micro_batches(dataset, num_samples, micro_batch_size=icfg.micro_batch_size, dp_rank=rt.dp_rank,
+                             dp_size=rt.data_parallel)
+
+    ctx.log(f"importance: {num_samples} calibration samples x {cfg.seq_length} tokens, LM loss without each layer "
+            f"and without each block of {block_size} layers")
+    tensors, loss = collect(model, rt, teacher.arch, batches, num_samples, cfg.seq_length, icfg, use_te=use_te,
+                            log=ctx.log)
+    scores = make_scores(tensors, arch=teacher.arch, info=teacher, calibration=calibration, num_samples=num_samples,
+                         cfg=icfg, use_te=use_te, runtime=rt, lm_loss=loss)
+    out = ctx.out / "scores"
+    if rt.rank == 0:
+        save_scores(scores, out)
+    rt.barrier()
+    del model
+    return load_scores(out)
+
+
+# --------------------------------------------------------------------------------------------- plans
+def plans(ctx: Context, scores, arch, width_target, depth_target) -> dict:
+    """name -> Plan: width (seq mean, batch L2: the paper's best), depth (best contiguous block by LM
+    loss), random (random ranking, width target) and grid-SEQ-BATCH for the 3x3 aggregations (from the
+    raw statistics, no forward pass). Written to OUT/plans/NAME.json by rank 0."""
+    from megatron_minitron.plan import make_plan, random_plan
+
+    layout = dict(tensor_parallel=ctx.cfg.tensor_parallel, pipeline_parallel=ctx.cfg.pipeline_parallel)
+    named = {"width": make_plan(scores.aggregated(seq="mean", batch="l2"), width_target, **layout),
+             "depth": make_plan(scores, depth_target, **layout),
+             "random": random_plan(arch.explicit(), width_target, ctx.cfg.random_seed, **layout)}
+    for seq in AGGREGATIONS:
+        for batch in AGGREGATIONS:
+            named[f"grid-{seq}-{batch}"] = make_plan(scores.aggregated(seq=seq, batch=batch), width_target, **layout)
+    if ctx.runtime.rank == 0:
+        (ctx.out / "plans").mkdir(parents=True, exist_ok=True)
+        for name, plan in named.items():
+            plan.save(ctx.out / "plans" / f"{name}.json")
+    for name in ("width", "depth"):
+        ctx.log(f"{name} plan: " + named[name].summary().splitlines()[0])
+    return named
+
+
+def _kept(plan) -> tuple:
+    """What a plan keeps (two plans that keep the same indices give the same checkpoint)."""
+    return plan.layers, plan.hidden, plan.ffn, plan.query_groups, plan.heads
+
+
+# --------------------------------------------------------------------------------------------- prune
+def prune(ctx: Context, teacher, named: dict) -> dict[str, Path]:
+    """name -> pruned checkpoint root; plans that keep the same indices share one checkpoint."""
+    from megatron_minitron.prune.rewrite import prune_checkpoint
+
+    written: dict[tuple, Path] = {}
+    out: dict[str, Path] = {}
+    for name, plan in named.items():
+        key = _kept(plan)
+        if key not in written:
+            written[key] = ctx.out / "pruned" / name
+            prune_checkpoint(teacher.root, plan, written[key], group=torch.distributed.group.WORLD,
+                             print_fn=lambda _line: None)
+        out[name] = written[key]
+    ctx.log(f"pruned {len(written)} distinct checkpoints for {len(named)} plans into {ctx.out / 'pruned'}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- zero-shot
+def zero_shot_loss(ctx: Context, path: Path) -> float:
+    """Validation LM loss of a checkpoint as it is (the same samples and reduction as training's
+    validation), at the job's layout."""
+    from megatron_minitron.model.build import build_model
+    from megatron_minitron.model.checkpoint import load_checkpoint, resolve
+    from megatron_minitron.training.loop import Trainer, evaluate, lm_task
+
+    info = resolve(path)
+    model = build_model(info.arch, ctx.runtime)
+    load_checkpoint(info, model=model)
+    cfg = ctx.train_cfg(ctx.cfg.retrain_iters, ctx.cfg.retrain_lr, eval_interval=0, log_interval=1)  # batch shape only
+    evaluator = Trainer(arch=info.arch, runtime=ctx.runtime, cfg=cfg, model=[model], optimizer=None, scheduler=None)
+    return evaluate(evaluator, lm_task(ctx.runtime.device), ctx.valid_batches(), ctx.cfg.eval_iters)["lm loss"]
+
+
+# ------------------------------------------------------------------------------------------- retrain
+def retrain(ctx: Context, arm: str, teacher, how: tuple, checkpoints: dict, width_arch) -> dict:
+    """One arm for cfg.retrain_iters steps into OUT/arms/ARM: ("kd", start) distils from the teacher,
+    ("lm", start) trains on the LM loss alone (start None: the width architecture from random weights)."""
+    from megatron_minitron.model.checkpoint import resolve
+    from megatron_minitron.runtime.dist import set_seed
+    from megatron_minitron.training.loop import MetricsLog, RunPaths, build_trainer, evaluate, init_from, lm_task, train
+
+    cfg, rt = ctx.cfg, ctx.runtime
+    loss, start = how
+    save = ctx.out / "arms" / arm
+    tcfg = ctx.train_cfg(cfg.retrain_iters, cfg.retrain_lr, eval_interval=cfg.eval_interval,
+                         log_interval=max(1, cfg.retrain_iters // 4))
+    student = checkpoints[start] if start else None
+    arch = resolve(student).arch if student else width_arch
+    if rt.rank == 0:
+        save.mkdir(parents=True, exist_ok=True)
+        (save / "run.json").write_text(json.dumps({
+            "arm": arm, "loss": loss, "start": str(student) if student else "random init", "teacher": str(teacher.root),
+            "arch": arch.to_json(), "train": tcfg.to_json()}, indent=2) + "\n")
+    rt.barrier()
+    set_seed(cfg.seed)  # the same RNG state for every arm (the from-scratch weights, dropout)
+    ctx.log(f"{arm}: {arch.num_parameters() / 1e6:.2f}M parameters, {'KD from the teacher' if loss == 'kd' else 'LM loss'}"
+            f", starting from {student or 'random weights'}")
+    t0 = time.perf_counter()
+    provenance = {"command": "demo", "arm": arm}
+    if loss == "kd":
+        from megatron_minitron.distill.loop import DistillConfig, distill
+
+        distill(teacher_info=teacher, student_info=resolve(student), runtime=rt, train_cfg=tcfg, cfg=DistillConfig(),
+                train_batches=ctx.train_batches, valid_batches=ctx.valid_batches, save=save,
+                tokenizer=ctx.tokenizer_json(), provenance=provenance)
+    else:
+        trainer = build_trainer(arch, rt, tcfg)
+        if student:
+            init_from(trainer, student)
+        task = lm_task(rt.device)
+        # the curve's first point (0 tokens), as distillation logs it before its first step
+        val = evaluate(trainer, task, ctx.valid_batches(), cfg.eval_iters)
+        MetricsLog(save / "metrics.jsonl", enabled=rt.is_logging_rank).write(
+            {"kind": "valid", "iteration": 0, **{f"val {k}": v for k, v in val.items()},
+             "val ppl": math.exp(min(val["lm loss"], 50.0))})
+        train(trainer, task=task, train_batches=ctx.train_batches, valid_batches=ctx.valid_batches,
+              paths=RunPaths(save=save, metrics=save / "metrics.jsonl"), tokenizer=ctx.tokenizer_json(),
+              provenance=provenance)
+        del trainer
+    return {"path": str(save), "loss": loss, "start": start or "random", "seconds": round(time.perf_counter() - t0, 2)}
