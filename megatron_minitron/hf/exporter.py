@@ -156,6 +156,7 @@ def plan_export(load: str | os.PathLike, *, family: Optional[str] = None, dtype:
         fam = family_for_config(base)
     else:
         fam = infer_family(arch)
+    fam.check_exportable(arch)
     stored = metadata.state_dict_metadata
     items = []
     for entry in fam.tensors:

@@ -181,6 +181,9 @@ def _rope_from_hf(config: dict) -> dict[str, Any]:
         raise HFError("config.json rope_parameters/rope_scaling must be JSON objects")
     if "rope_type" not in params and any(isinstance(v, dict) for v in params.values()):
         raise HFError("config.json rope_parameters are per layer type; not supported")
+    clash = sorted(k for k in set(params) & set(scaling) if params[k] != scaling[k])
+    if clash:
+        raise HFError(f"config.json rope_scaling and rope_parameters disagree on {clash}; keep one of them")
     merged = {**scaling, **params}
     theta = config.get("rope_theta", merged.get("rope_theta", 10000.0))
     if not isinstance(theta, (int, float)) or theta <= 0 or float(theta) != int(theta):
