@@ -1,0 +1,114 @@
+"""examples/: every export config is accepted by `minitron prune`'s own validation at the layout its
+commands use, gives exactly the published architecture, and has the published parameter count; every
+command in the examples' Markdown parses with the real `minitron` argument parser.
+
+Published shapes: the released checkpoints' config.json on the Hugging Face Hub (nvidia/Minitron-8B-Base,
+nvidia/Minitron-4B-Base, nvidia/Llama-3.1-Minitron-4B-Width-Base, nvidia/Llama-3.1-Minitron-4B-Depth-Base,
+nvidia/Mistral-NeMo-Minitron-8B-Base). The count is checked twice: exactly, against a count of the
+tensors a Hugging Face checkpoint of that config.json holds (an independent formula), and against the
+headline size published for the model, within half a unit of its last published digit."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from megatron_minitron.cli import build_parser
+from megatron_minitron.config import preset
+from megatron_minitron.plan import random_plan
+from megatron_minitron.plan.target import load_target
+from tests.conftest import REPO
+
+EXAMPLES = REPO / "examples"
+
+# name: (source preset, released config.json fields, published size in billions, its tolerance, where published)
+PUBLISHED = {
+    "nemotron4-15b-to-minitron-8b": (
+        "nemotron4-15b", dict(hidden_size=4096, intermediate_size=16384, num_attention_heads=48, num_key_value_heads=8,
+                              head_dim=128, num_hidden_layers=32, vocab_size=256000, hidden_act="relu2"),
+        8.3, 0.05, "arXiv 2407.14679 'MINITRON 8B'; the Hub's BF16 copies are 16.6 GB = 8.3B x 2 bytes"),
+    "nemotron4-15b-to-minitron-4b": (
+        "nemotron4-15b", dict(hidden_size=3072, intermediate_size=9216, num_attention_heads=24, num_key_value_heads=8,
+                              head_dim=128, num_hidden_layers=32, vocab_size=256000, hidden_act="relu2"),
+        4.19, 0.005, "Hugging Face Hub parameter count of Minitron-4B-Base (4.19B params)"),
+    "llama3.1-8b-to-4b-width": (
+        "llama3.1-8b", dict(hidden_size=3072, intermediate_size=9216, num_attention_heads=32, num_key_value_heads=8,
+                            head_dim=128, num_hidden_layers=32, vocab_size=128256, hidden_act="silu"),
+        4.51, 0.005, "model card of Llama-3.1-Minitron-4B-Width-Base (Parameter Count 4.51B)"),
+    "llama3.1-8b-to-4b-depth": (
+        "llama3.1-8b", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                            head_dim=128, num_hidden_layers=16, vocab_size=128256, hidden_act="silu"),
+        4.5, 0.05, "arXiv 2408.11796: Llama 3.1 8B pruned to 4.5B (depth: 16 of 32 layers)"),
+    "mistral-nemo-12b-to-8b": (
+        "mistral-nemo-12b", dict(hidden_size=4096, intermediate_size=11520, num_attention_heads=32,
+                                 num_key_value_heads=8, head_dim=128, num_hidden_layers=40, vocab_size=131072,
+                                 hidden_act="silu"),
+        8.41, 0.005, "Hugging Face Hub parameter count of Mistral-NeMo-Minitron-8B-Base (8.41B params)"),
+}
+TP, PP = 8, 1  # the layout the examples' commands use
+
+
+def hf_parameter_count(c: dict) -> int:
+    """Parameters of a Hugging Face Llama/Mistral (silu: RMSNorm, gated MLP) or Nemotron (relu2: LayerNorm1P
+    with bias, plain MLP) checkpoint with these config.json fields, untied embeddings, no linear biases."""
+    h, ffn, hd, L = c["hidden_size"], c["intermediate_size"], c["head_dim"], c["num_hidden_layers"]
+    attn = h * hd * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"])  # q, o; k, v
+    mlp = (3 if c["hidden_act"] == "silu" else 2) * h * ffn
+    norm = h * (1 if c["hidden_act"] == "silu" else 2)
+    return L * (attn + mlp + 2 * norm) + norm + 2 * c["vocab_size"] * h
+
+
+def test_every_example_has_its_config_commands_and_a_published_size():
+    names = {p.stem for p in EXAMPLES.glob("*.json")}
+    assert names == set(PUBLISHED)
+    assert names == {p.stem for p in EXAMPLES.glob("*.md")} - {"README"}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_target_shape_has_the_published_size(name):
+    source_name, released, billions, tolerance, where = PUBLISHED[name]
+    source = preset(source_name)
+    target = load_target(EXAMPLES / f"{name}.json")  # the loader `minitron prune --export-config` uses
+    pruned = random_plan(source, target, seed=0, tensor_parallel=TP, pipeline_parallel=PP).target
+    got = (pruned.hidden_size, pruned.ffn_hidden_size, pruned.num_attention_heads, pruned.query_groups,
+           pruned.head_dim, pruned.num_layers, pruned.vocab_size)
+    assert got == (released["hidden_size"], released["intermediate_size"], released["num_attention_heads"],
+                   released["num_key_value_heads"], released["head_dim"], released["num_hidden_layers"],
+                   released["vocab_size"])
+    count = pruned.num_parameters()
+    assert count == hf_parameter_count(released)
+    assert abs(count / 1e9 - billions) <= tolerance, f"{name}: {count / 1e9:.3f}B vs {billions}B ({where})"
+    readme = (EXAMPLES / "README.md").read_text()
+    assert f"{count:,}" in readme, f"examples/README.md should state {name}'s exact count {count:,}"
+
+
+def _commands(markdown: str) -> list[list[str]]:
+    """Each command of the first bash block, continuation lines joined, as argv words."""
+    block = markdown.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    logical = re.sub(r"\\\n\s*", " ", block)
+    return [shlex.split(line) for line in logical.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_example_commands_parse_with_the_real_cli(name):
+    commands = _commands((EXAMPLES / f"{name}.md").read_text())
+    parser, jobs = build_parser(), []
+    for argv in commands:
+        launcher = next(i for i, w in enumerate(argv) if re.fullmatch(r"launch/(\w+\.sh|slurm/\w+\.sbatch)", w)
+                        and w != "launch/sbatch.sh")
+        job = Path(argv[launcher]).name.split(".")[0]
+        args = [w.rstrip(")") for w in argv[launcher + 1:]]
+        parsed = parser.parse_args([job, *args])
+        assert parsed.tp == TP
+        if job == "prune":
+            assert parsed.export_config == f"examples/{name}.json"
+        jobs.append(job)
+    assert jobs == ["importance", "prune", "distill"] * 2  # torchrun, then the same three under sbatch
+    torchrun_args = [c[1:] for c in commands[:3]]
+    sbatch_args = [[w.rstrip(")") for w in c[c.index(next(w for w in c if w.startswith("launch/slurm/"))) + 1:]]
+                   for c in commands[3:]]
+    assert torchrun_args == sbatch_args, "the torchrun and sbatch variants must run the same jobs"
