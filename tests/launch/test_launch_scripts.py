@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import REPO, child_env
 
 LAUNCH = REPO / "launch"
-JOBS = ("importance", "prune", "distill", "pretrain")
+JOBS = ("importance", "prune", "distill", "pretrain", "search")
 SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("slurm/*"), LAUNCH / "site.env.example"])
 CLEAN = {k: "" for k in ("NNODES", "NODE_RANK", "NPROC_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "RDZV_ENDPOINT",
                          "RDZV_ID", "SLURM_NNODES", "SLURM_NODEID", "SLURM_JOB_ID")}
@@ -84,7 +84,8 @@ def test_sbatch_wrapper_refuses_a_missing_site_file(tmp_path):
 def test_templates_hold_no_cluster_settings():
     site_only = re.compile(r"--(partition|account|time|qos|container|gres|gpus)|\bNCCL_|\bSBATCH_|#SBATCH -[pAt]\b")
     templates = sorted(LAUNCH.glob("slurm/*"))
-    assert {p.name for p in templates} >= {"importance.sbatch", "prune.sbatch", "distill.sbatch", "common.sh"}
+    assert {p.name for p in templates} >= {"importance.sbatch", "prune.sbatch", "distill.sbatch", "search.sbatch",
+                                           "common.sh"}
     for path in templates:
         code = [line for line in path.read_text().splitlines() if not line.startswith("# ") or
                 line.startswith("#SBATCH")]
