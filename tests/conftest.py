@@ -78,3 +78,14 @@ def tiny_teacher(tmp_path_factory, data_cache):
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return save
+
+
+@pytest.fixture(scope="session")
+def tiny_scores(tiny_teacher, data_cache, tmp_path_factory):
+    """Importance scores of tiny_teacher (one process, 16 samples of 64 tokens)."""
+    out = tmp_path_factory.mktemp("tiny-scores") / "scores"
+    cmd = [sys.executable, "-m", "megatron_minitron", "importance", "--load", str(tiny_teacher), "--out", str(out),
+           "--cache-dir", str(data_cache), "--num-samples", "16", "--seq-length", "64", "--lm-loss-blocks", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out

@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-last-stage-layers", type=int, default=None)
     add_data_arguments(parser)
     add_training_arguments(parser)
+    add_loss_arguments(parser)
+
+
+def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
     k = parser.add_argument_group("distillation losses")
     k.add_argument("--kd-loss", default="forward", choices=["forward", "reverse"], help="KL direction on logits")
     k.add_argument("--kd-temperature", type=float, default=1.0)
@@ -61,8 +65,8 @@ def distill_config(args: argparse.Namespace):
                          intermediate_weight=args.intermediate_weight,
                          rescale_intermediate=not args.no_rescale_intermediate,
                          teacher_check=not args.skip_teacher_check,
-                         teacher_first_stage_layers=args.teacher_first_stage_layers,
-                         teacher_last_stage_layers=args.teacher_last_stage_layers)
+                         teacher_first_stage_layers=getattr(args, "teacher_first_stage_layers", None),
+                         teacher_last_stage_layers=getattr(args, "teacher_last_stage_layers", None))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -122,14 +122,13 @@ def adapter_init(teacher: ArchConfig, student: ArchConfig, plan_hidden: Optional
     return torch.randn(teacher.hidden_size, student.hidden_size, generator=g) / math.sqrt(student.hidden_size)
 
 
-def build(teacher_info, student_info, runtime, train_cfg, cfg: DistillConfig):
+def build(teacher_info, student_info, runtime, train_cfg, cfg: DistillConfig, teacher=None):
     """(student Trainer whose schedule chunk is a DistillationChunk, all layer pairs). The teacher is
-    loaded here; the student's weights are loaded by `distill` (from --student or a resumed run)."""
+    loaded here unless an already loaded `teacher` (see `load_teacher`) is passed; the student's
+    weights are loaded by `distill` (from --student or a resumed run)."""
     from megatron.core.distributed import finalize_model_grads
 
     from megatron_minitron.distill import losses
-    from megatron_minitron.model.build import build_model
-    from megatron_minitron.model.checkpoint import load_checkpoint
     from megatron_minitron.model.build import unwrap
     from megatron_minitron.training.loop import build_trainer
 
@@ -160,9 +159,8 @@ def build(teacher_info, student_info, runtime, train_cfg, cfg: DistillConfig):
         gpt.add_module(ADAPTERS, adapters)
 
     trainer = build_trainer(student_arch, runtime, train_cfg, attach=attach)
-    dtype = next(trainer.model[0].parameters()).dtype
-    teacher = build_model(teacher_arch, runtime, dtype=dtype, parallel=t_parallel)
-    load_checkpoint(teacher_info, model=teacher)
+    if teacher is None:
+        teacher = load_teacher(teacher_info, runtime, cfg, dtype=next(trainer.model[0].parameters()).dtype)
     loss_fn = losses.hidden_cosine_loss if cfg.intermediate_loss == "cosine" else losses.hidden_mse_loss
     student_gpt = unwrap(trainer.model[0])
     trainer.chunks = [DistillationChunk(
@@ -172,6 +170,17 @@ def build(teacher_info, student_info, runtime, train_cfg, cfg: DistillConfig):
         tp_rank=runtime.tp_rank, pairs=tuple(local_pairs), adapters=getattr(student_gpt, ADAPTERS, None),
         intermediate_loss=loss_fn)]
     return trainer, pairs
+
+
+def load_teacher(teacher_info, runtime, cfg: DistillConfig, *, dtype: torch.dtype):
+    """This stage of the teacher, loaded and frozen (reusable for several students, as the search does)."""
+    from megatron_minitron.model.build import build_model
+    from megatron_minitron.model.checkpoint import load_checkpoint
+
+    teacher = build_model(teacher_info.arch, runtime, dtype=dtype,
+                          parallel=teacher_parallel(runtime.parallel, teacher_info.arch, cfg))
+    load_checkpoint(teacher_info, model=teacher)
+    return teacher
 
 
 def distill_task(runtime, cfg: DistillConfig, chunk: DistillationChunk, pairs: tuple[LayerPair, ...]):
@@ -288,7 +297,7 @@ def teacher_sanity_check(trainer, task, valid_batches, *, vocab_size: int, eval_
 
 
 def distill(*, teacher_info, student_info, runtime, train_cfg, cfg: DistillConfig, train_batches, valid_batches,
-            save, tokenizer: Optional[dict], provenance: dict) -> dict:
+            save, tokenizer: Optional[dict], provenance: dict, teacher=None) -> dict:
     """Build, check the teacher, train (or resume) to train_cfg.train_iters, and return the final
     validation of student and teacher (also written to SAVE/final_validation.json)."""
     import json
@@ -296,19 +305,21 @@ def distill(*, teacher_info, student_info, runtime, train_cfg, cfg: DistillConfi
     from megatron_minitron.model.checkpoint import latest_iteration
     from megatron_minitron.training.loop import MetricsLog, RunPaths, evaluate, init_from, train
 
-    trainer, pairs = build(teacher_info, student_info, runtime, train_cfg, cfg)
+    trainer, pairs = build(teacher_info, student_info, runtime, train_cfg, cfg, teacher=teacher)
     task = distill_task(runtime, cfg, trainer.chunks[0], pairs)
     log = MetricsLog(save / "metrics.jsonl", enabled=runtime.is_logging_rank)
-    fresh = latest_iteration(save) is None
-    if fresh:
-        init_from(trainer, student_info.root, optional_prefixes=(ADAPTERS + ".",))
-        if valid_batches is not None and cfg.teacher_check:
-            val = teacher_sanity_check(trainer, task, valid_batches, vocab_size=teacher_info.arch.vocab_size,
-                                       eval_iters=train_cfg.eval_iters, log=log.say)
-            log.write({"kind": "valid", "iteration": 0, **{f"val {k}": v for k, v in val.items()}})
-    train(trainer, task=task, train_batches=train_batches, valid_batches=valid_batches,
-          paths=RunPaths(save=save, metrics=save / "metrics.jsonl"), tokenizer=tokenizer, provenance=provenance)
-    final = evaluate(trainer, task, valid_batches(), train_cfg.eval_iters) if valid_batches is not None else {}
+    try:
+        if latest_iteration(save) is None:
+            init_from(trainer, student_info.root, optional_prefixes=(ADAPTERS + ".",))
+            if valid_batches is not None and cfg.teacher_check:
+                val = teacher_sanity_check(trainer, task, valid_batches, vocab_size=teacher_info.arch.vocab_size,
+                                           eval_iters=train_cfg.eval_iters, log=log.say)
+                log.write({"kind": "valid", "iteration": 0, **{f"val {k}": v for k, v in val.items()}})
+        train(trainer, task=task, train_batches=train_batches, valid_batches=valid_batches,
+              paths=RunPaths(save=save, metrics=save / "metrics.jsonl"), tokenizer=tokenizer, provenance=provenance)
+        final = evaluate(trainer, task, valid_batches(), train_cfg.eval_iters) if valid_batches is not None else {}
+    finally:
+        trainer.chunks[0].close()
     if runtime.rank == 0 and final:
         (save / "final_validation.json").write_text(json.dumps(
             {"iteration": trainer.iteration, "student lm loss": final["lm loss"], "kd loss": final["kd loss"],

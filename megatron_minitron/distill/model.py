@@ -134,6 +134,12 @@ class DistillationChunk(torch.nn.Module):
     def teacher(self):
         return self._teacher[0]
 
+    def close(self) -> None:
+        """Remove the capture hooks (a teacher reused for another student must not keep them)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
     @staticmethod
     def _local(gpt, layer: int) -> bool:
         return any(l.layer_number - 1 == layer for l in gpt.decoder.layers)
