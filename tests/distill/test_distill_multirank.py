@@ -1,4 +1,4 @@
-"""Distillation at DP4, TP2xDP2, PP2xDP2 and TP2xPP2 from the same weights and data (one torchrun
+"""Distillation at DP4, TP2xDP2, PP2xDP2, TP2xPP2 and TP2+SP from the same weights and data (one torchrun
 launch of 4 processes): the same loss trajectory, a frozen teacher, the projections on the stage of
 their layer pair, and an exact resume."""
 

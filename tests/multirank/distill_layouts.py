@@ -37,6 +37,7 @@ LAYOUTS = {
     "tp2_dp2": ParallelConfig(tensor_parallel=2),
     "pp2_dp2": ParallelConfig(pipeline_parallel=2),
     "tp2_pp2": ParallelConfig(tensor_parallel=2, pipeline_parallel=2),
+    "tp2_sp_dp2": ParallelConfig(tensor_parallel=2, sequence_parallel=True),
 }
 REPORTED = ("loss", "kd loss", "lm loss", "teacher lm loss", "intermediate loss", "grad_norm")
 
@@ -93,11 +94,12 @@ def layouts(out: Path, teacher, student) -> None:
 
 
 def resume(out: Path, teacher, student) -> None:
-    """6 steps straight vs 3, stop, resume 3 (TP2 x DP2; intermediate-loss weights carry over)."""
+    """6 steps straight vs 3, stop, resume 3 (TP2 x DP2 with the distributed optimizer; the
+    intermediate-loss weights carry over)."""
     losses = {}
     for name, exit_interval, seed in (("full", None, 11), ("split", 3, 11), ("split", None, 999)):
         rt = initialize(ParallelConfig(tensor_parallel=2), seed=seed)
-        cfg = train_cfg(train_iters=6, exit_interval=exit_interval)
+        cfg = train_cfg(train_iters=6, exit_interval=exit_interval, use_distributed_optimizer=True)
         trainer, pairs = build(teacher, student, rt, cfg, DCFG)
         save = out / f"resume_{name}"
         if ckpt.latest_iteration(save) is None:
