@@ -84,12 +84,45 @@ def save_case(name: str, directory: Path, *, seed: int = 0, max_shard_size: str 
 
 
 def hf_logits(directory: Path, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
-    """Logits of a saved HF directory, loaded by transformers with no custom code."""
-    import transformers
+    """Logits of a saved HF directory: transformers reads its config.json (AutoConfig, no custom code),
+    builds the model and loads every tensor of its safetensors files by name, strictly.
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    Not `from_pretrained`: in a process that has built a megatron model, transformers 5.24's
+    from_pretrained leaves the RoPE `inv_freq` buffers uninitialised (seen in these tests; the cause is
+    not found). `from_pretrained_logits` runs it in a fresh interpreter instead."""
+    import transformers
+    from safetensors.torch import load_file
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    state = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        state.update(load_file(str(path)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    assert set(missing) <= tied and not unexpected, (missing, unexpected)
+    model.tie_weights()
     with torch.no_grad():
         return model(tokens).logits.float()
+
+
+def from_pretrained_logits(directories: list[Path], out: Path) -> list[torch.Tensor]:
+    """Logits of each directory loaded by `AutoModelForCausalLM.from_pretrained`, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, child_env
+
+    script = ("import sys, torch, transformers\n"
+              "from tests.hf.models import TOKENS\n"
+              "for i, d in enumerate(sys.argv[2:]):\n"
+              "    m = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()\n"
+              "    with torch.no_grad():\n"
+              "        torch.save(m(TOKENS).logits.float(), f'{sys.argv[1]}/{i}.pt')\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(out), *map(str, directories)], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(out / f"{i}.pt") for i in range(len(directories))]
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:

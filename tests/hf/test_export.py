@@ -53,11 +53,15 @@ def test_round_trip_is_bit_identical(hf_cases, tmp_path, name):
 
 
 def test_exported_model_loads_in_transformers(hf_cases, tmp_path):
-    """transformers (no custom code) gives the source's logits for the Mistral-NeMo-style export
-    (explicit head_dim) and the Llama-3.1 one (rope scaling)."""
-    for name in ("mistral-nemo", "llama3.1"):
+    """`from_pretrained` (no custom code) gives the source's logits for the Mistral-NeMo-style export
+    (explicit head_dim), the Llama-3.1 one (rope scaling) and the GPT-2 one (Conv1D, tied)."""
+    names = ("mistral-nemo", "llama3.1", "gpt2")
+    for name in names:
         export_hf(hf_cases[name]["ckpt"], tmp_path / name, print_fn=lambda _: None)
-        assert models.rel_error(models.hf_logits(tmp_path / name), hf_cases[name]["logits"]) <= 1e-5
+    (tmp_path / "logits").mkdir()
+    got = models.from_pretrained_logits([tmp_path / n for n in names], tmp_path / "logits")
+    for name, logits in zip(names, got):
+        assert models.rel_error(logits, hf_cases[name]["logits"]) <= 1e-5, name
 
 
 def test_dtype_conversion_and_single_shard(hf_cases, tmp_path):
