@@ -5,7 +5,10 @@
 On one GPU with NCCL it: builds the tiny model with the local spec and with the Transformer-Engine
 spec (when TE imports), loads both from one checkpoint saved by the local-spec model, compares
 their logits (fp32), trains a few bf16 steps with the TE spec and checks the loss falls, saves and
-reloads that bf16 checkpoint and checks the weights round-trip bit for bit. Prints and writes JSON.
+reloads that bf16 checkpoint and checks the weights round-trip bit for bit; computes importance scores
+with both specs (the TE spec recomputes the LayerNorms fused into linear_qkv/linear_fc1) and compares
+them; runs bf16 distillation steps (TE spec) from the trained model into its width-pruned copy and
+checks the KD loss falls. Prints and writes JSON.
 """
 
 from __future__ import annotations
@@ -70,9 +73,54 @@ def main() -> None:
         report["bf16_roundtrip_bit_identical"] = all(
             torch.equal(value, unwrap(again).state_dict()[key]) for key, value in saved.items()
             if isinstance(value, torch.Tensor) and not key.endswith("_extra_state"))
+        report.update(importance_and_distill(runtime, info, Path(tmp), report["te_available"], fixed))
     print(json.dumps(report, indent=2))
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     shutdown()
+
+
+def importance_and_distill(runtime, info, tmp: Path, te: bool, batch_of_the_teacher: dict) -> dict:
+    """Importance with both layer specs (fp32), then a few bf16 distillation steps."""
+    from megatron_minitron.distill.loop import ADAPTERS, DistillConfig, build, distill_task
+    from megatron_minitron.importance.calibration import micro_batches
+    from megatron_minitron.importance.run import ImportanceConfig, collect
+    from megatron_minitron.plan import Target, random_plan
+    from megatron_minitron.prune.rewrite import prune_checkpoint
+    from megatron_minitron.training.loop import init_from
+
+    arch, out = info.arch, {}
+    g = torch.Generator().manual_seed(1)
+    samples = []
+    for _ in range(8):
+        t = torch.randint(0, arch.vocab_size, (65,), generator=g)
+        samples.append({"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(64), "position_ids": torch.arange(64)})
+    scores = {}
+    for spec in ([False, True] if te else [False]):
+        model = build_model(arch, runtime, dtype=torch.float32, use_te=spec)
+        ckpt.load_checkpoint(info, model=model)
+        tensors, _ = collect(model, runtime, arch, lambda: micro_batches(samples, 8, micro_batch_size=4, dp_rank=0,
+                                                                           dp_size=1),
+                             8, 64, ImportanceConfig(micro_batch_size=4), use_te=spec, log=lambda _: None)
+        scores[spec] = tensors
+    if te:
+        out["importance_te_vs_local_rel_diff"] = {
+            key: float((scores[True][key] - scores[False][key]).abs().max() / scores[False][key].abs().max())
+            for key in ("heads", "query_groups", "ffn", "hidden", "layers_bi")}
+    teacher = ckpt.resolve(tmp / "bf16")  # the model trained above: confident logits worth distilling
+    plan = random_plan(arch.explicit(), Target(hidden_size=48, ffn_hidden_size=96), seed=0)
+    prune_checkpoint(teacher.root, plan, tmp / "student", print_fn=lambda _: None)
+    student = ckpt.resolve(tmp / "student")
+    cfg = TrainConfig(train_iters=20, micro_batch_size=4, global_batch_size=4, seq_length=64, lr=3e-3,
+                      lr_warmup_iters=1, bf16=True)
+    dcfg = DistillConfig(intermediate_layers=("1:1",))
+    trainer, pairs = build(teacher, student, runtime, cfg, dcfg)
+    init_from(trainer, student.root, optional_prefixes=(ADAPTERS + ".",))
+    task = distill_task(runtime, dcfg, trainer.chunks[0], pairs)
+    batch = batch_of_the_teacher
+    kd = [train_step(trainer, task, iter([batch]))["kd loss"] for _ in range(10)]
+    out["bf16_distill_kd_first_last"] = [kd[0], kd[-1]]
+    out["bf16_distill_kd_fell"] = kd[-1] < kd[0]
+    return out
 
 
 if __name__ == "__main__":

@@ -318,6 +318,9 @@ def init_from(trainer: Trainer, path: Path, optional_prefixes: tuple[str, ...] =
     info = ckpt.resolve(path)
     ckpt.check_architecture(trainer.arch, info.arch, where=str(info.path))
     ckpt.load_checkpoint(info, model=trainer.model[0], optional_prefixes=optional_prefixes)
+    # A mixed-precision optimizer copied the model's initial weights into its fp32 main weights when
+    # it was built; without this refresh its first step would write those back over the loaded ones.
+    trainer.optimizer.reload_model_params()
     return info
 
 
