@@ -16,7 +16,7 @@ from tests.conftest import REPO, child_env
 
 LAUNCH = REPO / "launch"
 JOBS = ("importance", "prune", "distill", "pretrain", "search")
-SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("slurm/*"), LAUNCH / "site.env.example"])
+SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("slurm/*"), LAUNCH / "site.env.example", REPO / ".ci" / "run"])
 CLEAN = {k: "" for k in ("NNODES", "NODE_RANK", "NPROC_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "RDZV_ENDPOINT",
                          "RDZV_ID", "SLURM_NNODES", "SLURM_NODEID", "SLURM_JOB_ID")}
 
@@ -101,6 +101,13 @@ def test_shellcheck_clean():
     proc = subprocess.run(["shellcheck", "-x", *map(str, (p.relative_to(REPO) for p in SCRIPTS))], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_ci_installs_slurm_then_runs_exactly_the_readme_test_command():
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "slurmctld slurmd slurm-client munge" in ci and "apt-get install" in ci
+    assert ci.rstrip().splitlines()[-1] == "bash scripts/test.sh"
+    assert "bash scripts/test.sh" in (REPO / "README.md").read_text()
 
 
 def test_a_real_two_rank_run_through_the_wrapper(tiny_teacher, data_cache, tmp_path):

@@ -47,11 +47,26 @@ def _alive(pid_file: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """A site file for this cluster: the same variables a real one sets, local values."""
-    path = tmp_path_factory.mktemp("site") / "site.env"
+    """A site file for this cluster: the same variables a real one sets, local values. Its interpreter
+    records each rank's CPU time (the shared machine's load makes wall time a poor measure)."""
+    root = tmp_path_factory.mktemp("site")
+    python = root / "python"
+    python.write_text(f"#!/usr/bin/env bash\n{sys.executable} \"$@\"\nrc=$?\n"
+                      f"times > {root}/cpu-$SLURM_JOB_ID-$SLURM_PROCID\nexit $rc\n")
+    python.chmod(0o755)
+    path = root / "site.env"
     path.write_text("export SBATCH_PARTITION=debug\nexport SBATCH_TIMELIMIT=10\nMINITRON_SRUN_ARGS=()\n"
-                    f"MINITRON_PYTHON={sys.executable}\nexport OMP_NUM_THREADS=1\n")
+                    f"MINITRON_PYTHON={python}\nexport OMP_NUM_THREADS=1\n")
     return path
+
+
+def _cpu_seconds(site: Path, job_id: str) -> float:
+    """User + system CPU seconds of all ranks of a job (bash `times`: its children's line)."""
+    total = 0.0
+    for path in site.parent.glob(f"cpu-{job_id}-*"):
+        for minutes, seconds in re.findall(r"(\d+)m([\d.]+)s", path.read_text().splitlines()[-1]):
+            total += 60 * int(minutes) + float(seconds)
+    return total
 
 
 def _submit(cluster, site, work: Path, template: str, *args, sbatch=()) -> str:
@@ -113,9 +128,9 @@ def test_importance_prune_distill_chain(cluster, site, tiny_teacher, data_cache,
     valid = [r for r in map(json.loads, (student / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "valid"]
     assert valid[-1]["iteration"] == 4
     assert cluster.node_state() == "idle"  # not drained by a failed launch
-    print(f"slurm chain: {time.monotonic() - started:.1f}s; jobs " + ", ".join(
-        f"{name} {jobs[j]['RunTime']}" for name, j in (("importance", importance), ("prune", prune),
-                                                       ("distill", distill))))
+    names = (("importance", importance), ("prune", prune), ("distill", distill))
+    print(f"slurm chain: {time.monotonic() - started:.1f}s wall; " + ", ".join(
+        f"{name} {jobs[j]['RunTime']} ({_cpu_seconds(site, j):.0f} CPU s)" for name, j in names))
 
 
 def test_a_failing_job_reads_failed_and_holds_its_dependants(cluster, site, tmp_path):
