@@ -5,12 +5,15 @@ under one scratch directory, stopped by the PIDs its daemons wrote."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Optional
+
+from megatron_minitron.runtime.dist import free_port
 
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "scontrol", "munged", "mungekey")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
@@ -19,6 +22,9 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 CONF = """\
 ClusterName=ci
 SlurmctldHost=localhost
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+FirstJobId={first_job}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -75,7 +81,10 @@ class Cluster:
         # munged needs every directory above its socket searchable by all, and none writable by others
         for path in (r, r / "munge"):
             path.chmod(0o755)
-        self.conf.write_text(CONF.format(R=r, cpus=self.cpus))
+        # Own ports and job ids, so two test sessions on one machine neither share daemons nor (through
+        # the job id) the rendezvous port of their jobs.
+        self.conf.write_text(CONF.format(R=r, cpus=self.cpus, ctld_port=free_port(), slurmd_port=free_port(),
+                                         first_job=random.randrange(1000, 1_000_000)))
         key = r / "munge" / "munge.key"
         self._run("mungekey", "-c", "-k", key, "-b", "1024")
         self._run("munged", f"--socket={r}/munge/munge.socket.2", f"--key-file={key}",
