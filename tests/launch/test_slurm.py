@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,8 @@ def cluster():
         yield cluster
     finally:
         cluster.stop()
-    assert not list((root / "run").glob("*.pid")) or all(not _alive(p) for p in (root / "run").glob("*.pid"))
+    assert not any(_alive(p) for p in (root / "run").glob("*.pid")), "a Slurm or munge daemon outlived stop()"
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _alive(pid_file: Path) -> bool:
