@@ -33,8 +33,8 @@ from megatron_minitron.config import ArchConfig
 from megatron_minitron.hf import files
 from megatron_minitron.hf.families import Family, TensorMap, family_by_name, family_for_config, hf_name, infer_family
 from megatron_minitron.hf.files import HFError, PlannedTensor
-from megatron_minitron.hf.importer import DTYPES, HF_DIR, check_output, peak_rss_mb
-from megatron_minitron.hf.rules import Vocab, megatron_shape
+from megatron_minitron.hf.importer import CHUNK_BYTES, DTYPES, HF_DIR, check_output, peak_rss_mb
+from megatron_minitron.hf.rules import Copy, Vocab, megatron_shape
 from megatron_minitron.model import checkpoint as ckpt
 
 DEFAULT_SHARD_BYTES = 5 * 1000 ** 3
@@ -105,6 +105,20 @@ def find_hf_source(info: ckpt.CheckpointInfo, *, depth: int = 8) -> Optional[Pat
     return None
 
 
+def _token_ids(ref: dict) -> dict:
+    """bos/eos ids of a checkpoint's own tokenizer (a model trained here has no source config)."""
+    from megatron_minitron.data.tokenizer import TokenizerRef
+
+    try:
+        tokenizer = TokenizerRef.from_json(ref).load()
+    except ImportError as error:
+        raise HFError(f"reading the checkpoint's tokenizer for its token ids needs: {error}") from None
+    ids = {"eos_token_id": tokenizer.eod}
+    if tokenizer.bos is not None:
+        ids["bos_token_id"] = tokenizer.bos
+    return ids
+
+
 def _generation_config(source: Optional[Path], config: dict) -> dict:
     if source is not None and (source / files.GENERATION_CONFIG).is_file():
         generation = files.read_json(source / files.GENERATION_CONFIG, "the generation config")
@@ -173,6 +187,8 @@ def plan_export(load: str | os.PathLike, *, family: Optional[str] = None, dtype:
                       f"the checkpoint does not fit this family")
     written_dtype = DTYPES[dtype] if dtype else items[0].outputs[0].dtype
     config = fam.config_from_arch(arch, base=base, dtype=str(written_dtype).replace("torch.", ""))
+    if base is None and info.tokenizer is not None:
+        config.update(_token_ids(info.tokenizer))
     planned = [t for it in items for t in it.outputs]
     shards = files.plan_shards(planned, max_shard_bytes)
     return ExportPlan(info=info, family=fam, config=config, generation_config=_generation_config(source, config),
@@ -202,12 +218,15 @@ def _plan_entry(entry: TensorMap, arch: ArchConfig, stored: dict, info: ckpt.Che
 # ------------------------------------------------------------------------------------------ writes
 def export_hf(load: str | os.PathLike, save: str | os.PathLike, *, family: Optional[str] = None,
               dtype: Optional[str] = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
-              print_fn: Callable[[str], None] = print, stats: Optional[dict] = None) -> Path:
+              print_fn: Callable[[str], None] = print, stats: Optional[dict] = None, fsync: bool = True,
+              chunk_bytes: int = CHUNK_BYTES) -> Path:
     """Write the HF model directory of checkpoint `load` to `save`; returns `save`.
 
     family: "llama", "mistral", "qwen2" or "gpt2" (default: the source model's, else the one the
     architecture fits). dtype: convert every tensor ("float32", "bfloat16", "float16"); None keeps the
     stored dtypes. stats: filled with seconds, bytes_read, bytes_written and peak_rss_mb.
+    fsync: flush every shard to disk before the final rename (off only to measure).
+    chunk_bytes: tensors larger than this without a fusion rule are copied in row blocks of this size.
     """
     start = time.monotonic()
     out = Path(save)
@@ -217,7 +236,7 @@ def export_hf(load: str | os.PathLike, save: str | os.PathLike, *, family: Optio
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        read, written = _write_shards(plan, partial)
+        read, written = _write_shards(plan, partial, fsync, chunk_bytes)
         _write_files(plan, partial)
         from megatron_minitron.hf.importer import _replace
 
@@ -233,7 +252,8 @@ def export_hf(load: str | os.PathLike, save: str | os.PathLike, *, family: Optio
     return out
 
 
-def _write_shards(plan: ExportPlan, partial: Path) -> tuple[int, int]:
+def _write_shards(plan: ExportPlan, partial: Path, fsync: bool = True,
+                  chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
     from megatron_minitron.prune import storage
 
     arch = plan.info.arch.explicit()
@@ -244,7 +264,7 @@ def _write_shards(plan: ExportPlan, partial: Path) -> tuple[int, int]:
     def next_writer():
         nonlocal shard_index, writer, written
         if writer is not None:
-            writer.close()
+            writer.close(fsync=fsync)
             written += writer.bytes_written
         shard_index += 1
         writer = files.ShardWriter(partial / names[shard_index], list(plan.shards[shard_index]))
@@ -253,17 +273,26 @@ def _write_shards(plan: ExportPlan, partial: Path) -> tuple[int, int]:
     try:
         next_writer()
         for item in plan.items:
-            key = item.entry.megatron
-            rows = megatron_shape(key, arch)[0]
-            if isinstance(item.entry.rule, Vocab):
-                rows = arch.vocab_size
+            key, rule = item.entry.megatron, item.entry.rule
+            rows = arch.vocab_size if isinstance(rule, Vocab) else megatron_shape(key, arch)[0]
+            planned = item.outputs[0]
+            if type(rule) in (Copy, Vocab) and planned.nbytes > chunk_bytes:
+                # A large plain tensor goes in row blocks (padded vocabulary rows are never read).
+                step = max(1, chunk_bytes // (planned.nbytes // rows))
+                if writer.full:
+                    next_writer()
+                for r0 in range(0, rows, step):
+                    block = reader.read_rows(key, item.layer, r0, min(r0 + step, rows))
+                    writer.write(planned.name, block.to(planned.dtype))
+                weight_map[planned.name] = names[shard_index]
+                continue
             tensor = reader.read_rows(key, item.layer, 0, rows)
-            for planned, part in zip(item.outputs, item.entry.rule.to_hf(tensor, arch)):
-                if writer._next == len(writer.tensors):
+            for planned, part in zip(item.outputs, rule.to_hf(tensor, arch)):
+                if writer.full:
                     next_writer()
                 writer.write(planned.name, part.to(planned.dtype))
                 weight_map[planned.name] = names[shard_index]
-        writer.close()
+        writer.close(fsync=fsync)
         written += writer.bytes_written
     finally:
         reader.close()

@@ -79,7 +79,8 @@ class Family:
     activation: tuple[str, dict[str, str]] = ("hidden_act", {"silu": "swiglu"})
     """The config key of the MLP activation and its values -> ArchConfig activation."""
     writes: dict[str, Any] = field(default_factory=dict)
-    """Extra config.json keys an export writes when it has no source config to start from."""
+    """Extra config.json keys an export writes when it has no source config to start from (token ids then
+    come from the checkpoint's tokenizer)."""
 
     # ------------------------------------------------------------------------------ config in
     def arch_from_config(self, config: dict, *, pad_to: int = 128) -> ArchConfig:
@@ -267,7 +268,7 @@ LLAMA = Family(
     requires={"attention_bias": (False,), "mlp_bias": (False,)},
     tensors=LLAMA_TENSORS,
     ignored=("rotary_emb.inv_freq",),
-    writes={"bos_token_id": 1, "eos_token_id": 2, "use_cache": True},
+    writes={"use_cache": True},
 )
 
 MISTRAL = Family(
@@ -280,7 +281,7 @@ MISTRAL = Family(
     requires={"sliding_window": (None,)},
     tensors=LLAMA_TENSORS,
     ignored=("rotary_emb.inv_freq",),
-    writes={"bos_token_id": 1, "eos_token_id": 2, "use_cache": True},
+    writes={"use_cache": True},
 )
 
 QWEN2 = Family(
@@ -342,7 +343,7 @@ GPT2 = Family(
     ),
     optional_prefix="transformer.",
     ignored=(".attn.bias", ".attn.masked_bias"),
-    writes={"bos_token_id": 50256, "eos_token_id": 50256, "use_cache": True,
+    writes={"use_cache": True,
             "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0, "reorder_and_upcast_attn": False},
 )
 

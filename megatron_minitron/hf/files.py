@@ -181,17 +181,22 @@ class TensorReader:
         self._files: dict[Path, object] = {}
         self.bytes_read = 0
 
-    def read(self, entry: TensorEntry) -> torch.Tensor:
+    def read(self, entry: TensorEntry, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """The whole tensor, or rows r0:r1 of its first dim (the data is row-major: one contiguous range)."""
         f = self._files.get(entry.path)
         if f is None:
             f = self._files[entry.path] = open(entry.path, "rb", buffering=0)
-        out = torch.empty(entry.shape, dtype=entry.dtype)
-        if entry.nbytes:
-            f.seek(entry.start)
+        r0, r1 = rows if rows is not None else (0, entry.shape[0] if entry.shape else 1)
+        shape = (r1 - r0,) + entry.shape[1:] if entry.shape else ()
+        out = torch.empty(shape, dtype=entry.dtype)
+        nbytes = out.numel() * out.element_size()
+        row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else 0
+        if nbytes:
+            f.seek(entry.start + r0 * row_bytes)
             got = f.readinto(out.view(-1).view(torch.uint8).numpy())
-            if got != entry.nbytes:
-                raise HFError(f"{entry.path} is truncated: short read of {entry.name!r} ({got} of {entry.nbytes} bytes)")
-        self.bytes_read += entry.nbytes
+            if got != nbytes:
+                raise HFError(f"{entry.path} is truncated: short read of {entry.name!r} ({got} of {nbytes} bytes)")
+        self.bytes_read += nbytes
         return out
 
     def close(self) -> None:
@@ -252,17 +257,30 @@ class ShardWriter:
         self.f = open(self.path, "wb", buffering=0)
         self.f.write(struct.pack("<Q", len(blob)) + blob)
         self._next = 0
+        self._filled = 0
         self.bytes_written = 0
 
+    @property
+    def full(self) -> bool:
+        """Every planned tensor is written."""
+        return self._next == len(self.tensors)
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next planned tensor, whole or as consecutive row blocks of it."""
         expected = self.tensors[self._next]
-        if (name, tensor.dtype, tuple(tensor.shape)) != (expected.name, expected.dtype, expected.shape):
+        if (name, tensor.dtype, tuple(tensor.shape[1:])) != (expected.name, expected.dtype, expected.shape[1:]) \
+                or tensor.dim() != len(expected.shape):
             raise HFError(f"internal error: {self.path.name} expected {expected.name} {expected.dtype} "
                           f"{list(expected.shape)}, got {name} {tensor.dtype} {list(tensor.shape)}")
         data = tensor.contiguous().view(-1).view(torch.uint8).numpy()
         self.f.write(memoryview(data))
-        self._next += 1
-        self.bytes_written += expected.nbytes
+        self._filled += data.nbytes
+        self.bytes_written += data.nbytes
+        if self._filled > expected.nbytes:
+            raise HFError(f"internal error: {self.path.name} got too many rows of {name}")
+        if self._filled == expected.nbytes:
+            self._next += 1
+            self._filled = 0
 
     def close(self, *, fsync: bool = True) -> None:
         if self._next != len(self.tensors):

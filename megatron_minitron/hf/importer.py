@@ -40,7 +40,7 @@ from megatron_minitron.config import ArchConfig, ConfigError
 from megatron_minitron.hf import files
 from megatron_minitron.hf.families import Family, TensorMap, family_for_config, hf_name
 from megatron_minitron.hf.files import HFError, TensorEntry
-from megatron_minitron.hf.rules import EXTRA_STATE_MODULES, Vocab, megatron_shape
+from megatron_minitron.hf.rules import EXTRA_STATE_MODULES, Copy, Vocab, megatron_shape
 from megatron_minitron.model import checkpoint as ckpt
 
 HF_DIR = "hf"
@@ -49,6 +49,9 @@ HF_DIR = "hf"
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
                      "common_backend_version": 1}
 """megatron's `metadata.json`: the marker of a finished torch_dist directory."""
+
+CHUNK_BYTES = 64 << 20
+"""Largest block of a plain tensor read and written at once (larger ones go in row blocks)."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -224,13 +227,16 @@ def check_output(out: Path, overwrite: bool, source: Path) -> None:
 # ------------------------------------------------------------------------------------------ writes
 def import_hf(hf_dir: str | os.PathLike, save: str | os.PathLike, *, tensor_parallel: int = 1,
               pipeline_parallel: int = 1, dtype: Optional[str] = None, overwrite: bool = False,
-              print_fn: Callable[[str], None] = print, stats: Optional[dict] = None) -> Path:
+              print_fn: Callable[[str], None] = print, stats: Optional[dict] = None, fsync: bool = True,
+              chunk_bytes: int = CHUNK_BYTES) -> Path:
     """Write the checkpoint of an HF model directory under `save`; returns its torch_dist directory.
 
     tensor_parallel/pipeline_parallel: the layout the checkpoint is meant for (it loads at any layout;
     these pad the vocabulary to a multiple of 128 x TP, as Megatron-LM does, and check divisibility).
     dtype: "float32", "bfloat16" or "float16" to convert; None keeps each tensor's stored dtype.
     stats: filled with seconds, bytes_read, bytes_written and peak_rss_mb.
+    fsync: flush the written tensors to disk before the final rename (off only to measure).
+    chunk_bytes: tensors larger than this without a fusion rule are copied in row blocks of this size.
     """
     start = time.monotonic()
     out = Path(save)
@@ -241,7 +247,7 @@ def import_hf(hf_dir: str | os.PathLike, save: str | os.PathLike, *, tensor_para
     release = partial / "release"
     release.mkdir(parents=True)
     try:
-        read, written = _write_tensors(plan, release)
+        read, written = _write_tensors(plan, release, fsync, chunk_bytes)
         _write_metadata(plan, partial, release, tensor_parallel, pipeline_parallel)
         _replace(partial, out, overwrite)
     except BaseException:
@@ -255,27 +261,39 @@ def import_hf(hf_dir: str | os.PathLike, save: str | os.PathLike, *, tensor_para
     return ckpt.iteration_dir(out, None)
 
 
-def _write_tensors(plan: ImportPlan, release: Path) -> tuple[int, int]:
+def _write_tensors(plan: ImportPlan, release: Path, fsync: bool = True,
+                   chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
     from megatron_minitron.prune import storage
 
     arch = plan.arch
     reader = files.TensorReader()
-    writer = storage.ChunkWriter(release, "__0_0.distcp")
+    writer = storage.ChunkWriter(release, "__0_0.distcp", fsync=fsync)
     try:
         for unit in plan.units:
-            tensor = unit.entry.rule.to_megatron([reader.read(s) for s in unit.sources], arch)
-            if plan.dtype is not None:
-                tensor = tensor.to(plan.dtype)
-            key = unit.entry.megatron
-            if unit.layer is not None:
-                writer.tensor(key, tensor.unsqueeze(0), (unit.layer,) + (0,) * tensor.dim(),
-                              (arch.num_layers,) + unit.shape)
-                continue
-            writer.tensor(key, tensor, (0,) * tensor.dim(), unit.shape)
-            if isinstance(unit.entry.rule, Vocab) and unit.shape[0] > tensor.shape[0]:
-                padding = torch.zeros((unit.shape[0] - tensor.shape[0],) + tuple(tensor.shape[1:]), dtype=tensor.dtype)
-                writer.tensor(key, padding, (tensor.shape[0],) + (0,) * (tensor.dim() - 1), unit.shape)
-            del tensor
+            key, rule = unit.entry.megatron, unit.entry.rule
+
+            def write(block: torch.Tensor, row: int) -> None:
+                if plan.dtype is not None:
+                    block = block.to(plan.dtype)
+                offsets = (row,) + (0,) * (block.dim() - 1)
+                if unit.layer is None:
+                    writer.tensor(key, block, offsets, unit.shape)
+                else:
+                    writer.tensor(key, block.unsqueeze(0), (unit.layer,) + offsets, (arch.num_layers,) + unit.shape)
+
+            source = unit.sources[0]
+            if type(rule) in (Copy, Vocab) and source.shape and source.nbytes > chunk_bytes:
+                # A large plain tensor (the embedding, the output layer) goes in row blocks: memory stays
+                # at one block whatever the vocabulary.
+                step = max(1, chunk_bytes // (source.nbytes // source.shape[0]))
+                for r0 in range(0, source.shape[0], step):
+                    write(reader.read(source, (r0, min(r0 + step, source.shape[0]))), r0)
+            else:
+                for row, block in rule.row_blocks([reader.read(s) for s in unit.sources], arch):
+                    write(block, row)
+            rows = source.shape[0] if source.shape else 0
+            if isinstance(rule, Vocab) and unit.shape[0] > rows:
+                write(torch.zeros((unit.shape[0] - rows,) + tuple(unit.shape[1:]), dtype=source.dtype), rows)
         extra = _extra_state_bytes()
         for module in EXTRA_STATE_MODULES:
             for layer in range(arch.num_layers):

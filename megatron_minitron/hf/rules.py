@@ -38,6 +38,11 @@ class Rule:
     def to_hf(self, tensor: torch.Tensor, arch: ArchConfig) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def row_blocks(self, parts: list[torch.Tensor], arch: ArchConfig) -> list[tuple[int, torch.Tensor]]:
+        """The megatron tensor as (first row, block) pieces; the importer writes each as its own chunk,
+        which saves a copy where the HF tensors already are whole row ranges of it."""
+        return [(0, self.to_megatron(parts, arch))]
+
 
 class Copy(Rule):
     """The same tensor under another name."""
@@ -146,6 +151,9 @@ class GateUp(Rule):
 
     def to_hf(self, tensor, arch):
         return [half.contiguous() for half in tensor.chunk(2)]
+
+    def row_blocks(self, parts, arch):
+        return [(0, parts[0]), (parts[0].shape[0], parts[1])]  # megatron stores GLU fc1 halves this way too
 
 
 COPY, VOCAB, QKV_SPLIT, QKV_FUSED, GATE_UP = Copy(), Vocab(), QKV(), FusedQKV(), GateUp()

@@ -91,3 +91,20 @@ def test_model_trained_here_exports_as_llama(tmp_path, single_rank_runtime, mega
     assert (config["model_type"], config["num_key_value_heads"], config["head_dim"]) == ("llama", 2, 16)
     ours, _ = megatron_logits(tmp_path / "run")
     assert models.rel_error(models.hf_logits(tmp_path / "hf"), ours) <= 1e-4
+
+
+def test_row_blocks_give_the_same_tensors(hf_cases, tmp_path):
+    """With tiny blocks every plain tensor (embedding, output layer, per-layer projections) is copied in
+    row blocks both ways: the checkpoint holds the same global tensors and the export the same files."""
+    from megatron_minitron.hf.importer import import_hf
+    from megatron_minitron.model import checkpoint as ckpt
+
+    for name in ("llama2", "gpt2"):
+        import_hf(hf_cases[name]["hf"], tmp_path / name, chunk_bytes=5000, print_fn=lambda _: None)
+        blocked = ckpt.read_tensors(ckpt.resolve(tmp_path / name).path)
+        whole = ckpt.read_tensors(ckpt.resolve(hf_cases[name]["ckpt"]).path)
+        assert blocked.keys() == whole.keys() and all(torch.equal(blocked[k], whole[k]) for k in whole)
+        export_hf(tmp_path / name, tmp_path / f"{name}-hf", chunk_bytes=5000, max_shard_bytes=100_000,
+                  print_fn=lambda _: None)
+        source, exported = load_all(hf_cases[name]["hf"]), load_all(tmp_path / f"{name}-hf")
+        assert source.keys() == exported.keys() and all(torch.equal(source[k], exported[k]) for k in source)
