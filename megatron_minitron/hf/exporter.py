@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
-
 from megatron_minitron.config import ArchConfig
 from megatron_minitron.hf import files
 from megatron_minitron.hf.families import Family, TensorMap, family_by_name, family_for_config, hf_name, infer_family
@@ -210,8 +208,8 @@ def _plan_entry(entry: TensorMap, arch: ArchConfig, stored: dict, info: ckpt.Che
                       f"{list(want)}")
     out_dtype = DTYPES[dtype] if dtype else meta.properties.dtype
     hf_shapes = entry.rule.hf_shapes(shape, arch)
-    return [Item(entry=entry, layer=layer,
-                 outputs=tuple(PlannedTensor(hf_name(n, layer), out_dtype, tuple(s)) for n, s in zip(entry.hf, hf_shapes)))
+    return [Item(entry=entry, layer=layer, outputs=tuple(PlannedTensor(hf_name(n, layer), out_dtype, tuple(s))
+                                                        for n, s in zip(entry.hf, hf_shapes)))
             for layer in (range(arch.num_layers) if entry.layered else [None])]
 
 

@@ -71,6 +71,8 @@ class Family:
     requires: dict[str, tuple]
     tensors: tuple[TensorMap, ...]
     rope: bool = True
+    derived_heads: bool = False
+    """The family has no head_dim or GQA setting: head width is hidden/heads and every head has its own k/v."""
     optional_prefix: str = ""
     """A prefix of the table's tensor names that some files lack (GPT-2 saved from GPT2Model rather than
     GPT2LMHeadModel has no "transformer."); import accepts both, export writes it."""
@@ -132,14 +134,15 @@ class Family:
         if self.rope and arch.rotary_percent != 1.0:
             raise HFError(f"a {self.model_type} model rotates whole heads; this checkpoint has "
                           f"rotary_percent={arch.rotary_percent}")
-        if self.model_type == "gpt2":
+        if self.derived_heads:
             if arch.head_dim * arch.num_attention_heads != arch.hidden_size:
-                raise HFError(f"GPT-2 derives the head width from n_embd/n_head; this checkpoint has kv_channels="
-                              f"{arch.head_dim} with hidden_size={arch.hidden_size} and {arch.num_attention_heads} "
-                              f"heads (export it as another family, or prune heads and hidden size together)")
+                raise HFError(f"a {self.model_type} model derives the head width from hidden size / heads; this "
+                              f"checkpoint has kv_channels={arch.head_dim} with hidden_size={arch.hidden_size} and "
+                              f"{arch.num_attention_heads} heads (export it as another family, or prune heads and "
+                              f"hidden size together)")
             if arch.query_groups != arch.num_attention_heads:
-                raise HFError(f"GPT-2 has no grouped-query attention; this checkpoint has num_query_groups="
-                              f"{arch.query_groups} for {arch.num_attention_heads} heads")
+                raise HFError(f"a {self.model_type} model has no grouped-query attention; this checkpoint has "
+                              f"num_query_groups={arch.query_groups} for {arch.num_attention_heads} heads")
 
     def config_from_arch(self, arch: ArchConfig, *, base: Optional[dict] = None, dtype: str = "float32") -> dict:
         """config.json for an architecture: the source model's config (when known) with every mapped key
@@ -323,6 +326,7 @@ GPT2 = Family(
     # (megatron's openai_gelu is not an ArchConfig activation yet), so only exact-GELU models import.
     activation=("activation_function", {"gelu": "gelu"}),
     rope=False,
+    derived_heads=True,
     tensors=(
         TensorMap("embedding.word_embeddings.weight", ("transformer.wte.weight",), VOCAB),
         TensorMap("embedding.position_embeddings.weight", ("transformer.wpe.weight",)),

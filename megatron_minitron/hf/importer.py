@@ -113,9 +113,9 @@ def plan_import(hf_dir: str | os.PathLike, *, tensor_parallel: int = 1, pipeline
 def _units(hf: files.HFDirectory, family: Family, arch: ArchConfig) -> list[Unit]:
     """Every (table entry, layer) with its HF tensors, after checking names and shapes; no tensor of the
     directory may be left unmapped (it would mean an option the table does not know)."""
-    strip = ""
-    first = family.tensors[0].hf[0]
-    if family.optional_prefix and first not in hf.tensors and hf_name(first, None, family.optional_prefix) in hf.tensors:
+    strip, first = "", family.tensors[0].hf[0]
+    if family.optional_prefix and first not in hf.tensors and \
+            hf_name(first, None, family.optional_prefix) in hf.tensors:
         strip = family.optional_prefix
     used: set[str] = set()
     units = []
@@ -136,7 +136,8 @@ def _units(hf: files.HFDirectory, family: Family, arch: ArchConfig) -> list[Unit
                     raise HFError(f"{found.path}: tensor {name!r} has shape {list(found.shape)}, config.json implies "
                                   f"{list(want)}")
                 if not found.dtype.is_floating_point:
-                    raise HFError(f"{found.path}: tensor {name!r} has dtype {found.dtype}; weights must be floating point")
+                    raise HFError(f"{found.path}: tensor {name!r} has dtype {found.dtype}; weights must be "
+                                  f"floating point")
                 used.add(name)
                 sources.append(found)
             units.append(Unit(entry=entry, layer=layer, sources=tuple(sources), shape=shape))

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("transformers", reason="the Hugging Face tests need transformers (pip install -e .[test])")
-
-from tests.hf import models  # noqa: E402
+from tests.hf import models
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,8 @@ from megatron_minitron.hf.exporter import export_hf
 from megatron_minitron.hf.files import HFError
 from megatron_minitron.hf.importer import import_hf
 
+pytest.importorskip("transformers", reason="the Hugging Face tests need transformers (pip install -e .[test])")
+
 
 def quiet(_):
     pass

@@ -12,6 +12,8 @@ from megatron_minitron.hf import files
 from megatron_minitron.hf.exporter import export_hf
 from tests.hf import models
 
+pytest.importorskip("transformers", reason="the Hugging Face tests need transformers (pip install -e .[test])")
+
 # Keys that legitimately differ between the saved source config and the exported one.
 VOLATILE = {"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype"}
 

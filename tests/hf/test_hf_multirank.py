@@ -10,6 +10,8 @@ from tests.conftest import REPO, torchrun
 from tests.hf import models
 from tests.multirank.hf_layouts import LAYOUTS
 
+pytest.importorskip("transformers", reason="the Hugging Face tests need transformers (pip install -e .[test])")
+
 
 @pytest.fixture(scope="module")
 def launched(hf_cases, tmp_path_factory):

@@ -12,6 +12,8 @@ import torch
 from megatron_minitron.model import checkpoint as ckpt
 from tests.hf import models
 
+pytest.importorskip("transformers", reason="the Hugging Face tests need transformers (pip install -e .[test])")
+
 
 @pytest.mark.parametrize("name", list(models.CASES))
 def test_logits_equal_transformers_at_tp1(hf_cases, megatron_logits, name):

@@ -16,6 +16,8 @@ from megatron_minitron.model import checkpoint as ckpt
 from tests.conftest import REPO, child_env
 from tests.hf import models
 
+pytest.importorskip("transformers", reason="the Hugging Face tests need transformers (pip install -e .[test])")
+
 TARGETS = {
     # Mistral-NeMo style (head_dim 32 != 64/4): hidden, ffn, heads (one per group) and depth.
     "mistral-nemo": dict(num_layers=1, hidden_size=48, ffn_hidden_size=64, num_attention_heads=2),
@@ -56,8 +58,8 @@ def test_pruned_student_logits_equal_in_transformers(hf_cases, megatron_logits, 
 
 def test_gpt2_with_pruned_hidden_size_is_refused(hf_cases, tmp_path):
     pruned = prune(hf_cases["gpt2"]["ckpt"], tmp_path / "pruned", hidden_size=48)
-    with pytest.raises(HFError, match=r"GPT-2 derives the head width from n_embd/n_head; this checkpoint has "
-                                      r"kv_channels=16 with hidden_size=48"):
+    with pytest.raises(HFError, match=r"a gpt2 model derives the head width from hidden size / heads; this "
+                                      r"checkpoint has kv_channels=16 with hidden_size=48"):
         export_hf(pruned, tmp_path / "hf", print_fn=lambda _: None)
     assert not (tmp_path / "hf").exists()
 
