@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
-ACTIVATIONS = ("gelu", "swiglu", "squared_relu", "relu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "squared_relu", "relu")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
 
 
@@ -68,7 +68,8 @@ class ArchConfig:
     """Zero-centred gamma: the norm multiplies by (1 + weight) and weight starts at zero (Nemotron)."""
 
     activation: str = "swiglu"
-    """MLP activation: "swiglu" (gated SiLU, fc1 holds [gate; up]), "gelu", "squared_relu" or "relu"."""
+    """MLP activation: "swiglu" (gated SiLU, fc1 holds [gate; up]), "gelu" (exact, erf), "gelu_tanh" (the
+    tanh approximation: GPT-2's gelu_new, Megatron-LM's --openai-gelu), "squared_relu" or "relu"."""
 
     position_embedding_type: str = "rope"
     """"rope", "learned_absolute" or "none"."""

@@ -103,9 +103,8 @@ class Family:
         act_key, act_map = self.activation
         act = config.get(act_key, next(iter(act_map)))
         if act not in act_map:
-            hint = " (tanh-approximated GELU is not an ArchConfig activation)" if "gelu" in str(act) else ""
             raise HFError(f"config.json {act_key}={act!r} is not supported for model_type {self.model_type!r} "
-                          f"(supported: {sorted(act_map)}){hint}")
+                          f"(supported: {sorted(act_map)})")
         values["activation"] = act_map[act]
         if self.rope:
             values.update(_rope_from_hf(config))
@@ -322,9 +321,9 @@ GPT2 = Family(
            "untie_embeddings_and_output_weights": False},
     requires={"tie_word_embeddings": (True,), "scale_attn_weights": (True,),
               "scale_attn_by_inverse_layer_idx": (False,), "add_cross_attention": (False,)},
-    # GPT-2's default is gelu_new (tanh-approximated GELU); ArchConfig's "gelu" is the exact erf GELU
-    # (megatron's openai_gelu is not an ArchConfig activation yet), so only exact-GELU models import.
-    activation=("activation_function", {"gelu": "gelu"}),
+    # GPT-2's default is gelu_new, the tanh approximation (ArchConfig "gelu_tanh", megatron's openai_gelu);
+    # "gelu" is the exact erf GELU.
+    activation=("activation_function", {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}),
     rope=False,
     derived_heads=True,
     tensors=(

@@ -27,8 +27,10 @@ def transformer_engine_available() -> bool:
 
 def _activation(arch: ArchConfig):
     from megatron.core.activations import squared_relu
+    from megatron.core.transformer.utils import openai_gelu
 
-    return {"swiglu": F.silu, "gelu": F.gelu, "squared_relu": squared_relu, "relu": F.relu}[arch.activation]
+    return {"swiglu": F.silu, "gelu": F.gelu, "gelu_tanh": openai_gelu, "squared_relu": squared_relu,
+            "relu": F.relu}[arch.activation]
 
 
 def transformer_config(arch: ArchConfig, parallel: ParallelConfig, *, dtype: torch.dtype = torch.float32,

@@ -144,7 +144,6 @@ _UNSUPPORTED_ARGS = {
     "num_experts": "mixture-of-experts models",
     "multi_latent_attention": "multi-latent attention",
     "qk_layernorm": "QK layer norm",
-    "openai_gelu": "tanh-approximated GELU",
     "num_layers_per_virtual_pipeline_stage": "virtual pipeline stages",
     "virtual_pipeline_model_parallel_size": "virtual pipeline stages",
 }
@@ -161,7 +160,8 @@ def arch_from_megatron_args(args: Namespace, *, where: str = "checkpoint") -> Ar
     ffn = a.get("ffn_hidden_size")
     if ffn is None:  # Megatron-LM's own default
         ffn = int((4 * hidden * 2 / 3) / 64) * 64 if swiglu else 4 * hidden
-    activation = "swiglu" if swiglu else "squared_relu" if a.get("squared_relu") else "gelu"
+    activation = ("swiglu" if swiglu else "squared_relu" if a.get("squared_relu") else
+                  "gelu_tanh" if a.get("openai_gelu") else "gelu")
     padded = a.get("padded_vocab_size")
     if padded is None:
         raise CheckpointError(f"{where}: args has no padded_vocab_size; the embedding size is unknown")
@@ -194,6 +194,7 @@ def megatron_args_from_arch(arch: ArchConfig, **extra: Any) -> Namespace:
         max_position_embeddings=arch.max_position_embeddings, normalization=arch.normalization,
         norm_epsilon=arch.norm_epsilon, apply_layernorm_1p=arch.apply_layernorm_1p,
         swiglu=arch.activation == "swiglu", squared_relu=arch.activation == "squared_relu",
+        openai_gelu=arch.activation == "gelu_tanh",
         position_embedding_type=arch.position_embedding_type, rotary_base=arch.rotary_base,
         rotary_percent=arch.rotary_percent, use_rope_scaling=arch.rope_scaling_factor is not None,
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,

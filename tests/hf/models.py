@@ -37,7 +37,7 @@ CASES: dict[str, tuple[str, dict]] = {
                                   num_key_value_heads=2, vocab_size=VOCAB, rms_norm_eps=1e-6, max_position_embeddings=512,
                                   rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False)),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=64, vocab_size=VOCAB,
-                                activation_function="gelu", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
+                                activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
                                 attn_pdrop=0.0)),
 }
 

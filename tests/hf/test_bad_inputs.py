@@ -103,7 +103,7 @@ def test_unsupported_family_and_options(copy, tmp_path):
                                                                                r"disagree on \['factor', 'rope_type'\]"),
         ("mistral-nemo", {"sliding_window": 4096}, r"sliding_window=4096 is not supported"),
         ("qwen2", {"use_sliding_window": True}, r"use_sliding_window=True is not supported"),
-        ("gpt2", {"activation_function": "gelu_new"}, r"activation_function='gelu_new' is not supported.*tanh"),
+        ("gpt2", {"activation_function": "silu"}, r"activation_function='silu' is not supported.*gelu_new"),
         ("llama2", {"num_key_value_heads": 3}, r"no valid model: num_attention_heads=4 is not divisible by num_query_groups=3"),
     ]
     for name, change, match in cases:

@@ -32,7 +32,7 @@ def test_architecture_fields(hf_cases):
     assert qwen.add_qkv_bias and not qwen.add_bias_linear and not qwen.untie_embeddings_and_output_weights
     gpt2 = ckpt.resolve(hf_cases["gpt2"]["ckpt"]).arch
     assert (gpt2.normalization, gpt2.activation, gpt2.position_embedding_type, gpt2.add_bias_linear) == (
-        "LayerNorm", "gelu", "learned_absolute", True)
+        "LayerNorm", "gelu_tanh", "learned_absolute", True)  # GPT-2's default gelu_new
     for case in hf_cases.values():
         arch = ckpt.resolve(case["ckpt"]).arch
         assert (arch.vocab_size, arch.padded_vocab_size) == (models.VOCAB, 1024)
