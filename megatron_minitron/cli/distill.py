@@ -51,6 +51,8 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--intermediate-weight", type=float, default=1.0)
     k.add_argument("--no-rescale-intermediate", action="store_true",
                    help="do not rescale intermediate losses to the KD loss's magnitude")
+    k.add_argument("--truncate-teacher-vocab", action="store_true",
+                   help="drop the teacher's vocabulary padding rows beyond the student's (same tokenizer)")
     k.add_argument("--skip-teacher-check", action="store_true",
                    help="distill even from a teacher whose validation loss is near ln(vocab)")
 
@@ -65,6 +67,7 @@ def distill_config(args: argparse.Namespace):
                          intermediate_weight=args.intermediate_weight,
                          rescale_intermediate=not args.no_rescale_intermediate,
                          teacher_check=not args.skip_teacher_check,
+                         truncate_teacher_vocab=args.truncate_teacher_vocab,
                          teacher_first_stage_layers=getattr(args, "teacher_first_stage_layers", None),
                          teacher_last_stage_layers=getattr(args, "teacher_last_stage_layers", None))
 
@@ -86,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     for name, info in (("--teacher", teacher), ("--student", student)):
         if save.resolve() == info.root.resolve() or save.resolve().is_relative_to(info.root.resolve()):
             raise ConfigError(f"--save {save} is inside {name} {info.root}; write the run elsewhere")
-    check_models(teacher.arch, student.arch, seq_length=cfg.seq_length)
+    check_models(teacher.arch, student.arch, seq_length=cfg.seq_length,
+                 truncate_teacher_vocab=dcfg.truncate_teacher_vocab)
     student.arch.check_parallel(tensor_parallel=parallel.tensor_parallel, pipeline_parallel=parallel.pipeline_parallel,
                                 first_stage_layers=parallel.first_stage_layers,
                                 last_stage_layers=parallel.last_stage_layers)

@@ -168,7 +168,7 @@ def _search(args, parallel, env, cfg, dcfg, source, scores, space, candidates, r
         import torch
 
         dtype = torch.bfloat16 if (cfg.bf16 if cfg.bf16 is not None else runtime.device.type == "cuda") else torch.float32
-        teacher = load_teacher(source, runtime, dcfg, dtype=dtype)
+        teacher = load_teacher(source, runtime, dcfg, dtype=dtype, padded_vocab=source.arch.padded_vocab)
         setup = SearchSetup(source=source, scores=scores, out=out, layer_metric=args.layer_metric, seed=cfg.seed,
                             keep_checkpoints=args.keep_checkpoints)
         tok = (data_cfg.tokenizer or tokenizer.ref).to_json()

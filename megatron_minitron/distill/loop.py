@@ -55,6 +55,10 @@ class DistillConfig:
     """Weight of each pair's loss relative to the KD loss (after rescaling)."""
     rescale_intermediate: bool = True
     """Rescale each pair's loss to the KD loss's magnitude (previous step's ratio)."""
+    truncate_teacher_vocab: bool = False
+    """Accept a teacher whose vocabulary is padded to more rows than the student's (same tokenizer): its
+    embedding and output rows beyond the student's padded size are dropped when it is loaded. Those rows
+    are padding (no token id reaches them), so only the softmax's tiny mass on them is lost."""
     teacher_check: bool = True
     """Refuse a teacher whose validation loss is not clearly below ln(vocab) (an untrained teacher)."""
     teacher_first_stage_layers: Optional[int] = None
@@ -81,13 +85,18 @@ class DistillConfig:
         return dataclasses.asdict(self)
 
 
-def check_models(teacher: ArchConfig, student: ArchConfig, *, seq_length: int) -> None:
+def check_models(teacher: ArchConfig, student: ArchConfig, *, seq_length: int, truncate_teacher_vocab: bool = False
+                 ) -> None:
     """Guards that need no process: one vocabulary, a student no larger than its teacher, and a
     sequence length both models accept."""
-    if (teacher.vocab_size, teacher.padded_vocab) != (student.vocab_size, student.padded_vocab):
+    if teacher.vocab_size != student.vocab_size or teacher.padded_vocab < student.padded_vocab:
         raise ConfigError(f"teacher and student vocabularies differ: teacher vocab_size={teacher.vocab_size} "
                           f"(padded {teacher.padded_vocab}), student vocab_size={student.vocab_size} (padded "
                           f"{student.padded_vocab}); distillation compares logits token by token")
+    if teacher.padded_vocab != student.padded_vocab and not truncate_teacher_vocab:
+        raise ConfigError(f"the teacher's vocabulary is padded to {teacher.padded_vocab} rows, the student's to "
+                          f"{student.padded_vocab} (same vocab_size {teacher.vocab_size}); pass "
+                          f"--truncate-teacher-vocab to drop the teacher's extra padding rows")
     for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "query_groups"):
         if getattr(student, field) > getattr(teacher, field):
             raise ConfigError(f"the student is larger than the teacher: {field} {getattr(student, field)} > "
@@ -160,7 +169,8 @@ def build(teacher_info, student_info, runtime, train_cfg, cfg: DistillConfig, te
 
     trainer = build_trainer(student_arch, runtime, train_cfg, attach=attach)
     if teacher is None:
-        teacher = load_teacher(teacher_info, runtime, cfg, dtype=next(trainer.model[0].parameters()).dtype)
+        teacher = load_teacher(teacher_info, runtime, cfg, dtype=next(trainer.model[0].parameters()).dtype,
+                               padded_vocab=student_arch.padded_vocab)
     loss_fn = losses.hidden_cosine_loss if cfg.intermediate_loss == "cosine" else losses.hidden_mse_loss
     student_gpt = unwrap(trainer.model[0])
     trainer.chunks = [DistillationChunk(
@@ -172,14 +182,20 @@ def build(teacher_info, student_info, runtime, train_cfg, cfg: DistillConfig, te
     return trainer, pairs
 
 
-def load_teacher(teacher_info, runtime, cfg: DistillConfig, *, dtype: torch.dtype):
-    """This stage of the teacher, loaded and frozen (reusable for several students, as the search does)."""
+def load_teacher(teacher_info, runtime, cfg: DistillConfig, *, dtype: torch.dtype, padded_vocab: int):
+    """This stage of the teacher, loaded and frozen (reusable for several students, as the search does),
+    with `padded_vocab` embedding/output rows (fewer than stored only with cfg.truncate_teacher_vocab)."""
     from megatron_minitron.model.build import build_model
     from megatron_minitron.model.checkpoint import load_checkpoint
 
-    teacher = build_model(teacher_info.arch, runtime, dtype=dtype,
-                          parallel=teacher_parallel(runtime.parallel, teacher_info.arch, cfg))
-    load_checkpoint(teacher_info, model=teacher)
+    arch = teacher_info.arch
+    truncate = padded_vocab != arch.padded_vocab
+    if truncate and not cfg.truncate_teacher_vocab:
+        raise ConfigError(f"the teacher has {arch.padded_vocab} padded vocabulary rows, the student {padded_vocab}; "
+                          f"pass --truncate-teacher-vocab")
+    arch = arch.replace(padded_vocab_size=padded_vocab)
+    teacher = build_model(arch, runtime, dtype=dtype, parallel=teacher_parallel(runtime.parallel, arch, cfg))
+    load_checkpoint(teacher_info, model=teacher, vocab_padding_may_differ=truncate)
     return teacher
 
 

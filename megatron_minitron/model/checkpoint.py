@@ -226,14 +226,19 @@ def check_architecture(expected: ArchConfig, found: ArchConfig, *, where: str) -
     raise CheckpointError(f"{where} holds a different architecture: " + "; ".join(diffs))
 
 
-def check_shapes(sharded_state_dict: dict, ckpt: Path) -> None:
-    """Compare the global shape of every tensor the model expects with the stored one, before loading."""
+def check_shapes(sharded_state_dict: dict, ckpt: Path, *, vocab_padding_may_differ: bool = False) -> None:
+    """Compare the global shape of every tensor the model expects with the stored one, before loading.
+    With vocab_padding_may_differ, the tensors megatron marks `allow_shape_mismatch` (word embeddings
+    and output layer, whose rows are the padded vocabulary) may differ: megatron then loads the rows
+    both have and zero-fills the rest."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     stored = tensor_shapes(ckpt)
     for sh in nested_values(sharded_state_dict):
         if not isinstance(sh, ShardedTensor) or sh.key not in stored:
+            continue
+        if vocab_padding_may_differ and sh.allow_shape_mismatch and tuple(sh.global_shape[1:]) == stored[sh.key][1:]:
             continue
         if tuple(sh.global_shape) != stored[sh.key]:
             raise CheckpointError(f"{ckpt}: tensor {sh.key} has global shape {stored[sh.key]}, but the model "
@@ -348,7 +353,8 @@ def _copy_tokenizer(root: Path, tokenizer: dict) -> dict:
 
 
 def load_checkpoint(info: CheckpointInfo, *, model, runtime=None, optimizer=None, scheduler=None,
-                    load_rng: bool = False, optional_prefixes: tuple[str, ...] = ()) -> dict:
+                    load_rng: bool = False, optional_prefixes: tuple[str, ...] = (),
+                    vocab_padding_may_differ: bool = False) -> dict:
     """Load weights (and optionally optimizer, scheduler, RNG) into a model built from info.arch.
 
     Parameters whose name starts with one of `optional_prefixes` (modules added for training only,
@@ -365,7 +371,7 @@ def load_checkpoint(info: CheckpointInfo, *, model, runtime=None, optimizer=None
         stored = tensor_shapes(info.path)
         model_sd = {name: sh for name, sh in model_sd.items()
                     if not (name.startswith(optional_prefixes) and getattr(sh, "key", name) not in stored)}
-    check_shapes(model_sd, info.path)
+    check_shapes(model_sd, info.path, vocab_padding_may_differ=vocab_padding_may_differ)
     request: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
         if "optimizer" not in _top_level_keys(info.path):

@@ -86,3 +86,37 @@ def test_cli_flags_reach_the_config():
         kd_loss="reverse", temperature=2.0, temperature_squared=True, top_k=5, kd_weight=0.5, lm_weight=0.25,
         intermediate_layers=("3:1",), intermediate_loss="mse", intermediate_weight=2.0, rescale_intermediate=False,
         teacher_check=False, teacher_first_stage_layers=3)
+
+
+def test_a_teacher_with_more_vocabulary_padding_is_truncated_on_request(pair, single_rank_runtime, tmp_path):
+    """Teacher padded to 1152 rows, student to 1024 (same 1000-token vocabulary): refused without the
+    option; with it the KD loss is the KL against the teacher's first 1024 logits."""
+    from megatron_minitron.config import ConfigError
+    from megatron_minitron.distill.loop import check_models
+    from megatron_minitron.model.build import build_model
+    from megatron_minitron.model.checkpoint import resolve, save_checkpoint
+    from megatron_minitron.model.forward import forward_logits
+
+    _, student = pair
+    rt, arch = single_rank_runtime, preset("tiny").replace(padded_vocab_size=1152)
+    wide = build_model(arch, rt)
+    save_checkpoint(tmp_path / "teacher", model=wide, arch=arch, runtime=rt, iteration=None)
+    teacher = resolve(tmp_path / "teacher")
+    with pytest.raises(ConfigError, match="pass --truncate-teacher-vocab"):
+        check_models(teacher.arch, student.arch, seq_length=SEQ)
+    check_models(teacher.arch, student.arch, seq_length=SEQ, truncate_teacher_vocab=True)
+    with pytest.raises(ConfigError, match="vocabularies differ"):  # never the other way round
+        check_models(student.arch, teacher.arch, seq_length=SEQ, truncate_teacher_vocab=True)
+
+    cfg = DistillConfig(truncate_teacher_vocab=True)
+    trainer, pairs = build(teacher, student, rt, TrainConfig(train_iters=2, micro_batch_size=MBS, global_batch_size=MBS,
+                                                             seq_length=SEQ, lr_warmup_iters=0), cfg)
+    init_from(trainer, student.root, optional_prefixes=(ADAPTERS + ".",))
+    batch = _batch(arch.vocab_size)
+    got = evaluate(trainer, distill_task(rt, cfg, trainer.chunks[0], pairs), iter([batch]), 1)
+    s_logits = forward_logits(trainer.chunks[0].module, batch["tokens"], batch["position_ids"], rt)
+    t_logits = forward_logits(wide, batch["tokens"], batch["position_ids"], rt)[..., :1024]
+    mask = batch["loss_mask"].flatten().bool()
+    expected = losses.vocab_parallel_kl(s_logits, t_logits).flatten()[mask].mean()
+    assert got["kd loss"] == pytest.approx(float(expected), rel=1e-5)
+    trainer.chunks[0].close()
