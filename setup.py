@@ -26,7 +26,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "tokenizers", "transformers"],
+        "test": ["pytest>=8", "pytest-timeout", "tokenizers", "transformers", "matplotlib"],
         "hf": ["tokenizers", "transformers"],
         # Transformer Engine comes with NVIDIA's PyTorch containers; this extra is for other GPU machines.
         "te": ["transformer_engine[pytorch]"],

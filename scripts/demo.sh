@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# Sets up .venv if needed, then trains the ~10M-parameter demo teacher on the embedded corpus with
-# tensor parallelism over 2 processes (gloo on CPU, NCCL on GPU). Extra arguments go to `minitron pretrain`.
+# Sets up .venv if needed, then runs `minitron demo`: the whole Minitron method on the embedded corpus
+# (teacher training, importance at TP=2 over 2 processes, pruning, distillation and its baselines at
+# equal tokens), writing runs/demo/report.md. A second run reuses the trained teacher. Extra arguments go
+# to `minitron demo` (see `--help`: steps, sizes, TP/PP, processes, data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-resume=()
-[ -f runs/demo-teacher/latest_checkpointed_iteration.txt ] && resume=(--resume)  # a finished run is kept
-exec .venv/bin/python -m torch.distributed.run --standalone --nproc-per-node 2 -m megatron_minitron pretrain \
-  --arch small --tp 2 --save runs/demo-teacher "${resume[@]}" \
-  --train-iters 200 --seq-length 256 --micro-batch-size 4 --global-batch-size 8 --eval-interval 50 "$@"
+exec .venv/bin/python -m megatron_minitron demo "$@"

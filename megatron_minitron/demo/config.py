@@ -42,19 +42,23 @@ class DemoConfig:
     """Teacher training steps."""
     teacher_lr: float = 1e-3
     """Teacher peak learning rate (cosine decay to a tenth of it)."""
-    retrain_iters: int = 80
-    """Steps of every retraining arm (equal tokens: the same steps, batch and sequence length)."""
+    retrain_iters: int = 30
+    """Steps of every retraining arm (equal tokens: the same steps, batch and sequence length). Kept
+    short next to the teacher's steps, as in the papers (retraining tokens are ~1-2% of the teacher's):
+    an arm trained on the LM loss for as long as the teacher would catch up with a teacher this small."""
     retrain_lr: float = 1e-3
     """Peak learning rate of every retraining arm (cosine decay to a tenth of it)."""
     warmup_iters: int = 10
-    """Linear warm-up steps of every run."""
+    """Linear warm-up steps of the teacher."""
+    retrain_warmup_iters: int = 3
+    """Linear warm-up steps of every retraining arm."""
     seq_length: int = 256
     """Tokens per sample (training, validation and calibration)."""
     micro_batch_size: int = 4
     """Samples per micro-batch per data-parallel rank."""
     global_batch_size: int = 8
     """Samples per optimizer step."""
-    eval_interval: int = 20
+    eval_interval: int = 10
     """Validate every retraining arm every this many steps (the loss-vs-tokens curves)."""
     eval_iters: int = 10
     """Validation global batches per evaluation (the same samples for every model)."""
@@ -94,9 +98,10 @@ class DemoConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.eval_interval < 0:
             raise ConfigError(f"--eval-interval must be >= 0, got {self.eval_interval}")
-        for name, iters in (("teacher", self.teacher_iters), ("retrain", self.retrain_iters)):
-            if self.warmup_iters >= iters:
-                raise ConfigError(f"--warmup-iters {self.warmup_iters} must be below --{name}-iters {iters}")
+        for warmup, iters in (("warmup_iters", "teacher_iters"), ("retrain_warmup_iters", "retrain_iters")):
+            if not 0 <= getattr(self, warmup) < getattr(self, iters):
+                raise ConfigError(f"--{warmup.replace('_', '-')} {getattr(self, warmup)} must be >= 0 and below "
+                                  f"--{iters.replace('_', '-')} {getattr(self, iters)}")
         for name in ("data_path", "valid_data_path"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(getattr(self, name)))

@@ -105,14 +105,16 @@ def findings(results: dict) -> list[dict]:
     grid = {(s, b): results["grid"]["loss"][i][j] for i, s in enumerate(AGGREGATIONS)
             for j, b in enumerate(AGGREGATIONS)}
     ranked = sorted(grid, key=grid.get)
-    rank = ranked.index(("mean", "l2")) + 1
+    rank = 1 + sum(loss < grid[("mean", "l2")] for loss in grid.values())  # ties share a rank (same kept indices)
     tokens = arms["width_kd"]["train_tokens"]
 
-    def pair(name, claim, paper, better, worse, better_label, worse_label, agrees=None):
-        measured = f"{better_label} {better:.3f} vs {worse_label} {worse:.3f}"
+    def pair(name, claim, paper, better, worse, better_label, worse_label, note=""):
+        measured = f"{better_label} {better:.3f} vs {worse_label} {worse:.3f}{note}"
         return {"id": name, "claim": claim, "paper": paper, "measured": measured,
-                "agrees": bool(better < worse) if agrees is None else agrees}
+                "agrees": bool(better < worse)}
 
+    imp = results["importance"]
+    block_cost = min(imp["block_lm_loss"]) - imp["calibration_lm_loss"]
     return [
         pair("kd_beats_lm", f"KD beats LM-loss-only retraining of the same pruned model at equal tokens ({tokens:,})",
              "KD lower loss (arXiv 2407.14679, Table 15)", arms["width_kd"]["final"], arms["width_lm"]["final"],
@@ -123,7 +125,9 @@ def findings(results: dict) -> list[dict]:
         pair("width_beats_depth", f"width pruning beats depth pruning at about equal parameters "
              f"({models['width']['params'] / 1e6:.2f}M vs {models['depth']['params'] / 1e6:.2f}M), both + KD",
              "width ahead of depth after distillation (arXiv 2408.11796, Llama-3.1-Minitron 4B)",
-             arms["width_kd"]["final"], arms["depth_kd"]["final"], "width", "depth"),
+             arms["width_kd"]["final"], arms["depth_kd"]["final"], "width", "depth",
+             note=f"; removing the best block of {imp['block_size']} layers cost the teacher only "
+                  f"{block_cost:+.3f} on calibration data" if block_cost < 0.5 else ""),
         pair("importance_beats_random", "activation importance ranking beats a random ranking (zero-shot, width "
              "target)", "importance ranking ahead of random (arXiv 2407.14679)", zero["width"], zero["random"],
              "importance", "random"),
@@ -213,15 +217,17 @@ def render(results: dict, plots: list[str]) -> str:
     else:
         out += ["", "Plots were skipped (install the `plot` extra: `pip install -e .[plot]`)."]
     out += ["", "## Stage times", ""]
-    out += _table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in results["timings_s"].items()])
-    out += ["", f"Every number above comes from files in this directory: `results.json`, the arms' "
-                f"`arms/*/metrics.jsonl`, `plans/*.json` and `scores/`.", ""]
+    out += _table(["stage", "wall seconds", "CPU seconds (rank 0)"],
+                  [[k, f"{v['wall_s']:.0f}", f"{v['cpu_s']:.0f}"] for k, v in results["timings_s"].items()])
+    out += ["", "Every number above comes from files in this directory: `results.json` (built from "
+                "`stages.json`), the arms' `arms/*/metrics.jsonl`, `plans/*.json` and `scores/`.", ""]
     return "\n".join(out)
 
 
 def finish(raw: dict, *, plots: bool = True) -> dict:
     """Write results.json, plots/*.png and report.md into the run directory; print the headline."""
     out = Path(raw["config"]["out"])
+    (out / "stages.json").write_text(json.dumps(raw, indent=2) + "\n")  # what the stages returned: paths, times
     results = build_results(raw)
     written: list[str] = []
     if plots:
@@ -232,7 +238,8 @@ def finish(raw: dict, *, plots: bool = True) -> dict:
         else:
             written = [str(Path(p).relative_to(out)) for p in write_plots(results, out / "plots")]
     started = raw["config"].get("started_at")
-    results["wall_time_s"] = round(time.time() - started, 1) if started else sum(raw["timings"].values())
+    results["wall_time_s"] = round(time.time() - started, 1) if started else sum(
+        v["wall_s"] for v in raw["timings"].values())
     results["plots"] = written
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "report.md").write_text(render(results, written))

@@ -46,13 +46,13 @@ class Context:
         if self.runtime.is_logging_rank:
             print(f"[demo {time.perf_counter() - self.started:6.0f}s] {line}", flush=True)
 
-    def train_cfg(self, iters: int, lr: float, *, eval_interval: int, log_interval: int):
+    def train_cfg(self, iters: int, lr: float, warmup: int, *, eval_interval: int, log_interval: int):
         from megatron_minitron.training.loop import TrainConfig
 
         c = self.cfg
         return TrainConfig(train_iters=iters, micro_batch_size=c.micro_batch_size,
                            global_batch_size=c.global_batch_size, seq_length=c.seq_length, lr=lr, min_lr=lr / 10,
-                           lr_warmup_iters=c.warmup_iters, eval_interval=eval_interval, eval_iters=c.eval_iters,
+                           lr_warmup_iters=warmup, eval_interval=eval_interval, eval_iters=c.eval_iters,
                            log_interval=log_interval, seed=c.seed)
 
     def batches(self, dataset, start: int = 0):
@@ -76,17 +76,19 @@ class Context:
 
 
 class _Stage:
-    """Times one stage into ctx.timings (seconds, as the logging rank saw them)."""
+    """Times one stage into ctx.timings: wall seconds and this process's CPU seconds (on a shared
+    machine the CPU time says what the stage costs; the wall time, what it took)."""
 
     def __init__(self, ctx: Context, name: str) -> None:
         self.ctx, self.name = ctx, name
 
     def __enter__(self):
         self.ctx.log(f"--- {self.name}")
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
 
     def __exit__(self, *exc) -> None:
-        self.ctx.timings[self.name] = round(time.perf_counter() - self.t0, 2)
+        self.ctx.timings[self.name] = {"wall_s": round(time.perf_counter() - self.t0, 2),
+                                       "cpu_s": round(time.process_time() - self.c0, 2)}
         gc.collect()
 
 
@@ -205,8 +207,8 @@ def train_teacher(ctx: Context):
         (save / "run.json").write_text(json.dumps({"arch": arch.to_json(), "demo": cfg.to_json()}, indent=2,
                                                   default=str) + "\n")
     rt.barrier()
-    tcfg = ctx.train_cfg(cfg.teacher_iters, cfg.teacher_lr, eval_interval=max(1, cfg.teacher_iters // 4),
-                         log_interval=max(1, cfg.teacher_iters // 10))
+    tcfg = ctx.train_cfg(cfg.teacher_iters, cfg.teacher_lr, cfg.warmup_iters,
+                         eval_interval=max(1, cfg.teacher_iters // 5), log_interval=max(1, cfg.teacher_iters // 10))
     ctx.log(f"teacher: training {arch.num_parameters() / 1e6:.2f}M parameters for {cfg.teacher_iters} steps at "
             f"TP={cfg.tensor_parallel} PP={cfg.pipeline_parallel} DP={rt.data_parallel} into {save}")
     t0 = time.perf_counter()
@@ -233,7 +235,8 @@ def importance(ctx: Context, teacher, *, block_size: int):
     icfg = ImportanceConfig(micro_batch_size=cfg.micro_batch_size, lm_loss=True, block_sizes=(block_size,),
                             lm_loss_samples=cfg.lm_loss_samples)
     icfg.validate(teacher.arch.num_layers)
-    dataset, num_samples = build_calibration_dataset(calibration, ctx.tokenizer, model_vocab_size=teacher.arch.vocab_size)
+    dataset, num_samples = build_calibration_dataset(calibration, ctx.tokenizer,
+                                                     model_vocab_size=teacher.arch.vocab_size)
     use_te = transformer_engine_available()
     model = build_model(teacher.arch, rt, use_te=use_te)
     load_checkpoint(teacher, model=model)
@@ -275,7 +278,11 @@ def plans(ctx: Context, scores, arch, width_target, depth_target) -> dict:
         for name, plan in named.items():
             plan.save(ctx.out / "plans" / f"{name}.json")
     for name in ("width", "depth"):
-        ctx.log(f"{name} plan: " + named[name].summary().splitlines()[0])
+        plan, src = named[name], named[name].source
+        ctx.log(f"{name} plan: layers {src.num_layers}->{plan.target.num_layers}, hidden {src.hidden_size}->"
+                f"{plan.target.hidden_size}, ffn {src.ffn_hidden_size}->{plan.target.ffn_hidden_size}, heads "
+                f"{src.num_attention_heads}->{plan.target.num_attention_heads}: {plan.params_before / 1e6:.2f}M -> "
+                f"{plan.params_after / 1e6:.2f}M parameters, dropped layers {plan.scores.get('dropped_layers')}")
     return named
 
 
@@ -304,18 +311,23 @@ def prune(ctx: Context, teacher, named: dict) -> dict[str, Path]:
 
 # ----------------------------------------------------------------------------------------- zero-shot
 def zero_shot_loss(ctx: Context, path: Path) -> float:
-    """Validation LM loss of a checkpoint as it is (the same samples and reduction as training's
-    validation), at the job's layout."""
+    """Validation LM loss of a checkpoint as it is, at the job's layout."""
+    cfg = ctx.train_cfg(ctx.cfg.retrain_iters, ctx.cfg.retrain_lr, 0, eval_interval=0, log_interval=1)
+    return evaluate_checkpoint(path, ctx.runtime, cfg, ctx.valid_batches)["lm loss"]
+
+
+def evaluate_checkpoint(path, runtime, train_cfg, valid_batches: Callable) -> dict:
+    """Validation losses of a checkpoint's weights: the same samples, schedule and token-weighted
+    reduction as the training loop's validation (train_cfg gives the batch shape and eval_iters)."""
     from megatron_minitron.model.build import build_model
     from megatron_minitron.model.checkpoint import load_checkpoint, resolve
     from megatron_minitron.training.loop import Trainer, evaluate, lm_task
 
     info = resolve(path)
-    model = build_model(info.arch, ctx.runtime)
+    model = build_model(info.arch, runtime)
     load_checkpoint(info, model=model)
-    cfg = ctx.train_cfg(ctx.cfg.retrain_iters, ctx.cfg.retrain_lr, eval_interval=0, log_interval=1)  # batch shape only
-    evaluator = Trainer(arch=info.arch, runtime=ctx.runtime, cfg=cfg, model=[model], optimizer=None, scheduler=None)
-    return evaluate(evaluator, lm_task(ctx.runtime.device), ctx.valid_batches(), ctx.cfg.eval_iters)["lm loss"]
+    evaluator = Trainer(arch=info.arch, runtime=runtime, cfg=train_cfg, model=[model], optimizer=None, scheduler=None)
+    return evaluate(evaluator, lm_task(runtime.device), valid_batches(), train_cfg.eval_iters)
 
 
 # ------------------------------------------------------------------------------------------- retrain
@@ -329,7 +341,7 @@ def retrain(ctx: Context, arm: str, teacher, how: tuple, checkpoints: dict, widt
     cfg, rt = ctx.cfg, ctx.runtime
     loss, start = how
     save = ctx.out / "arms" / arm
-    tcfg = ctx.train_cfg(cfg.retrain_iters, cfg.retrain_lr, eval_interval=cfg.eval_interval,
+    tcfg = ctx.train_cfg(cfg.retrain_iters, cfg.retrain_lr, cfg.retrain_warmup_iters, eval_interval=cfg.eval_interval,
                          log_interval=max(1, cfg.retrain_iters // 4))
     student = checkpoints[start] if start else None
     arch = resolve(student).arch if student else width_arch
@@ -340,8 +352,9 @@ def retrain(ctx: Context, arm: str, teacher, how: tuple, checkpoints: dict, widt
             "arch": arch.to_json(), "train": tcfg.to_json()}, indent=2) + "\n")
     rt.barrier()
     set_seed(cfg.seed)  # the same RNG state for every arm (the from-scratch weights, dropout)
-    ctx.log(f"{arm}: {arch.num_parameters() / 1e6:.2f}M parameters, {'KD from the teacher' if loss == 'kd' else 'LM loss'}"
-            f", starting from {student or 'random weights'}")
+    what = "KD from the teacher" if loss == "kd" else "LM loss"
+    ctx.log(f"{arm}: {arch.num_parameters() / 1e6:.2f}M parameters, {what}, starting from "
+            f"{student or 'random weights'}")
     t0 = time.perf_counter()
     provenance = {"command": "demo", "arm": arm}
     if loss == "kd":
