@@ -34,16 +34,19 @@ def sequence_sums(x: torch.Tensor) -> torch.Tensor:
     [batch, channels, 3] holding sum x, sum x^2 and sum |x| as fp64 values. Partial sums over
     sequence chunks (sequence parallelism) add up to the full-sequence sums.
 
-    The variance over the sequence is later a difference of the first two, so sum x^2 is built from
-    the chunk's centred squares plus (sum x)^2 / n, both accurate, instead of a plain fp32 sum of
-    squares that would lose the variance of large-mean channels to cancellation. Everything touching
-    the full activation stays fp32 (a cast of it to fp64 alone would triple the hooks' cost)."""
+    The variance over the sequence is later a difference of the first two, so the squares are summed
+    about a shift (the chunk's first token, a typical value: no extra pass to find a mean) and moved
+    back to zero in fp64, instead of a plain fp32 sum of squares that would lose the variance of
+    large-mean channels to cancellation. Everything touching the full activation stays fp32 (a cast
+    of it to fp64 alone would triple the hooks' cost)."""
     x = x.float()
-    n = x.shape[0]
-    mean = x.mean(0)
-    centred = x - mean
-    total = mean.double() * n + centred.sum(0).double()  # the second term is the rounding left in the mean
-    squares = centred.square().sum(0).double() + total.square() / n
+    n, shift = x.shape[0], x[0]
+    centred = x - shift
+    below = centred.sum(0).double()
+    centred.square_()
+    shift = shift.double()
+    total = below + n * shift
+    squares = centred.sum(0).double() + 2 * shift * below + n * shift.square()
     return torch.stack([total, squares, x.abs().sum(0).double()], dim=-1)
 
 
@@ -57,9 +60,9 @@ def sequence_aggregates(sums: torch.Tensor, seq_length: int) -> torch.Tensor:
 
 
 def raw_update(seq_values: torch.Tensor) -> torch.Tensor:
-    """The contribution of one micro-batch [batch, channels, 3] to the raw statistics [channels, 6]."""
+    """The contribution of one micro-batch [batch, ..., channels, 3] to the raw statistics [..., channels, 6]."""
     seq_values = seq_values.double()
-    out = torch.stack([seq_values.sum(0), seq_values.square().sum(0)], dim=-1)  # [channels, 3, 2]
+    out = torch.stack([seq_values.sum(0), seq_values.square().sum(0)], dim=-1)  # [..., channels, 3, 2]
     return out.flatten(-2)
 
 
