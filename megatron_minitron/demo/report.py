@@ -156,8 +156,10 @@ def render(results: dict, plots: list[str]) -> str:
     lay = results["layout"]
     agree = sum(f["agrees"] for f in results["findings"])
     out = ["# Minitron demo report", ""]
+    cpu = sum(v["cpu_s"] for v in results["timings_s"].values())
     out.append(f"Wall time {_minutes(results['wall_time_s'])} on {results['machine']['cpu_count']} CPU cores "
-               f"({lay['device']}, {lay['backend']}), TP={lay['tp']} PP={lay['pp']} DP={lay['dp']}; teacher "
+               f"({lay['device']}, {lay['backend']}; the stages took {_minutes(cpu)} of CPU time on rank 0), "
+               f"TP={lay['tp']} PP={lay['pp']} DP={lay['dp']}; teacher "
                f"{'reused from the cache' if results['teacher']['source'] == 'cache' else results['teacher']['source']}"
                f" ({results['teacher']['path']}). This run agrees with {agree} of the "
                f"{len(results['findings'])} paper findings below.")

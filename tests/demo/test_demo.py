@@ -1,0 +1,195 @@
+"""`minitron demo` end to end at a reduced size (the `tiny` teacher, a few steps, TP=2 on 2 processes):
+every number of results.json and report.md is checked against the run's own files (metrics.jsonl of
+each arm, the plans, the pruned checkpoints), a second run reuses the cached teacher, and bad input is
+refused before any process starts."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_minitron.cli import main
+from tests.conftest import REPO, child_env
+
+ITERS = 16
+SIZE = ["--arch", "tiny", "--tp", "2", "--teacher-iters", "60", "--teacher-lr", "3e-3", "--retrain-lr", "2e-3",
+        "--seq-length", "64", "--micro-batch-size", "4", "--global-batch-size", "8", "--eval-interval", "8",
+        "--eval-iters", "4", "--calib-samples", "16", "--lm-loss-samples", "8", "--warmup-iters", "4"]
+ARMS = ("width_kd", "depth_kd", "scratch", "width_lm")
+
+
+def _demo(out: Path, cache: Path, data_cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "megatron_minitron", "demo", "--out", str(out), "--teacher-cache", str(cache),
+           "--cache-dir", str(data_cache), *SIZE, *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, data_cache):
+    root = tmp_path_factory.mktemp("demo")
+    proc = _demo(root / "run", root / "teachers", data_cache, "--retrain-iters", str(ITERS))
+    return root, proc.stdout
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def _row(report: str, first_cell: str) -> list[str]:
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"report.md has no table row {first_cell!r}")
+
+
+def test_the_report_holds_the_arms_own_metrics(demo):
+    root, _ = demo
+    run = root / "run"
+    results = json.loads((run / "results.json").read_text())
+    report = (run / "report.md").read_text()
+    tokens = {}
+    for arm in ARMS:
+        entry = results["arms"][arm]
+        valid = _records(Path(entry["path"]), "valid")
+        train = _records(Path(entry["path"]), "train")
+        assert [r["iteration"] for r in valid] == [0, 8, 16]
+        assert entry["curve"] == [[r["iteration"] * 8 * 64, r["val lm loss"]] for r in valid]
+        assert entry["final"] == valid[-1]["val lm loss"] and entry["initial"] == valid[0]["val lm loss"]
+        tokens[arm] = train[-1]["consumed_samples"] * 64
+        assert entry["train_tokens"] == tokens[arm]
+        row = _row(report, entry["label"])
+        assert row[3] == f"{entry['initial']:.3f}" and row[4] == f"{entry['final']:.3f}", row
+    assert set(tokens.values()) == {ITERS * 8 * 64}, f"arms trained on different token counts: {tokens}"
+
+
+def test_zero_shot_losses_agree_with_the_arms_first_evaluations(demo):
+    """The separate zero-shot evaluation of each pruned checkpoint equals the first validation of the arm
+    that starts from it (distillation's teacher check, the LM-only arm's own step-0 evaluation)."""
+    results = json.loads((demo[0] / "run" / "results.json").read_text())
+    zero, arms = results["zero_shot"], results["arms"]
+    assert arms["width_kd"]["initial"] == pytest.approx(zero["width"], rel=1e-5)
+    assert arms["width_lm"]["initial"] == pytest.approx(zero["width"], rel=1e-5)
+    assert arms["depth_kd"]["initial"] == pytest.approx(zero["depth"], rel=1e-5)
+    assert arms["scratch"]["initial"] > zero["random"] > zero["teacher"]  # random weights know nothing yet
+    assert results["teacher"]["val_loss"] == zero["teacher"]
+
+
+def test_architectures_and_parameter_counts_are_the_checkpoints(demo):
+    from megatron_minitron.model.checkpoint import resolve
+
+    run = demo[0] / "run"
+    results = json.loads((run / "results.json").read_text())
+    report = (run / "report.md").read_text()
+    models = results["models"]
+    teacher = resolve(results["teacher"]["path"]).arch
+    assert models["teacher"]["params"] == teacher.num_parameters()
+    for name, label in (("width", "width-pruned"), ("depth", "depth-pruned")):
+        arch = resolve(run / "pruned" / name).arch
+        assert models[name]["params"] == arch.num_parameters()
+        assert (models[name]["num_layers"], models[name]["hidden_size"], models[name]["ffn_hidden_size"]) == (
+            arch.num_layers, arch.hidden_size, arch.ffn_hidden_size)
+        assert _row(report, label)[6] == f"{arch.num_parameters():,}"
+    assert (models["width"]["hidden_size"], models["width"]["ffn_hidden_size"],
+            models["width"]["num_attention_heads"]) == (48, 96, 2)
+    # depth: the contiguous block whose removal cost the least LM loss
+    imp = results["importance"]
+    dropped = models["depth"]["dropped_layers"]
+    start = min(range(len(imp["block_lm_loss"])), key=imp["block_lm_loss"].__getitem__)
+    assert dropped == list(range(start, start + imp["block_size"]))
+    assert models["depth"]["num_layers"] == teacher.num_layers - imp["block_size"]
+
+
+def test_aggregation_grid_and_findings_follow_from_the_numbers(demo):
+    run = demo[0] / "run"
+    results = json.loads((run / "results.json").read_text())
+    report = (run / "report.md").read_text()
+    zero, arms, grid = results["zero_shot"], results["arms"], results["grid"]
+    for i, seq in enumerate(grid["seq"]):
+        assert grid["loss"][i] == [zero[f"grid-{seq}-{b}"] for b in grid["batch"]]
+        assert [c.strip("*") for c in _row(report, seq)[1:]] == [f"{v:.3f}" for v in grid["loss"][i]]
+    assert zero["grid-mean-l2"] == zero["width"]  # the width arm is the (mean, L2) ranking
+    expected = {"kd_beats_lm": arms["width_kd"]["final"] < arms["width_lm"]["final"],
+                "pruned_kd_beats_scratch": arms["width_kd"]["final"] < arms["scratch"]["final"],
+                "width_beats_depth": arms["width_kd"]["final"] < arms["depth_kd"]["final"],
+                "importance_beats_random": zero["width"] < zero["random"],
+                "mean_l2_among_best": sorted(sum(grid["loss"], [])).index(zero["grid-mean-l2"]) < 3}
+    for finding in results["findings"]:
+        assert finding["agrees"] == expected[finding["id"]], finding
+        assert _row(report, finding["claim"])[3] == ("yes" if finding["agrees"] else "**no**")
+    assert f"agrees with {sum(expected.values())} of the 5 paper findings" in report
+
+
+def test_plots_are_written(demo):
+    run = demo[0] / "run"
+    results = json.loads((run / "results.json").read_text())
+    names = {Path(p).name for p in results["plots"]}
+    assert names == {"loss_vs_tokens.png", "importance_heads.png", "importance_ffn.png", "layer_scores.png",
+                     "aggregation_grid.png"}
+    for p in results["plots"]:
+        data = (run / p).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, p
+        assert f"]({p})" in (run / "report.md").read_text()
+
+
+def test_a_second_run_reuses_the_teacher_and_replaces_its_own_output(demo, data_cache):
+    root, first_stdout = demo
+    results = json.loads((root / "run" / "results.json").read_text())
+    teacher = Path(results["teacher"]["path"])
+    assert results["teacher"]["source"] == "trained" and teacher.parent == root / "teachers"
+    before = (teacher / "metrics.jsonl").stat().st_mtime_ns
+    proc = _demo(root / "run", root / "teachers", data_cache, "--retrain-iters", "5", "--eval-interval", "0",
+                 "--no-plots")
+    again = json.loads((root / "run" / "results.json").read_text())
+    assert again["teacher"]["source"] == "cache" and again["teacher"]["path"] == str(teacher)
+    assert again["teacher"]["val_loss"] == pytest.approx(results["teacher"]["val_loss"], rel=1e-6)
+    assert (teacher / "metrics.jsonl").stat().st_mtime_ns == before
+    assert "teacher: reusing" in proc.stdout and not re.search(r"teacher: training", proc.stdout)
+    assert again["arms"]["width_kd"]["train_steps"] == 5 and again["plots"] == []
+    assert not (root / "run" / "plots").exists()  # the previous run's output was replaced
+
+
+def test_bad_input_is_refused_before_any_process_starts(tmp_path, capsys, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID"):  # as a plain command, not one of a launched job's ranks
+        monkeypatch.delenv(name, raising=False)
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine")
+    assert main(["demo", "--out", str(foreign)]) == 2
+    assert "is not a previous demo run" in capsys.readouterr().err
+    assert (foreign / "todo.txt").read_text() == "mine"
+    assert main(["demo", "--out", str(tmp_path / "r"), "--tp", "3"]) == 2
+    assert "tensor-parallel size 3 does not divide" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "r"), "--retrain-warmup-iters", "90", "--retrain-iters", "80"]) == 2
+    assert "--retrain-warmup-iters 90 must be >= 0 and below --retrain-iters 80" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "r"), "--nproc", "3"]) == 2
+    assert "not divisible by TP x PP" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_default_targets_halve_the_small_teacher_at_equal_width_and_depth_parameters():
+    from megatron_minitron.config import preset
+    from megatron_minitron.demo.config import DemoConfig, default_targets
+    from megatron_minitron.plan.make import check_target
+
+    teacher = preset("small").explicit()
+    width, depth = default_targets(teacher, DemoConfig())
+    sizes = check_target(teacher, width, tensor_parallel=2)
+    width_params = teacher.replace(**sizes, kv_channels=teacher.head_dim).num_parameters()
+    depth_params = teacher.replace(num_layers=depth.num_layers).num_parameters()
+    assert (sizes["hidden_size"], sizes["ffn_hidden_size"], sizes["num_attention_heads"]) == (192, 384, 4)
+    assert depth.num_layers == 2 and depth.layer_metric == "block"
+    assert 0.5 < width_params / teacher.num_parameters() < 0.6
+    assert abs(width_params - depth_params) < 0.02 * teacher.num_parameters()
+    # every other depth is further from the width target's parameter count
+    gap = abs(depth_params - width_params)
+    for layers in range(1, teacher.num_layers):
+        assert abs(teacher.replace(num_layers=layers).num_parameters() - width_params) >= gap
