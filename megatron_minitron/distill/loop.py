@@ -235,8 +235,9 @@ def distill_task(runtime, cfg: DistillConfig, chunk: DistillationChunk, pairs: t
             else:
                 with torch.no_grad():
                     lm = cross_entropy(student_logits, batch["labels"])
-            with torch.no_grad():
-                teacher_lm = cross_entropy(teacher_logits, batch["labels"])
+            with torch.no_grad():  # the teacher's own loss is for validation reports only
+                teacher_lm = (torch.zeros_like(kd_loss) if model.training
+                              else cross_entropy(teacher_logits, batch["labels"]))
             total = cfg.kd_weight * kd_loss + cfg.lm_weight * lm
             loss_sum, count = losses.masked_mean(total, mask)
             report = {}
@@ -280,7 +281,7 @@ def distill_task(runtime, cfg: DistillConfig, chunk: DistillationChunk, pairs: t
 
     _rescale(chunk, cfg, {}, 0.0, state)
     return Task(forward_step=forward_step, losses=LOSSES, stage_losses=stage_losses, get_state=get_state,
-                set_state=set_state)
+                set_state=set_state, eval_only=("teacher lm loss",))
 
 
 def _rescale(chunk: DistillationChunk, cfg: DistillConfig, pair_losses: dict, kd_loss: float, state: dict) -> None:

@@ -167,6 +167,8 @@ class Task:
     """`stage_losses(reduced, training)`: losses computed on any pipeline stage (not only the last),
     reduced over all ranks and reset, after each schedule run; gets the reduced last-stage losses
     (distillation's intermediate losses, rescaled to the KD loss)."""
+    eval_only: tuple[str, ...] = ()
+    """Losses the task computes only in evaluation (not reported by training steps)."""
     get_state: Optional[Callable[[], dict]] = None
     """State the task carries from step to step, saved in checkpoints for an exact resume."""
     set_state: Optional[Callable[[dict], None]] = None
@@ -234,6 +236,8 @@ def train_step(trainer: Trainer, task: Task, data_iterator: Iterator[dict]) -> d
     trainer.iteration += 1
     trainer.consumed_samples += cfg.global_batch_size
     out = reduce_reports(reports, task.losses, runtime)
+    for name in task.eval_only:
+        out.pop(name)
     if task.stage_losses is not None:
         out.update(task.stage_losses(out, True))
     out.update(grad_norm=float(grad_norm or 0.0), lr=trainer.optimizer.param_groups[0]["lr"])

@@ -39,7 +39,7 @@ LAYOUTS = {
     "tp2_pp2": ParallelConfig(tensor_parallel=2, pipeline_parallel=2),
     "tp2_sp_dp2": ParallelConfig(tensor_parallel=2, sequence_parallel=True),
 }
-REPORTED = ("loss", "kd loss", "lm loss", "teacher lm loss", "intermediate loss", "grad_norm")
+REPORTED = ("loss", "kd loss", "lm loss", "intermediate loss", "grad_norm")
 
 
 def train_cfg(**overrides) -> TrainConfig:
