@@ -117,7 +117,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _launched() -> bool:
-    return ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or "SLURM_PROCID" in os.environ
+    """Already one of several launched ranks: torchrun's variables, or an srun step of several tasks (a
+    plain command inside an sbatch script is not, and launches its own torchrun job)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return True
+    return "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
 
 
 def run_ranks(cfg, *, plots: bool) -> int:

@@ -16,9 +16,9 @@ import pytest
 from megatron_minitron.cli import main
 from tests.conftest import REPO, child_env
 
-ITERS = 16
-SIZE = ["--arch", "tiny", "--tp", "2", "--teacher-iters", "60", "--teacher-lr", "3e-3", "--retrain-lr", "2e-3",
-        "--seq-length", "64", "--micro-batch-size", "4", "--global-batch-size", "8", "--eval-interval", "8",
+ITERS = 12
+SIZE = ["--arch", "tiny", "--tp", "2", "--teacher-iters", "50", "--teacher-lr", "3e-3", "--retrain-lr", "2e-3",
+        "--seq-length", "64", "--micro-batch-size", "4", "--global-batch-size", "8", "--eval-interval", "6",
         "--eval-iters", "4", "--calib-samples", "16", "--lm-loss-samples", "8", "--warmup-iters", "4"]
 ARMS = ("width_kd", "depth_kd", "scratch", "width_lm")
 
@@ -61,7 +61,7 @@ def test_the_report_holds_the_arms_own_metrics(demo):
         entry = results["arms"][arm]
         valid = _records(Path(entry["path"]), "valid")
         train = _records(Path(entry["path"]), "train")
-        assert [r["iteration"] for r in valid] == [0, 8, 16]
+        assert [r["iteration"] for r in valid] == [0, 6, 12]
         assert entry["curve"] == [[r["iteration"] * 8 * 64, r["val lm loss"]] for r in valid]
         assert entry["final"] == valid[-1]["val lm loss"] and entry["initial"] == valid[0]["val lm loss"]
         tokens[arm] = train[-1]["consumed_samples"] * 64
@@ -146,19 +146,19 @@ def test_a_second_run_reuses_the_teacher_and_replaces_its_own_output(demo, data_
     teacher = Path(results["teacher"]["path"])
     assert results["teacher"]["source"] == "trained" and teacher.parent == root / "teachers"
     before = (teacher / "metrics.jsonl").stat().st_mtime_ns
-    proc = _demo(root / "run", root / "teachers", data_cache, "--retrain-iters", "5", "--eval-interval", "0",
-                 "--no-plots")
+    proc = _demo(root / "run", root / "teachers", data_cache, "--retrain-iters", "3", "--retrain-warmup-iters", "1",
+                 "--eval-interval", "0", "--no-plots")
     again = json.loads((root / "run" / "results.json").read_text())
     assert again["teacher"]["source"] == "cache" and again["teacher"]["path"] == str(teacher)
     assert again["teacher"]["val_loss"] == pytest.approx(results["teacher"]["val_loss"], rel=1e-6)
     assert (teacher / "metrics.jsonl").stat().st_mtime_ns == before
     assert "teacher: reusing" in proc.stdout and not re.search(r"teacher: training", proc.stdout)
-    assert again["arms"]["width_kd"]["train_steps"] == 5 and again["plots"] == []
+    assert again["arms"]["width_kd"]["train_steps"] == 3 and again["plots"] == []
     assert not (root / "run" / "plots").exists()  # the previous run's output was replaced
 
 
 def test_bad_input_is_refused_before_any_process_starts(tmp_path, capsys, monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID"):  # as a plain command, not one of a launched job's ranks
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):  # as a plain command, not one of a launched job's ranks
         monkeypatch.delenv(name, raising=False)
     foreign = tmp_path / "notes"
     foreign.mkdir()
