@@ -190,7 +190,7 @@ class DistillationChunk(torch.nn.Module):
                 s_hidden = adapters[pair.name](s_hidden)
             per_token = self.intermediate_loss(normalized(s_hidden), normalized(t_hidden))  # [s, b]
             mask = _sequence_mask(loss_mask, per_token, self.tp_rank)
-            loss_sum = (per_token * mask).sum()
+            loss_sum = torch.where(mask.bool(), per_token, 0.0).sum()  # a NaN at a masked token stays out
             total = total + loss_sum * self.weights.get(pair.name, 1.0)
             rows.append(torch.stack([loss_sum.detach(), mask.sum()]))
         self.reports.append(torch.stack(rows))
