@@ -29,6 +29,7 @@ from megatron_minitron.distill.loop import ADAPTERS, DistillConfig, build, disti
 from megatron_minitron.importance.run import forward_passes  # noqa: E402
 from megatron_minitron.model import checkpoint as ckpt  # noqa: E402
 from megatron_minitron.model.build import build_model  # noqa: E402
+from megatron_minitron.prune.rewrite import peak_rss_mb  # noqa: E402
 from megatron_minitron.runtime import ParallelConfig, initialize, shutdown  # noqa: E402
 from megatron_minitron.training.loop import TrainConfig, build_trainer, init_from, lm_task, train_step  # noqa: E402
 
@@ -39,13 +40,6 @@ def batches(mbs: int, seq: int, vocab: int):
         t = torch.randint(0, vocab, (mbs, seq + 1), generator=g)
         yield {"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(mbs, seq),
                "position_ids": torch.arange(seq).expand(mbs, seq)}
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def current_rss_mb() -> float:

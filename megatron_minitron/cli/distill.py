@@ -74,7 +74,6 @@ def distill_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from megatron_minitron.data.loader import DataConfig
-    from megatron_minitron.data.tokenizer import TokenizerRef, tokenizer_ref_for
     from megatron_minitron.distill.loop import check_models, teacher_parallel
     from megatron_minitron.distill.model import check_pairs_on_stages, parse_layer_pairs
     from megatron_minitron.model import checkpoint as ckpt
@@ -101,16 +100,17 @@ def run(args: argparse.Namespace) -> int:
                           parallel.layers_per_stage(student.arch.num_layers))
     env = LaunchEnv.from_environ()
     cfg.num_microbatches(parallel.data_parallel(env.world_size))
-    tokenizer = _tokenizer(args, teacher, student, tokenizer_ref_for, TokenizerRef)
+    tokenizer = shared_tokenizer(args.tokenizer, teacher, student)
     data_cfg = DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
                           split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
                           tokenizer=tokenizer)
     return _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save)
 
 
-def _tokenizer(args, teacher, student, tokenizer_ref_for, TokenizerRef):
+def shared_tokenizer(tokenizer_path, teacher, student):
     """The one tokenizer of both models: --tokenizer, else the student's (which must be the teacher's)."""
     from megatron_minitron.data.loader import check_vocab_fits
+    from megatron_minitron.data.tokenizer import TokenizerRef, tokenizer_ref_for
 
     refs = {name: TokenizerRef.from_json(info.tokenizer) for name, info in (("teacher", teacher),
                                                                             ("student", student)) if info.tokenizer}
@@ -119,7 +119,7 @@ def _tokenizer(args, teacher, student, tokenizer_ref_for, TokenizerRef):
         if prints["teacher"] != prints["student"]:
             raise ConfigError(f"teacher and student use different tokenizers ({refs['teacher'].path} vs "
                               f"{refs['student'].path}); distillation compares their logits token by token")
-    ref = tokenizer_ref_for(args.tokenizer) if args.tokenizer else refs.get("student") or refs.get("teacher")
+    ref = tokenizer_ref_for(tokenizer_path) if tokenizer_path else refs.get("student") or refs.get("teacher")
     if ref is not None:
         check_vocab_fits(ref.load(), student.arch.vocab_size)
     return ref

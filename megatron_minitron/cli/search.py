@@ -81,9 +81,8 @@ def search_space(args, source):
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_minitron.cli.distill import _tokenizer, distill_config
+    from megatron_minitron.cli.distill import distill_config, shared_tokenizer
     from megatron_minitron.data.loader import DataConfig
-    from megatron_minitron.data.tokenizer import TokenizerRef, tokenizer_ref_for
     from megatron_minitron.importance.scores import load_scores
     from megatron_minitron.model import checkpoint as ckpt
     from megatron_minitron.runtime import LaunchEnv
@@ -108,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     _check_out(out, resume=args.resume, overwrite=args.overwrite)
     env = LaunchEnv.from_environ()
     cfg.num_microbatches(parallel.data_parallel(env.world_size))
-    tokenizer = _tokenizer(args, source, source, tokenizer_ref_for, TokenizerRef)
+    tokenizer = shared_tokenizer(args.tokenizer, source, source)
     data_cfg = DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
                           split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
                           tokenizer=tokenizer)

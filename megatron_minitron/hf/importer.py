@@ -42,6 +42,7 @@ from megatron_minitron.hf.families import Family, TensorMap, family_for_config, 
 from megatron_minitron.hf.files import HFError, TensorEntry
 from megatron_minitron.hf.rules import EXTRA_STATE_MODULES, Copy, Vocab, megatron_shape
 from megatron_minitron.model import checkpoint as ckpt
+from megatron_minitron.prune.rewrite import peak_rss_mb
 
 HF_DIR = "hf"
 """Directory of an imported checkpoint holding the source config.json and generation_config.json."""
@@ -348,16 +349,3 @@ def _replace(partial: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         partial.rename(out)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB (VmHWM)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

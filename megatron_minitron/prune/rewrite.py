@@ -281,7 +281,7 @@ def _worker_main(job: Job, queue) -> None:
     try:
         torch.set_num_threads(1)
         records = run_job(job, lambda n, r, w: queue.put(("progress", job.worker, n, r, w)))
-        queue.put(("done", job.worker, records, _peak_rss_mb()))
+        queue.put(("done", job.worker, records, peak_rss_mb()))
     except BaseException as error:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         queue.put(("error", job.worker, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
 
@@ -316,7 +316,7 @@ class _Progress:
                       f"{rate / 1e6:.1f} MB/s, ETA {eta:.0f}s")
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """Peak resident memory of this process (VmHWM: unlike ru_maxrss it does not carry over the
     parent's peak through fork+exec, which is how spawn starts workers)."""
     try:
@@ -439,7 +439,7 @@ def prune_checkpoint(source: str | os.PathLike, plan: Plan, out: str | os.PathLi
             records = _spawn(jobs, progress, peaks)
         progress.update(-1, 0, 0, 0, force=True)
         if workers == 1 or group is not None:
-            peaks[rank] = _peak_rss_mb()
+            peaks[rank] = peak_rss_mb()
         if rank == 0:
             _finalize(partial, out, prepared, records, overwrite)
             if stats is not None:
