@@ -108,3 +108,23 @@ def check_run_dir(save: Path, *, resume: bool, overwrite: bool) -> None:
         raise ConfigError(f"--save {save} exists and is not a megatron-minitron run directory; choose a new path")
     raise ConfigError(f"--save {save} already holds a run; pass --resume to continue it or --overwrite to "
                       f"start it again")
+
+
+def run_batches(data_cfg, tokenizer, cfg, runtime, *, model_vocab_size: int, train_iters=None) -> dict:
+    """`train_batches(start_sample)` and `valid_batches()` (None without validation data) of a training
+    run: megatron datasets sized for train_iters (default cfg.train_iters) and cfg.eval_iters global
+    batches, each rank taking its data-parallel share."""
+    from megatron_minitron.data.loader import batch_iterator, build_datasets
+
+    steps = train_iters or cfg.train_iters
+    train_ds, valid_ds, _ = build_datasets(data_cfg, tokenizer, (steps * cfg.global_batch_size,
+                                                                 cfg.eval_iters * cfg.global_batch_size, 0),
+                                           model_vocab_size=model_vocab_size)
+    dp = dict(micro_batch_size=cfg.micro_batch_size, dp_rank=runtime.dp_rank, dp_size=runtime.data_parallel)
+    return {"train_batches": lambda start: batch_iterator(train_ds, start_sample=start, **dp),
+            "valid_batches": (lambda: batch_iterator(valid_ds, **dp)) if valid_ds is not None else None}
+
+
+def tokenizer_json(data_cfg, tokenizer) -> dict:
+    """The tokenizer reference stored in checkpoints (keeps an explicit HF eod token)."""
+    return (data_cfg.tokenizer or tokenizer.ref).to_json()

@@ -18,7 +18,8 @@ import shutil
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
-                                           check_run_dir, parallel_config, parse_blend, train_config)
+                                           check_run_dir, parallel_config, parse_blend, run_batches, tokenizer_json,
+                                           train_config)
 from megatron_minitron.config import ConfigError
 
 
@@ -126,7 +127,7 @@ def shared_tokenizer(tokenizer_path, teacher, student):
 
 
 def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: Path) -> int:
-    from megatron_minitron.data.loader import batch_iterator, build_datasets, load_tokenizer
+    from megatron_minitron.data.loader import load_tokenizer
     from megatron_minitron.distill.loop import distill
     from megatron_minitron.runtime import initialize, shutdown
 
@@ -136,10 +137,7 @@ def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: P
             shutil.rmtree(save)
         runtime.barrier()
         tokenizer = load_tokenizer(data_cfg)
-        train_ds, valid_ds, _ = build_datasets(data_cfg, tokenizer, (cfg.train_iters * cfg.global_batch_size,
-                                                                     cfg.eval_iters * cfg.global_batch_size, 0),
-                                               model_vocab_size=student.arch.vocab_size)
-        dp = dict(micro_batch_size=cfg.micro_batch_size, dp_rank=runtime.dp_rank, dp_size=runtime.data_parallel)
+        batches = run_batches(data_cfg, tokenizer, cfg, runtime, model_vocab_size=student.arch.vocab_size)
         if runtime.rank == 0:
             save.mkdir(parents=True, exist_ok=True)
             (save / "run.json").write_text(json.dumps({
@@ -151,10 +149,8 @@ def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: P
             print(f"distilling {teacher.arch.num_parameters() / 1e6:.2f}M -> {student.arch.num_parameters() / 1e6:.2f}M "
                   f"parameters at TP={parallel.tensor_parallel} PP={parallel.pipeline_parallel} "
                   f"DP={runtime.data_parallel} on {runtime.device.type} ({runtime.backend})", flush=True)
-        distill(teacher_info=teacher, student_info=student, runtime=runtime, train_cfg=cfg, cfg=dcfg,
-                train_batches=lambda start: batch_iterator(train_ds, start_sample=start, **dp),
-                valid_batches=(lambda: batch_iterator(valid_ds, **dp)) if valid_ds is not None else None,
-                save=save, tokenizer=(data_cfg.tokenizer or tokenizer.ref).to_json(),
+        distill(teacher_info=teacher, student_info=student, runtime=runtime, train_cfg=cfg, cfg=dcfg, **batches,
+                save=save, tokenizer=tokenizer_json(data_cfg, tokenizer),
                 provenance={"command": "distill", "teacher": str(teacher.root), "student": str(student.root),
                             "plan": student.metadata.get("plan"), "distill": dcfg.to_json()})
     finally:

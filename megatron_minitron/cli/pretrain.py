@@ -15,7 +15,8 @@ import shutil
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
-                                           check_run_dir, parallel_config, parse_blend, train_config)
+                                           check_run_dir, parallel_config, parse_blend, run_batches, tokenizer_json,
+                                           train_config)
 from megatron_minitron.config import ConfigError
 
 
@@ -73,7 +74,7 @@ def _data_config(args: argparse.Namespace, init_info):
 
 
 def _train(args, parallel, cfg, env, save: Path, arch, init_info, data_cfg) -> int:
-    from megatron_minitron.data.loader import batch_iterator, build_datasets, load_tokenizer
+    from megatron_minitron.data.loader import load_tokenizer
     from megatron_minitron.model.checkpoint import latest_iteration
     from megatron_minitron.runtime import initialize, shutdown
     from megatron_minitron.training.loop import RunPaths, build_trainer, init_from, lm_task, train
@@ -87,14 +88,10 @@ def _train(args, parallel, cfg, env, save: Path, arch, init_info, data_cfg) -> i
         if init_info is None and not Path(args.arch).is_file():
             # A preset trained from scratch takes the tokenizer's vocabulary.
             arch = arch.replace(vocab_size=tokenizer.vocab_size, padded_vocab_size=None)
-        valid_samples = cfg.eval_iters * cfg.global_batch_size
-        train_ds, valid_ds, _ = build_datasets(data_cfg, tokenizer, (cfg.train_iters * cfg.global_batch_size,
-                                                                     valid_samples, 0),
-                                               model_vocab_size=arch.vocab_size)
+        batches = run_batches(data_cfg, tokenizer, cfg, runtime, model_vocab_size=arch.vocab_size)
         trainer = build_trainer(arch, runtime, cfg)
         if init_info is not None and latest_iteration(save) is None:
             init_from(trainer, init_info.root)
-        dp = dict(micro_batch_size=cfg.micro_batch_size, dp_rank=runtime.dp_rank, dp_size=runtime.data_parallel)
         if runtime.rank == 0:
             save.mkdir(parents=True, exist_ok=True)
             (save / "run.json").write_text(json.dumps({"arch": arch.to_json(), "train": cfg.to_json(),
@@ -104,17 +101,9 @@ def _train(args, parallel, cfg, env, save: Path, arch, init_info, data_cfg) -> i
             print(f"training {arch.num_parameters() / 1e6:.2f}M parameters at TP={parallel.tensor_parallel} "
                   f"PP={parallel.pipeline_parallel} DP={runtime.data_parallel} on {runtime.device.type} "
                   f"({runtime.backend}); vocabulary {tokenizer.vocab_size}", flush=True)
-        train(trainer, task=lm_task(runtime.device),
-              train_batches=lambda start: batch_iterator(train_ds, start_sample=start, **dp),
-              valid_batches=(lambda: batch_iterator(valid_ds, **dp)) if valid_ds is not None else None,
-              paths=RunPaths(save=save, metrics=save / "metrics.jsonl"),
+        train(trainer, task=lm_task(runtime.device), **batches, paths=RunPaths(save=save, metrics=save / "metrics.jsonl"),
               tokenizer=tokenizer_json(data_cfg, tokenizer),
               provenance={"command": "pretrain", "init": str(init_info.root) if init_info else None})
     finally:
         shutdown()
     return 0
-
-
-def tokenizer_json(data_cfg, tokenizer) -> dict:
-    """The tokenizer reference stored in checkpoints (keeps an explicit HF eod token)."""
-    return (data_cfg.tokenizer or tokenizer.ref).to_json()

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
-                                           parallel_config, parse_blend, train_config)
+                                           parallel_config, parse_blend, run_batches, tokenizer_json, train_config)
 from megatron_minitron.config import ConfigError
 
 AXIS_FLAGS = {"num_layers": "--layers", "hidden_size": "--hidden", "ffn_hidden_size": "--ffn",
@@ -129,7 +129,7 @@ def _check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
 def _search(args, parallel, env, cfg, dcfg, source, scores, space, candidates, removed, data_cfg, out: Path) -> int:
     import dataclasses
 
-    from megatron_minitron.data.loader import batch_iterator, build_datasets, load_tokenizer
+    from megatron_minitron.data.loader import load_tokenizer
     from megatron_minitron.distill.loop import load_teacher
     from megatron_minitron.runtime import initialize, shutdown
     from megatron_minitron.search.run import SearchSetup, finished, rank, run_candidate, write_report
@@ -157,20 +157,15 @@ def _search(args, parallel, env, cfg, dcfg, source, scores, space, candidates, r
             f"({sum(removed.values())} combinations removed: {dict(removed)}); {cfg.train_iters} distillation "
             f"steps each")
         tokenizer = load_tokenizer(data_cfg)
-        steps = max(cfg.train_iters, args.winner_iters)
-        train_ds, valid_ds, _ = build_datasets(data_cfg, tokenizer, (steps * cfg.global_batch_size,
-                                                                     cfg.eval_iters * cfg.global_batch_size, 0),
-                                               model_vocab_size=source.arch.vocab_size)
-        dp = dict(micro_batch_size=cfg.micro_batch_size, dp_rank=runtime.dp_rank, dp_size=runtime.data_parallel)
-        batches = dict(train_batches=lambda start: batch_iterator(train_ds, start_sample=start, **dp),
-                       valid_batches=lambda: batch_iterator(valid_ds, **dp))
+        batches = run_batches(data_cfg, tokenizer, cfg, runtime, model_vocab_size=source.arch.vocab_size,
+                              train_iters=max(cfg.train_iters, args.winner_iters))
         import torch
 
         dtype = torch.bfloat16 if (cfg.bf16 if cfg.bf16 is not None else runtime.device.type == "cuda") else torch.float32
         teacher = load_teacher(source, runtime, dcfg, dtype=dtype, padded_vocab=source.arch.padded_vocab)
         setup = SearchSetup(source=source, scores=scores, out=out, layer_metric=args.layer_metric, seed=cfg.seed,
                             keep_checkpoints=args.keep_checkpoints)
-        tok = (data_cfg.tokenizer or tokenizer.ref).to_json()
+        tok = tokenizer_json(data_cfg, tokenizer)
         results = []
         for i, candidate in enumerate(candidates):
             done = finished(out, candidate)
