@@ -105,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
                           f"{source.arch.max_position_embeddings}")
     out = Path(args.out)
     _check_out(out, resume=args.resume, overwrite=args.overwrite)
+    if args.winner_iters < 0:
+        raise ConfigError(f"--winner-iters must be >= 0, got {args.winner_iters}")
+    _check_winner(out, args.winner_iters, overwrite=args.overwrite)
     env = LaunchEnv.from_environ()
     cfg.num_microbatches(parallel.data_parallel(env.world_size))
     tokenizer = shared_tokenizer(args.tokenizer, source, source)
@@ -124,6 +127,17 @@ def _check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
     if not (resume or overwrite):
         raise ConfigError(f"--out {out} already holds a search; pass --resume to continue it or --overwrite to "
                           f"start again")
+
+
+def _check_winner(out: Path, iters: int, *, overwrite: bool) -> None:
+    """A resumed search continues its winner's distillation only at the same length (its LR schedule)."""
+    done = out / "winner" / "winner.json"
+    if overwrite or not iters or not done.is_file():
+        return
+    before = json.loads(done.read_text())["winner_iters"]
+    if before != iters:
+        raise ConfigError(f"--winner-iters {iters}: {out / 'winner'} holds the winner distilled for {before} steps; "
+                          f"pass --winner-iters {before} or move that directory away")
 
 
 def _search(args, parallel, env, cfg, dcfg, source, scores, space, candidates, removed, data_cfg, out: Path) -> int:
@@ -157,8 +171,7 @@ def _search(args, parallel, env, cfg, dcfg, source, scores, space, candidates, r
             f"({sum(removed.values())} combinations removed: {dict(removed)}); {cfg.train_iters} distillation "
             f"steps each")
         tokenizer = load_tokenizer(data_cfg)
-        batches = run_batches(data_cfg, tokenizer, cfg, runtime, model_vocab_size=source.arch.vocab_size,
-                              train_iters=max(cfg.train_iters, args.winner_iters))
+        batches = run_batches(data_cfg, tokenizer, cfg, runtime, model_vocab_size=source.arch.vocab_size)
         import torch
 
         dtype = torch.bfloat16 if (cfg.bf16 if cfg.bf16 is not None else runtime.device.type == "cuda") else torch.float32
@@ -186,9 +199,17 @@ def _search(args, parallel, env, cfg, dcfg, source, scores, space, candidates, r
         if args.winner_iters:
             winner = next(c for c in candidates if c.name == ranking["winner"])
             full = dataclasses.replace(cfg, train_iters=args.winner_iters)
-            run_candidate(dataclasses.replace(setup, out=out / "winner", keep_checkpoints=True), winner,
-                          runtime=runtime, train_cfg=full, distill_cfg=dcfg, teacher=teacher, tokenizer=tok, log=log,
-                          **batches)
+            # data sized for the winner's run: the same order a separate `minitron distill` of that length sees
+            batches = run_batches(data_cfg, tokenizer, full, runtime, model_vocab_size=source.arch.vocab_size)
+            if runtime.rank == 0:
+                (out / "winner").mkdir(exist_ok=True)
+                (out / "winner" / "winner.json").write_text(json.dumps({"winner_iters": args.winner_iters}) + "\n")
+            distilled = finished(out / "winner", winner) or run_candidate(
+                dataclasses.replace(setup, out=out / "winner", keep_checkpoints=True), winner,
+                runtime=runtime, train_cfg=full, distill_cfg=dcfg, teacher=teacher, tokenizer=tok, log=log, **batches)
+            if runtime.rank == 0:
+                write_report(out, setup_json, results, ranking, winner=distilled)
+            runtime.barrier()
     finally:
         shutdown()
     return 0

@@ -75,7 +75,7 @@ def run_candidate(setup: SearchSetup, candidate: Candidate, *, runtime, train_cf
                     train_cfg=train_cfg, cfg=distill_cfg, train_batches=train_batches, valid_batches=valid_batches,
                     save=cdir / "run", tokenizer=tokenizer, teacher=teacher,
                     provenance={"command": "search", "candidate": candidate.name, "plan": plan.to_json()})
-    result = {**candidate.to_json(), **_curves(cdir / "run" / "metrics.jsonl"), "final": final}
+    result = {**candidate.to_json(), **read_curves(cdir / "run" / "metrics.jsonl"), "final": final}
     if runtime.rank == 0:
         tmp = cdir / (RESULT + ".tmp")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -90,7 +90,7 @@ def run_candidate(setup: SearchSetup, candidate: Candidate, *, runtime, train_cf
     return result
 
 
-def _curves(metrics: Path) -> dict:
+def read_curves(metrics: Path) -> dict:
     """Zero-shot loss (step 0) and the validation curve, from the candidate's own metrics file."""
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     valid = [r for r in records if r["kind"] == "valid"]
@@ -120,9 +120,13 @@ def spearman(a: list[str], b: list[str]) -> float:
     return 1 - 6 * d2 / (n * (n * n - 1))
 
 
-def write_report(out: Path, setup_json: dict, results: list[dict], ranking: dict) -> None:
-    """search.json, search.md (the candidate table) and search.png (validation loss vs step), rank 0."""
-    (out / "search.json").write_text(json.dumps({**setup_json, **ranking, "candidates": results}, indent=2) + "\n")
+def write_report(out: Path, setup_json: dict, results: list[dict], ranking: dict,
+                 winner: Optional[dict] = None) -> None:
+    """search.json, search.md (the candidate table) and search.png (validation loss vs step), rank 0;
+    `winner` is the result of the winner's full distillation when there was one."""
+    extra = {"winner_distilled": winner} if winner is not None else {}
+    (out / "search.json").write_text(json.dumps({**setup_json, **ranking, "candidates": results, **extra},
+                                                indent=2) + "\n")
     order = {name: i + 1 for i, name in enumerate(ranking["ranking"])}
     zero = {name: i + 1 for i, name in enumerate(ranking["zero_shot_ranking"])}
     lines = [f"# Architecture search: {len(results)} candidates near {setup_json['budget']:,} parameters", "",
@@ -133,6 +137,10 @@ def write_report(out: Path, setup_json: dict, results: list[dict], ranking: dict
     for r in sorted(results, key=lambda r: order[r["name"]]):
         lines.append(f"| {order[r['name']]} | {r['name']} | {r['params']:,} | {r['zero_shot_lm_loss']:.4f} "
                      f"({zero[r['name']]}) | {r['val_lm_loss']:.4f} |")
+    if winner is not None:
+        steps = winner["curve"][-1][0] if winner["curve"] else 0
+        lines += ["", f"The winner distilled for {steps} steps (`winner/`): validation LM loss "
+                  f"{winner['val_lm_loss']:.4f}, zero-shot {winner['zero_shot_lm_loss']:.4f}."]
     lines += ["", "Names: L layers, h hidden, f MLP, H query heads, G query groups. "
               "![validation loss vs step](search.png)", ""]
     (out / "search.md").write_text("\n".join(lines))
