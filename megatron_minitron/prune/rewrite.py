@@ -51,7 +51,7 @@ import torch
 from megatron_minitron.model import checkpoint as ckpt
 from megatron_minitron.plan.plan import Plan
 from megatron_minitron.prune import storage
-from megatron_minitron.prune.slicing import AxisIndices, PruneError, is_dropped, rename_object, rule_for
+from megatron_minitron.prune.slicing import AxisIndices, PruneError, Scratch, is_dropped, rename_object, rule_for
 
 DEFAULT_CHUNK_BYTES = 64 << 20
 COMMON_DROPPED = ("optimizer", "opt_param_scheduler", "train_state", "rng_state", "rerun_state_machine")
@@ -235,6 +235,7 @@ def run_job(job: Job, report: Optional[Callable[[int, int, int], None]] = None) 
     writer = storage.ChunkWriter(Path(job.partial), f"__{job.worker}_0.distcp", fsync=job.fsync)
     parent = os.getppid()
     rules: dict = {}
+    scratch = Scratch()
     try:
         for n, unit in enumerate(job.units):
             if os.getppid() != parent:  # the coordinator died: stop writing
@@ -247,7 +248,7 @@ def run_job(job: Job, report: Optional[Callable[[int, int, int], None]] = None) 
                     meta = reader.tensor_meta(unit.source_key)
                     rules[unit.source_key] = rule_for(unit.source_key, tuple(meta.size), plan, axes)
                 rule = rules[unit.source_key]
-                _rewrite_unit(rule, unit, reader, writer)
+                _rewrite_unit(rule, unit, reader, writer, scratch)
             if report is not None:
                 report(n + 1, reader.bytes_read, writer.bytes_written)
     finally:
@@ -256,7 +257,8 @@ def run_job(job: Job, report: Optional[Callable[[int, int, int], None]] = None) 
     return writer.records
 
 
-def _rewrite_unit(rule, unit: Unit, reader: storage.SourceReader, writer: storage.ChunkWriter) -> None:
+def _rewrite_unit(rule, unit: Unit, reader: storage.SourceReader, writer: storage.ChunkWriter,
+                  scratch: Optional[Scratch] = None) -> None:
     j = 0 if unit.layer is None else unit.layer
     a, b = unit.rows
     source_layer = rule.source_layer(j) if rule.layered else None
@@ -265,8 +267,13 @@ def _rewrite_unit(rule, unit: Unit, reader: storage.SourceReader, writer: storag
         rows = (0, rule.source_shape[1 if rule.layered else 0])
     else:
         rows = rule.source_rows(j, a, b)
-    source = reader.read_rows(rule.source_key, source_layer, *rows)
-    target = rule.apply(source, j) if whole_layer else rule.apply(source, j, rows=(a, b))
+    if whole_layer:
+        source = reader.read_rows(rule.source_key, source_layer, *rows)
+        target = rule.apply(source, j)
+    else:  # the reader picks the kept rows itself (from the mapped file, without copying the rest)
+        source = reader.read_rows(rule.source_key, source_layer, *rows, index=rule.row_index(j, a, b),
+                                  scratch=scratch)
+        target = rule.apply(source, j, rows=(a, b), rows_selected=True, scratch=scratch)
     if whole_layer:
         target = target[a:b]
     lead = (unit.layer,) if rule.layered else ()

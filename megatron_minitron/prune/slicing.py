@@ -33,6 +33,7 @@ are. W_kept <- 2 W_kept - W_pruned on those rows/columns, before the selection.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -117,10 +118,13 @@ class TensorRule:
     def layer_shape(self) -> tuple[int, ...]:
         return self.target_shape[1:] if self.layered else self.target_shape
 
-    def apply(self, source: torch.Tensor, j: int = 0, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    def apply(self, source: torch.Tensor, j: int = 0, rows: Optional[tuple[int, int]] = None,
+              rows_selected: bool = False, scratch: Optional["Scratch"] = None) -> torch.Tensor:
         """The target layer j (the whole target for an unlayered tensor) from the per-layer source
         tensor; with rows=(a, b), only target rows a:b of the first per-layer dim, given source rows
-        `source_rows(j, a, b)` (relative to their start)."""
+        `source_rows(j, a, b)` (relative to their start), or, with rows_selected, given exactly the
+        source rows `row_index(j, a, b)` selects (the reader picked them). With `scratch`, the
+        selections write into its reused buffers: the result is valid until its next use."""
         index = self.index(j)
         pairs = self.merge(j)
         if pairs:
@@ -134,14 +138,22 @@ class TensorRule:
         out = source
         for dim, idx in enumerate(index):
             if dim == 0 and rows is not None:
-                if idx is not None:
+                if idx is not None and not rows_selected:
                     a, b = rows
                     start = int(idx[a]) if b > a else 0
                     out = out.index_select(0, idx[a:b] - start)
                 continue
             if idx is not None:
-                out = out.index_select(dim, idx)
+                out = select(out, dim, idx, scratch, f"dim{dim}")
         return out
+
+    def row_index(self, j: int, a: int, b: int) -> Optional[torch.Tensor]:
+        """The source rows of target rows a:b of layer j, relative to `source_rows(j, a, b)`'s start
+        (None: all of them)."""
+        idx = self.index(j)[0] if self.index(j) else None
+        if idx is None or b <= a:
+            return None
+        return idx[a:b] - int(idx[a])
 
     def source_rows(self, j: int, a: int, b: int) -> tuple[int, int]:
         """Source row range (first per-layer dim) that target rows a:b of layer j read."""
@@ -149,6 +161,32 @@ class TensorRule:
         if idx is None or b <= a:
             return a, b
         return int(idx[a]), int(idx[b - 1]) + 1
+
+
+class Scratch:
+    """Output buffers reused from one selection to the next (one set per worker).
+
+    A fresh tensor per selection is a fresh mapping of zeroed pages (the pruner serves allocations
+    over 1 MiB by mmap to keep its memory flat); in a perf profile of benchmarks/prune_throughput.py's
+    Minitron plan, faulting in, zeroing and unmapping those pages was the largest kernel cost."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        buffer = self.buffers.get(slot)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = self.buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return buffer[:nbytes].view(dtype).view(shape)
+
+
+def select(x: torch.Tensor, dim: int, index: torch.Tensor, scratch: Optional[Scratch], slot: str) -> torch.Tensor:
+    """x.index_select(dim, index), into scratch's buffer `slot` when given."""
+    if scratch is None:
+        return x.index_select(dim, index)
+    shape = x.shape[:dim] + (len(index),) + x.shape[dim + 1:]
+    return torch.index_select(x, dim, index, out=scratch.take(slot, tuple(shape), x.dtype))
 
 
 def _range_or_none(indices: Sequence[int], size: int) -> Optional[torch.Tensor]:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import collections
 import io
+import math
+import mmap
 import os
 import pickle
 import struct
@@ -31,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from megatron_minitron.prune.slicing import PruneError
+from megatron_minitron.prune.slicing import PruneError, Scratch, select
 
 
 # --------------------------------------------------------------------------------------- metadata
@@ -190,9 +192,14 @@ class SourceReader:
     def tensor_meta(self, key: str):
         return self.metadata.state_dict_metadata[key]
 
-    def read_rows(self, key: str, layer: Optional[int], r0: int, r1: int) -> torch.Tensor:
+    def read_rows(self, key: str, layer: Optional[int], r0: int, r1: int,
+                  index: Optional[torch.Tensor] = None, scratch: Optional[Scratch] = None) -> torch.Tensor:
         """Rows r0:r1 of the first per-layer dim of tensor `key` (of layer `layer` of a stacked
-        tensor, or of the tensor itself when layer is None), every other dim whole."""
+        tensor, or of the tensor itself when layer is None), every other dim whole; with `index`
+        (ascending, relative to r0), only those rows.
+
+        The result may share memory with the file's pages (a private copy-on-write mapping: writing
+        to it never reaches the file) or with scratch's buffer "rows" (until its next use)."""
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
         meta = self.tensor_meta(key)
@@ -200,6 +207,9 @@ class SourceReader:
         lead = 0 if layer is None else 1  # dims before the row dim
         if len(size) == lead:  # a stacked scalar per layer: treat it as one row
             raise PruneError(f"{key}: stacked scalars are not supported")
+        mapped = self._mapped_rows(key, meta, layer, lead, r0, r1, index, scratch)
+        if mapped is not None:
+            return mapped
         out = torch.empty((r1 - r0,) + size[lead + 1:], dtype=meta.properties.dtype)
         covered = 0
         for chunk in meta.chunks:
@@ -219,17 +229,74 @@ class SourceReader:
         if covered != out.numel():
             raise PruneError(f"{self.ckpt}: the stored chunks of {key!r} do not cover rows {r0}:{r1}"
                              f"{'' if layer is None else f' of layer {layer}'}; the metadata is inconsistent")
-        return out
+        return out if index is None else out.index_select(0, index)
 
-    def _read_chunk_rows(self, key, info, sizes, lead, local_layer, x0, x1, dest: torch.Tensor) -> None:
-        f = self._file(info.relative_path)
+    def _mapped_rows(self, key: str, meta, layer: Optional[int], lead: int, r0: int, r1: int,
+                     index: Optional[torch.Tensor], scratch: Optional[Scratch]) -> Optional[torch.Tensor]:
+        """read_rows through a memory mapping of just those rows, when one stored chunk holds them
+        with every other dim whole; None otherwise (read_rows copies the pieces together).
+
+        Measured (32 MB fp32 matrix, half its rows and 3/4 of its columns kept, one thread): readinto
+        into a fresh buffer then the two index_selects took 25 ms, the same selects from the mapping
+        3.7 ms: the source bytes are not copied first, and no fresh pages are faulted in and zeroed.
+        Archives inside a DCP file start at any byte, so the elements may be misaligned for their
+        dtype; then the rows are gathered as bytes (alignment-free) into an aligned tensor, or copied
+        whole when every row is kept. The mapping goes when the returned tensor does, so a worker's
+        memory stays at the region it asked for."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        size = tuple(meta.size)
+        for chunk in meta.chunks:
+            offs, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+            if layer is not None and not offs[0] <= layer < offs[0] + sizes[0]:
+                continue
+            if not offs[lead] <= r0 < offs[lead] + sizes[lead]:
+                continue
+            if r1 > offs[lead] + sizes[lead] or sizes[lead + 1:] != size[lead + 1:]:
+                return None  # the rows span several chunks, or the columns are split
+            info = self.metadata.storage_data[MetadataIndex(key, offs)]
+            layout = self._layout(info, sizes)
+            if layout is None:
+                return None
+            itemsize = layout.dtype.itemsize
+            row_shape = size[lead + 1:]
+            row_bytes = math.prod(row_shape) * itemsize
+            local_layer = 0 if layer is None else layer - offs[0]
+            start = layout.data_offset + (local_layer * sizes[lead] + r0 - offs[lead]) * row_bytes
+            nbytes = (r1 - r0) * row_bytes
+            if nbytes == 0:
+                return None
+            f = self._file(info.relative_path)
+            if os.fstat(f.fileno()).st_size < start + nbytes:
+                raise PruneError(f"{self.ckpt / info.relative_path}: short read of {key!r} (it needs bytes up to "
+                                 f"{start + nbytes}); the file is truncated")
+            base = start - start % mmap.ALLOCATIONGRANULARITY
+            region = mmap.mmap(f.fileno(), start + nbytes - base, access=mmap.ACCESS_COPY, offset=base)
+            raw = torch.frombuffer(region, dtype=torch.uint8, offset=start - base, count=nbytes)
+            raw = raw.view(r1 - r0, row_bytes)
+            kept = len(index) if index is not None else r1 - r0
+            self.bytes_read += nbytes  # the region asked for, as the copying path counts it
+            if index is not None:
+                raw = select(raw, 0, index, scratch, "rows")  # an aligned tensor
+            elif start % itemsize:
+                raw = select(raw, 0, torch.arange(r1 - r0), scratch, "rows")
+            return raw.view(layout.dtype).view((kept,) + row_shape)
+        return None
+
+    def _layout(self, info, sizes) -> Optional[_Layout]:
         cache_key = (info.relative_path, info.offset)
         if cache_key not in self._layouts:
+            f = self._file(info.relative_path)
             layout = None if info.transform_descriptors else _parse_layout(f, info.offset, info.length)
             if layout is not None and layout.shape != tuple(sizes):
                 layout = None
             self._layouts[cache_key] = layout
-        layout = self._layouts[cache_key]
+        return self._layouts[cache_key]
+
+    def _read_chunk_rows(self, key, info, sizes, lead, local_layer, x0, x1, dest: torch.Tensor) -> None:
+        f = self._file(info.relative_path)
+        cache_key = (info.relative_path, info.offset)
+        layout = self._layout(info, sizes)
         if layout is None:  # fall back to reading the whole archive, as DCP does
             if self._loaded[0] != cache_key:
                 self._loaded = (None, None)
@@ -286,6 +353,10 @@ class Record:
     transform_descriptors: Optional[list] = None
 
 
+ALIGN = 64
+"""Start of every tensor archive ChunkWriter writes, in bytes."""
+
+
 class ChunkWriter:
     """Appends items to one `.distcp` file, the way DCP's FileSystemWriter lays them out.
 
@@ -294,7 +365,10 @@ class ChunkWriter:
     ~3 GB/s unbuffered); and the zip CRC32 of each archive is not computed (`compute_crc32=False`),
     because no loader checks it (torch.load reads a corrupted record silently either way) and it
     costs more than the write itself. With `fsync`, each file is flushed to disk before the
-    checkpoint is finalised, as DCP's writer does by default.
+    checkpoint is finalised, as DCP's writer does by default. Each tensor archive starts at a
+    multiple of 64 bytes (loaders go by the offsets in the metadata, so the gaps are never read):
+    its elements are then aligned in the file, and a later prune reads them through a mapping
+    without copying (SourceReader).
     """
 
     def __init__(self, directory: Path, name: str, *, fsync: bool = True):
@@ -309,6 +383,9 @@ class ChunkWriter:
         from torch.utils.serialization import config
 
         start = self.f.tell()
+        if start % ALIGN:  # torch.save aligns its records to 64 bytes of the archive's own start
+            self.f.write(bytes(ALIGN - start % ALIGN))
+            start = self.f.tell()
         crc, config.save.compute_crc32 = config.save.compute_crc32, False
         try:
             torch.save(chunk.contiguous(), self.f)

@@ -10,7 +10,6 @@ headline size published for the model, within half a unit of its last published 
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from pathlib import Path

@@ -234,3 +234,34 @@ def test_reader_finds_rows_inside_stored_archives(source, tmp_path):
                            full["embedding.word_embeddings.weight"][7:9])
         assert reader._layouts and all(layout is not None for layout in reader._layouts.values())
         reader.close()
+
+
+def test_reader_selects_rows_from_the_mapped_file_without_writing_to_it(source, tmp_path):
+    """read_rows(index=...) equals slicing the loaded tensor, through each path: a mapped view
+    (aligned), a byte-row gather (any alignment), a copy (rows across the GLU halves' chunks), and
+    with reused scratch buffers; writing into a result leaves the file unchanged."""
+    from megatron_minitron.plan.plan import identity_plan
+    from megatron_minitron.prune.rewrite import prune_checkpoint
+    from megatron_minitron.prune.slicing import Scratch
+    from megatron_minitron.prune.storage import SourceReader
+
+    out = prune_checkpoint(source / "src", identity_plan(ARCH), tmp_path / "o", print_fn=lambda s: None)
+    index = torch.tensor([0, 3, 4, 40, 99])
+    for path in (ckpt.resolve(source / "src").path, out):
+        full = ckpt.read_tensors(path)
+        before = {p.name: p.read_bytes() for p in path.glob("*.distcp")}
+        reader = SourceReader(path)
+        fc1 = full["decoder.layers.mlp.linear_fc1.weight"][1]
+        for scratch in (None, Scratch()):
+            for r0 in (0, 150):  # inside the gate half; across the gate and up halves
+                got = reader.read_rows("decoder.layers.mlp.linear_fc1.weight", 1, r0, r0 + 100, index=index,
+                                       scratch=scratch)
+                assert torch.equal(got, fc1[r0:r0 + 100][index])
+                got.fill_(7.0)
+            rows = reader.read_rows("embedding.word_embeddings.weight", None, 5, 105)
+            assert torch.equal(rows, full["embedding.word_embeddings.weight"][5:105])
+            rows.fill_(7.0)  # a copy-on-write page, never the file
+        misaligned = [layout for layout in reader._layouts.values() if layout.data_offset % 4]
+        assert misaligned if path != out else not misaligned  # DCP's archives start anywhere, ours aligned
+        reader.close()
+        assert {p.name: p.read_bytes() for p in path.glob("*.distcp")} == before
