@@ -86,8 +86,11 @@ def write_hf(config: dict, directory: Path) -> int:
 # ----------------------------------------------------------------------------- one measured operation
 def worker(op: str, src: str, dst: str) -> dict:
     """Runs in a fresh interpreter: one operation, its bytes, seconds and peak RSS."""
-    import torch.distributed.checkpoint  # noqa: F401 - module imports (~3 s here) are start-up, not throughput
+    # module imports (~3 s here, with the ones the operations import lazily) are start-up, not throughput
+    import torch.distributed.checkpoint  # noqa: F401
 
+    import megatron_minitron.data.tokenizer  # noqa: F401
+    import megatron_minitron.prune.storage  # noqa: F401
     from megatron_minitron.hf.exporter import export_hf
     from megatron_minitron.hf.importer import import_hf, peak_rss_mb
 

@@ -18,6 +18,7 @@ wrong file) happens in `scan` before the caller writes anything, and names the f
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Iterable, Optional
 import torch
 
 from megatron_minitron.config import ConfigError
+from megatron_minitron.prune.storage import map_range
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -175,7 +177,11 @@ def scan(directory: str | os.PathLike) -> HFDirectory:
 
 
 class TensorReader:
-    """Reads whole tensors by `readinto` from open files (one handle per file)."""
+    """Reads tensors, or row ranges of them, from open safetensors files (one handle per file).
+
+    A range whose elements are aligned in the file comes back as a view of a private memory mapping
+    (copy-on-write: writing to it never reaches the file), so a tensor written on unchanged costs one
+    copy instead of two plus freshly zeroed pages; others are read with `readinto`."""
 
     def __init__(self) -> None:
         self._files: dict[Path, object] = {}
@@ -188,9 +194,16 @@ class TensorReader:
             f = self._files[entry.path] = open(entry.path, "rb", buffering=0)
         r0, r1 = rows if rows is not None else (0, entry.shape[0] if entry.shape else 1)
         shape = (r1 - r0,) + entry.shape[1:] if entry.shape else ()
-        out = torch.empty(shape, dtype=entry.dtype)
-        nbytes = out.numel() * out.element_size()
+        itemsize = entry.dtype.itemsize
+        nbytes = math.prod(shape) * itemsize
         row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else 0
+        start = entry.start + r0 * row_bytes
+        if nbytes and start % itemsize == 0:
+            if os.fstat(f.fileno()).st_size < start + nbytes:
+                raise HFError(f"{entry.path} is truncated: {entry.name!r} needs bytes up to {start + nbytes}")
+            self.bytes_read += nbytes
+            return map_range(f, start, nbytes, entry.dtype).view(shape)
+        out = torch.empty(shape, dtype=entry.dtype)
         if nbytes:
             f.seek(entry.start + r0 * row_bytes)
             got = f.readinto(out.view(-1).view(torch.uint8).numpy())
