@@ -7,8 +7,9 @@ candidate from the same importance scores, distill each briefly, keep the best v
 The space is the paper's style of grid by default (depth 100-75%, hidden and MLP 100-50% in eighths,
 heads 100-50%; query groups frozen), or per-axis flags, or --space JSON. OUT receives one directory per
 candidate, search.json, search.md, search.png and best_plan.json (ready for `minitron prune --plan`);
---winner-iters N also prunes and distills the winner for N steps. A killed search continues with
---resume from its last finished candidate.
+--winner-iters N also prunes and distills the winner for N steps into OUT/winner (its result joins
+search.json and search.md; its data order is that of a separate `minitron distill` of N steps). A
+killed search continues with --resume from its last finished candidate.
 """
 
 from __future__ import annotations
