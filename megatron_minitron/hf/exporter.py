@@ -284,8 +284,12 @@ def _write_shards(plan: ExportPlan, partial: Path, fsync: bool = True,
                     writer.write(planned.name, block.to(planned.dtype))
                 weight_map[planned.name] = names[shard_index]
                 continue
-            tensor = reader.read_rows(key, item.layer, 0, rows)
-            for planned, part in zip(item.outputs, rule.to_hf(tensor, arch)):
+            ranges = rule.hf_row_ranges(rows)
+            if ranges is not None:  # each HF tensor is a row range: read each alone (GLU halves are two chunks)
+                parts = [reader.read_rows(key, item.layer, r0, r1) for r0, r1 in ranges]
+            else:
+                parts = rule.to_hf(reader.read_rows(key, item.layer, 0, rows), arch)
+            for planned, part in zip(item.outputs, parts):
                 if writer.full:
                     next_writer()
                 writer.write(planned.name, part.to(planned.dtype))

@@ -15,6 +15,7 @@ Conv1D stores [in, out] and its `c_attn` is [q | k | v] over all heads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -43,6 +44,11 @@ class Rule:
         which saves a copy where the HF tensors already are whole row ranges of it."""
         return [(0, self.to_megatron(parts, arch))]
 
+    def hf_row_ranges(self, rows: int) -> Optional[list[tuple[int, int]]]:
+        """When each HF tensor is one row range of the megatron tensor (of `rows` rows), those ranges
+        in to_hf's order: the exporter then reads each range on its own instead of the whole tensor."""
+        return None
+
 
 class Copy(Rule):
     """The same tensor under another name."""
@@ -55,6 +61,9 @@ class Copy(Rule):
 
     def to_hf(self, tensor, arch):
         return [tensor]
+
+    def hf_row_ranges(self, rows):
+        return [(0, rows)]
 
 
 class Vocab(Copy):
@@ -154,6 +163,9 @@ class GateUp(Rule):
 
     def row_blocks(self, parts, arch):
         return [(0, parts[0]), (parts[0].shape[0], parts[1])]  # megatron stores GLU fc1 halves this way too
+
+    def hf_row_ranges(self, rows):
+        return [(0, rows // 2), (rows // 2, rows)]
 
 
 COPY, VOCAB, QKV_SPLIT, QKV_FUSED, GATE_UP = Copy(), Vocab(), QKV(), FusedQKV(), GateUp()
