@@ -168,6 +168,18 @@ def _parse_layout(f, start: int, length: int) -> Optional[_Layout]:
         return None
 
 
+def _overlapping(meta, layer: Optional[int], lead: int, r0: int, r1: int):
+    """(offsets, sizes, x0, x1) of each stored chunk of tensor `meta` that holds rows x0:x1 (global,
+    nonempty) of r0:r1 of the first per-layer dim, of layer `layer` for a stacked tensor."""
+    for chunk in meta.chunks:
+        offs, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+        if layer is not None and not offs[0] <= layer < offs[0] + sizes[0]:
+            continue
+        x0, x1 = max(r0, offs[lead]), min(r1, offs[lead] + sizes[lead])
+        if x0 < x1:
+            yield offs, sizes, x0, x1
+
+
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
@@ -232,13 +244,7 @@ class SourceReader:
             return mapped
         out = torch.empty((r1 - r0,) + size[lead + 1:], dtype=meta.properties.dtype)
         covered = 0
-        for chunk in meta.chunks:
-            offs, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
-            if layer is not None and not offs[0] <= layer < offs[0] + sizes[0]:
-                continue
-            x0, x1 = max(r0, offs[lead]), min(r1, offs[lead] + sizes[lead])
-            if x0 >= x1:
-                continue
+        for offs, sizes, x0, x1 in _overlapping(meta, layer, lead, r0, r1):
             info = self.metadata.storage_data[MetadataIndex(key, offs)]
             rest = sizes[lead + 1:]
             dest = out[x0 - r0:x1 - r0]
@@ -266,18 +272,9 @@ class SourceReader:
         memory stays at the region it asked for."""
         size = tuple(meta.size)
         row_shape = size[lead + 1:]
-        parts = []  # (chunk offsets, sizes, first row, end row), in row order
-        for chunk in meta.chunks:
-            offs, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
-            if layer is not None and not offs[0] <= layer < offs[0] + sizes[0]:
-                continue
-            x0, x1 = max(r0, offs[lead]), min(r1, offs[lead] + sizes[lead])
-            if x0 >= x1:
-                continue
-            if sizes[lead + 1:] != row_shape:
-                return None  # the columns are split
-            parts.append((offs, sizes, x0, x1))
-        parts.sort(key=lambda part: part[2])
+        parts = sorted(_overlapping(meta, layer, lead, r0, r1), key=lambda part: part[2])  # in row order
+        if any(sizes[lead + 1:] != row_shape for _, sizes, _, _ in parts):
+            return None  # the columns are split
         if not parts or sum(x1 - x0 for *_, x0, x1 in parts) != r1 - r0 or (len(parts) > 1 and index is None):
             return None
         views = []
@@ -289,11 +286,9 @@ class SourceReader:
         dtype, row_bytes = views[0][1], views[0][0].shape[1]
         kept = len(index) if index is not None else r1 - r0
         self.bytes_read += (r1 - r0) * row_bytes  # the region asked for, as the copying path counts it
-        if len(views) == 1:
+        if index is None:  # one chunk (checked above): the mapping itself, or an aligned copy of it
             raw, _, aligned = views[0]
-            if index is not None:
-                raw = select(raw, 0, index, scratch, "rows")  # an aligned tensor
-            elif not aligned:
+            if not aligned:
                 raw = select(raw, 0, torch.arange(r1 - r0), scratch, "rows")
             return raw.view(dtype).view((kept,) + row_shape)
         out = scratch.take("rows", (kept, row_bytes), torch.uint8) if scratch is not None else \
