@@ -4,8 +4,11 @@
     torchrun --nproc-per-node 2 benchmarks/importance_overhead.py --tp 2
 
 Both sides run the same model on the same micro-batches through the same forward-only schedule;
-passes alternate (bare, hooked, bare, ...) so machine noise hits both alike, and the ratio of median
-throughputs is reported. Writes JSON to --out (default benchmarks/results/importance_overhead.json).
+passes alternate, in pairs whose order swaps every repeat (bare, hooked, hooked, bare, ...), so machine
+noise and drift hit both alike. Reported: the ratio of median throughputs (the target's figure), the
+median of the ratios of adjacent pairs, and the ratio of this rank's median CPU seconds per pass
+(steadier here: single passes of the same work vary by +-15% in wall time on this VM). Writes JSON
+to --out (default benchmarks/results/importance_overhead.json).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--micro-batch-size", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default="benchmarks/results/importance_overhead.json")
     args = parser.parse_args()
 
@@ -67,10 +70,11 @@ def main() -> None:
     collector = Collector(model, rt, arch, seq_length=args.seq_length)
     forward_passes(model, rt, batches(), sizes, args.seq_length)  # warm-up
     times = {"bare": [], "hooked": []}
-    for _ in range(args.repeats):
-        for name in ("bare", "hooked"):
+    cpu = {"bare": [], "hooked": []}  # this rank's CPU seconds per pass (less noisy than wall time)
+    for repeat in range(args.repeats):
+        for name in ("bare", "hooked") if repeat % 2 == 0 else ("hooked", "bare"):
             rt.barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             if name == "hooked":
                 with collector.attached():
                     forward_passes(model, rt, batches(), sizes, args.seq_length)
@@ -78,6 +82,7 @@ def main() -> None:
                 forward_passes(model, rt, batches(), sizes, args.seq_length)
             rt.barrier()
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     tokens = args.samples * args.seq_length
     throughput = {name: tokens / statistics.median(t) for name, t in times.items()}
     # accumulator memory: the same collector after 1x and 4x the tokens
@@ -90,6 +95,9 @@ def main() -> None:
         "arch": args.arch, "tp": args.tp, "samples": args.samples, "seq_length": args.seq_length,
         "tokens_per_s_bare": throughput["bare"], "tokens_per_s_hooked": throughput["hooked"],
         "throughput_ratio": throughput["hooked"] / throughput["bare"], "target_ratio": 0.95,
+        "pair_ratio_median": statistics.median(b / h for b, h in zip(times["bare"], times["hooked"])),
+        "cpu_ratio": statistics.median(cpu["bare"]) / statistics.median(cpu["hooked"]),
+        "seconds": times, "cpu_seconds": cpu,
         "accumulator_bytes": {"tokens": [len(short) * args.seq_length // 4, tokens],
                               "bytes": [accumulator_bytes(small), accumulator_bytes(collector)]},
     }

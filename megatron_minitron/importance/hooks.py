@@ -10,10 +10,14 @@ nothing proportional to the number of tokens is kept. What each rank sees:
   output of `linear_fc1`: the same neurons before the activation (gate and up halves for GLU);
 - LayerNorm outputs [s, b, h]: replicated over TP, or split along the sequence under sequence
   parallelism, in which case the per-sample partial sums are summed over the TP group before the
-  (non-linear) sequence aggregation. With the Transformer-Engine spec the two LayerNorms of a layer
+  (non-linear) sequence aggregation. Replicated, each TP rank reduces only its own slice of the
+  hidden channels (the other ranks' columns stay zero, and `reduce` sums them over TP), so the
+  work is shared rather than repeated: on the `small` preset at TP2 these norms were more than half
+  of the hooks' work. With the Transformer-Engine spec the two LayerNorms of a layer
   are fused into `linear_qkv` / `linear_fc1`; their output is recomputed from the fused module's
   input and its `layer_norm_weight` / `layer_norm_bias` (the same formula, in fp32);
-- input and output of each TransformerLayer: Block Importance, 1 - mean cosine over tokens.
+- input and output of each TransformerLayer: Block Importance, 1 - mean cosine over tokens (split
+  over TP by tokens where the layer's input and output are replicated, like the norms).
 
 `Collector.reduce` then gathers head/neuron slices over TP in rank order, sums over DP and
 assembles the layers of all pipeline stages, naming the process group of every collective.
@@ -25,20 +29,22 @@ import contextlib
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from megatron_minitron.importance.stats import RAW_WIDTH, raw_update, sequence_aggregates, sequence_sums
 
 
 def norm_output(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *, normalization: str,
-                eps: float, zero_centered_gamma: bool) -> torch.Tensor:
+                eps: float, zero_centered_gamma: bool, channels: slice = slice(None)) -> torch.Tensor:
     """LayerNorm/RMSNorm of x in fp32, as megatron's norms compute it (used where TE fuses the norm
-    into the following linear layer, so there is no norm module to hook)."""
+    into the following linear layer, so there is no norm module to hook); only the output `channels`
+    (the statistics of each token are over all of them)."""
     x = x.float()
-    gamma = weight.float() + 1 if zero_centered_gamma else weight.float()
+    gamma = (weight.float() + 1 if zero_centered_gamma else weight.float())[channels]
     if normalization == "RMSNorm":
-        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * gamma
-    return F.layer_norm(x, (x.shape[-1],), gamma, None if bias is None else bias.float(), eps)
+        return x[..., channels] * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * gamma
+    var, mean = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)
+    out = (x[..., channels] - mean) * torch.rsqrt(var + eps) * gamma
+    return out if bias is None else out + bias.float()[channels]
 
 
 class Collector:
@@ -55,6 +61,12 @@ class Collector:
         self.ffn_pre, self.use_te = ffn_pre, use_te
         self.sp = runtime.parallel.sequence_parallel
         tp = runtime.parallel.tensor_parallel
+        # Activations every TP rank holds whole (norm outputs, layer inputs/outputs, without SP):
+        # each rank reduces its share, hidden channels [lo, hi) and one tp-th of the tokens.
+        self.shared = tp > 1 and not self.sp
+        self.tp, self.tp_rank = (tp, runtime.tp_rank) if self.shared else (1, 0)
+        h = arch.hidden_size
+        self.channels = slice(self.tp_rank * h // self.tp, (self.tp_rank + 1) * h // self.tp)
         self.layers = list(self.gpt.decoder.layers)
         self.first_layer = self.layers[0].layer_number - 1 if self.layers else 0
         n, dev = len(self.layers), runtime.device
@@ -70,6 +82,7 @@ class Collector:
             for key in (("ffn_pre_gate", "ffn_pre_up") if arch.gated else ("ffn_pre",)):
                 self.acc[key] = zeros(n, ffn)
         self.bi = torch.zeros(n, 2, dtype=torch.float64, device=dev)  # sum of cosines, token count
+        self._work = torch.empty(0, dtype=torch.float32, device=dev)  # scratch of the largest activation seen
         self._handles: list = []
         self._pending: dict[str, list] = {}  # key -> [(row, per-sample sums [b, c, 3])] not yet folded in
 
@@ -78,7 +91,7 @@ class Collector:
         """Reduce one activation [s, b, c] to its per-sample sums for accumulator row `row` of `key`.
         Turning sums into statistics takes a dozen small operations; they run batched over many rows
         in `_flush`, not once per hook call (per call, their fixed cost was most of the hooks' cost)."""
-        sums = sequence_sums(activation)
+        sums = sequence_sums(activation, self._scratch(activation.shape))
         if sequence_split:  # each TP rank holds a chunk of the sequence: complete the per-sample sums
             torch.distributed.all_reduce(sums, group=self.runtime.tp_group)
         pending = self._pending.setdefault(key, [])
@@ -98,7 +111,16 @@ class Collector:
             rows = torch.tensor([row for row, _ in pending], device=self.acc[name].device)
             sums = torch.stack([s for _, s in pending])  # [n, b, c, 3]
             updates = raw_update(sequence_aggregates(sums, self.seq_length).transpose(0, 1))  # [n, c, 6]
-            self.acc[name].index_add_(0, rows, updates)
+            acc = self.acc[name][:, self.channels] if name in ("hidden", "final_norm") else self.acc[name]
+            acc.index_add_(0, rows, updates)
+
+    def _scratch(self, shape: torch.Size) -> torch.Tensor:
+        """A contiguous fp32 tensor of `shape` over one buffer reused by every hook call (its contents
+        do not survive the next call): see `stats.sequence_sums` for why not a fresh one."""
+        numel = shape.numel()
+        if self._work.numel() < numel:
+            self._work = torch.empty(numel, dtype=torch.float32, device=self._work.device)
+        return self._work[:numel].view(shape)
 
     def _attention_hook(self, i: int):
         kv, per_group = self.arch.head_dim, self.arch.num_attention_heads // self.arch.query_groups
@@ -106,10 +128,10 @@ class Collector:
         def hook(_module, args):
             x = args[0]
             s, b = x.shape[:2]
-            heads = x.float().reshape(s, b, -1, kv)
-            self._add("heads", i, heads.norm(dim=-1))
-            groups = heads.reshape(s, b, -1, per_group * kv)
-            self._add("query_groups", i, groups.norm(dim=-1))
+            heads = torch.linalg.vector_norm(x.float().reshape(s, b, -1, kv), dim=-1)  # [s, b, local heads]
+            self._add("heads", i, heads)
+            # a group's norm from its heads' norms: sqrt of the sum of their squares
+            self._add("query_groups", i, heads.square().reshape(s, b, -1, per_group).sum(-1).sqrt())
         return hook
 
     def _fc2_hook(self, i: int):
@@ -131,7 +153,8 @@ class Collector:
 
     def _norm_output_hook(self, key: str, row: int):
         def hook(_module, _args, output):
-            self._add(key, row, output[0] if isinstance(output, tuple) else output, sequence_split=self.sp)
+            out = output[0] if isinstance(output, tuple) else output
+            self._add(key, row, out[..., self.channels], sequence_split=self.sp)
         return hook
 
     def _fused_norm_hook(self, row: int):
@@ -140,7 +163,7 @@ class Collector:
         def hook(module, args):
             normed = norm_output(args[0], module.layer_norm_weight, getattr(module, "layer_norm_bias", None),
                                  normalization=config.normalization, eps=config.layernorm_epsilon,
-                                 zero_centered_gamma=config.layernorm_zero_centered_gamma)
+                                 zero_centered_gamma=config.layernorm_zero_centered_gamma, channels=self.channels)
             self._add("hidden", row, normed, sequence_split=self.sp)
         return hook
 
@@ -148,7 +171,15 @@ class Collector:
         def hook(_module, _args, kwargs, output):
             before = kwargs["hidden_states"] if "hidden_states" in kwargs else _args[0]
             after = output[0] if isinstance(output, tuple) else output
-            cos = F.cosine_similarity(before.float(), after.float(), dim=-1)
+            before, after = before.reshape(-1, before.shape[-1]), after.reshape(-1, after.shape[-1])
+            n = before.shape[0]
+            tokens = slice(self.tp_rank * n // self.tp, (self.tp_rank + 1) * n // self.tp)
+            before, after = before[tokens].float(), after[tokens].float()
+            # the cosine as F.cosine_similarity takes it (each norm at least 1e-8), without its
+            # activation-sized temporaries: the product goes to the reused buffer
+            dot = torch.mul(before, after, out=self._scratch(before.shape)).sum(-1)
+            cos = dot / (torch.linalg.vector_norm(before, dim=-1).clamp(min=1e-8)
+                         * torch.linalg.vector_norm(after, dim=-1).clamp(min=1e-8))
             self.bi[i, 0] += cos.double().sum()
             self.bi[i, 1] += cos.numel()
         return hook
@@ -190,9 +221,9 @@ class Collector:
         out = {}
         for key in [k for k in self.acc if k not in ("hidden", "final_norm")]:
             out[f"raw.{key}"] = self._over_pipeline(self._over_data(self._gather_tensor_parallel(self.acc[key])))
-        hidden = self._over_data(self.acc["hidden"]).reshape(len(self.layers), 2, *self.acc["hidden"].shape[1:])
-        hidden = self._over_pipeline(hidden).flatten(0, 1)
-        final = self._over_data(self.acc["final_norm"])
+        hidden = self._over_data(self._over_shares(self.acc["hidden"]))
+        hidden = self._over_pipeline(hidden.reshape(len(self.layers), 2, *hidden.shape[1:])).flatten(0, 1)
+        final = self._over_data(self._over_shares(self.acc["final_norm"]))
         if rt.parallel.pipeline_parallel > 1:  # the final norm lives on the last stage: share it
             from megatron.core import parallel_state
 
@@ -200,10 +231,17 @@ class Collector:
                                         group=rt.pp_group)
         out["raw.hidden"] = torch.cat([hidden, final.cpu()])
         bi = self.bi.clone()
-        if self.sp:  # each TP rank saw a chunk of the sequence
+        if self.sp or self.shared:  # each TP rank saw a chunk of the sequence, or took a share of the tokens
             torch.distributed.all_reduce(bi, group=rt.tp_group)
         out["bi"] = self._over_pipeline(self._over_data(bi))
         return out
+
+    def _over_shares(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum the hidden-channel shares of the TP ranks (each filled only its own columns)."""
+        t = t.clone()
+        if self.shared:
+            torch.distributed.all_reduce(t, group=self.runtime.tp_group)
+        return t
 
     def _gather_tensor_parallel(self, local: torch.Tensor) -> torch.Tensor:
         """Concatenate the channel slices [L, c, 6] of the TP ranks in rank order (dim 1)."""

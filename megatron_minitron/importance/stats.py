@@ -15,6 +15,8 @@ mean|s| = mean s). The memory is 6 numbers per channel, whatever the number of t
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 AGGREGATIONS = ("mean", "l2", "var")
@@ -29,7 +31,7 @@ def check_aggregation(name: str, *, axis: str) -> int:
     return AGGREGATIONS.index(name)
 
 
-def sequence_sums(x: torch.Tensor) -> torch.Tensor:
+def sequence_sums(x: torch.Tensor, work: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-sample sums over the sequence of a megatron activation [seq, batch, channels]:
     [batch, channels, 3] holding sum x, sum x^2 and sum |x| as fp64 values. Partial sums over
     sequence chunks (sequence parallelism) add up to the full-sequence sums.
@@ -38,16 +40,24 @@ def sequence_sums(x: torch.Tensor) -> torch.Tensor:
     about a shift (the chunk's first token, a typical value: no extra pass to find a mean) and moved
     back to zero in fp64, instead of a plain fp32 sum of squares that would lose the variance of
     large-mean channels to cancellation. Everything touching the full activation stays fp32 (a cast
-    of it to fp64 alone would triple the hooks' cost)."""
+    of it to fp64 alone would triple the hooks' cost).
+
+    work: a contiguous fp32 tensor of x's shape to compute in (overwritten), else a fresh one. The
+    hooks pass one buffer they keep: a fresh activation-sized tensor per call is fresh pages from the
+    kernel, and faulting them in made this function 3x slower than its arithmetic ([256, 4, 256]
+    on one CPU thread: 1.4 ms against 0.4 ms)."""
     x = x.float()
+    work = torch.empty(x.shape, dtype=torch.float32, device=x.device) if work is None else work
     n, shift = x.shape[0], x[0]
-    centred = x - shift
-    below = centred.sum(0).double()
-    centred.square_()
+    torch.sub(x, shift, out=work)
+    below = work.sum(0).double()
+    work.square_()
+    squares = work.sum(0).double()
+    torch.abs(x, out=work)
+    absolute = work.sum(0).double()
     shift = shift.double()
-    total = below + n * shift
-    squares = centred.sum(0).double() + 2 * shift * below + n * shift.square()
-    return torch.stack([total, squares, x.abs().sum(0).double()], dim=-1)
+    squares += 2 * shift * below + n * shift.square()
+    return torch.stack([below + n * shift, squares, absolute], dim=-1)
 
 
 def sequence_aggregates(sums: torch.Tensor, seq_length: int) -> torch.Tensor:

@@ -18,7 +18,9 @@ def _stream(activations: torch.Tensor, micro_batch: int, seq_chunks: int) -> tor
     raw = torch.zeros(c, stats.RAW_WIDTH, dtype=torch.float64)
     for start in range(0, n, micro_batch):
         x = activations[start:start + micro_batch].transpose(0, 1)  # megatron's [s, b, c]
-        sums = sum(stats.sequence_sums(chunk) for chunk in x.chunk(seq_chunks, dim=0))
+        # through a reused work buffer holding another chunk's leftovers, as the hooks call it
+        work = torch.full((s, x.shape[1], c), float("nan"))
+        sums = sum(stats.sequence_sums(chunk, work[:len(chunk)]) for chunk in x.chunk(seq_chunks, dim=0))
         raw += stats.raw_update(stats.sequence_aggregates(sums, s))
     return raw
 
