@@ -236,9 +236,7 @@ def export_hf(load: str | os.PathLike, save: str | os.PathLike, *, family: Optio
     try:
         read, written = _write_shards(plan, partial, fsync, chunk_bytes)
         _write_files(plan, partial)
-        from megatron_minitron.hf.importer import _replace
-
-        _replace(partial, out, overwrite)
+        ckpt.move_into_place(partial, out, overwrite=overwrite, error=HFError)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -251,7 +251,7 @@ def import_hf(hf_dir: str | os.PathLike, save: str | os.PathLike, *, tensor_para
     try:
         read, written = _write_tensors(plan, release, fsync, chunk_bytes)
         _write_metadata(plan, partial, release, tensor_parallel, pipeline_parallel)
-        _replace(partial, out, overwrite)
+        ckpt.move_into_place(partial, out, overwrite=overwrite, error=HFError)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -333,19 +333,3 @@ def _write_metadata(plan: ImportPlan, partial: Path, release: Path, tp: int, pp:
     (release / ckpt.META).write_text(json.dumps(meta, indent=2) + "\n")
     (release / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))  # the finished marker: last
     (partial / ckpt.TRACKER).write_text("release")
-
-
-def _replace(partial: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished partial directory into place (replacing `out` only with overwrite)."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if out.exists():
-        if not overwrite:
-            raise HFError(f"output {out} appeared while writing; not replacing it")
-        trash = out.parent / f".{out.name}.replaced"
-        shutil.rmtree(trash, ignore_errors=True)
-        out.rename(trash)
-        partial.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        partial.rename(out)

@@ -407,6 +407,26 @@ def check_new_output(path: str | os.PathLike, *, overwrite: bool = False) -> Pat
     return path
 
 
+def move_into_place(partial: Path, out: Path, *, overwrite: bool, error: type[Exception] = CheckpointError) -> None:
+    """Rename a finished output directory `partial` (written beside `out`) to `out`, the last step of
+    every offline writer (prune, import-hf, export-hf). An empty directory at `out` is removed first.
+    Anything else there appeared while we were writing (the writers refuse it up front): it is
+    replaced only with overwrite, by moving it aside to `.NAME.replaced` before the rename and
+    deleting it after, and otherwise refused with `error`, `partial` left for the caller to remove."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        partial.rename(out)
+        return
+    if not overwrite:
+        raise error(f"output {out} appeared while writing; not replacing it")
+    trash = out.parent / f".{out.name}.replaced"
+    shutil.rmtree(trash, ignore_errors=True)
+    out.rename(trash)
+    partial.rename(out)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def read_tensors(ckpt: str | os.PathLike, keys: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
     """Global tensors of a torch_dist checkpoint, read one key at a time without any process group."""
     import torch.distributed.checkpoint as dcp

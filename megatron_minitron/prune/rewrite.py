@@ -511,18 +511,7 @@ def _finalize(partial: Path, out: Path, prepared: _Prepared, records: list[stora
     # megatron's marker of a finished torch_dist directory, then the tracker: both last.
     (release / "metadata.json").write_text(json.dumps(prepared.megatron_meta))
     (partial / ckpt.TRACKER).write_text("release")
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()  # an empty directory the user made for the output
-    if out.exists():
-        if not overwrite:  # appeared while we were writing
-            raise PruneError(f"output {out} appeared while pruning; not replacing it")
-        trash = out.parent / f".{out.name}.replaced"
-        shutil.rmtree(trash, ignore_errors=True)
-        out.rename(trash)
-        partial.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        partial.rename(out)
+    ckpt.move_into_place(partial, out, overwrite=overwrite, error=PruneError)
 
 
 def log(msg: str) -> None:
