@@ -12,8 +12,8 @@ nothing proportional to the number of tokens is kept. What each rank sees:
   parallelism, in which case the per-sample partial sums are summed over the TP group before the
   (non-linear) sequence aggregation. Replicated, each TP rank reduces only its own slice of the
   hidden channels (the other ranks' columns stay zero, and `reduce` sums them over TP), so the
-  work is shared rather than repeated: on the `small` preset at TP2 these norms were more than half
-  of the hooks' work. With the Transformer-Engine spec the two LayerNorms of a layer
+  work is shared rather than repeated: on the `small` preset at TP2 these norms were half of the
+  activation elements the hooks read. With the Transformer-Engine spec the two LayerNorms of a layer
   are fused into `linear_qkv` / `linear_fc1`; their output is recomputed from the fused module's
   input and its `layer_norm_weight` / `layer_norm_bias` (the same formula, in fp32);
 - input and output of each TransformerLayer: Block Importance, 1 - mean cosine over tokens (split
