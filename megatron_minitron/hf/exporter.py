@@ -230,16 +230,9 @@ def export_hf(load: str | os.PathLike, save: str | os.PathLike, *, family: Optio
     out = Path(save)
     plan = plan_export(load, family=family, dtype=dtype, max_shard_bytes=max_shard_bytes)
     check_output(out, overwrite, plan.info.root)
-    partial = out.parent / f".{out.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with ckpt.writing(out, overwrite=overwrite, error=HFError) as partial:
         read, written = _write_shards(plan, partial, fsync, chunk_bytes)
         _write_files(plan, partial)
-        ckpt.move_into_place(partial, out, overwrite=overwrite, error=HFError)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     seconds = time.monotonic() - start
     if stats is not None:
         stats.update(seconds=seconds, bytes_read=read, bytes_written=written, peak_rss_mb=peak_rss_mb())

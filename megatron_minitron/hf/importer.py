@@ -244,17 +244,11 @@ def import_hf(hf_dir: str | os.PathLike, save: str | os.PathLike, *, tensor_para
     out = Path(save)
     plan = plan_import(hf_dir, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel, dtype=dtype)
     check_output(out, overwrite, plan.hf.path)
-    partial = out.parent / f".{out.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    release = partial / "release"
-    release.mkdir(parents=True)
-    try:
+    with ckpt.writing(out, overwrite=overwrite, error=HFError) as partial:
+        release = partial / "release"
+        release.mkdir()
         read, written = _write_tensors(plan, release, fsync, chunk_bytes)
         _write_metadata(plan, partial, release, tensor_parallel, pipeline_parallel)
-        ckpt.move_into_place(partial, out, overwrite=overwrite, error=HFError)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     seconds = time.monotonic() - start
     if stats is not None:
         stats.update(seconds=seconds, bytes_read=read, bytes_written=written, peak_rss_mb=peak_rss_mb())

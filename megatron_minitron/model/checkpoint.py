@@ -13,6 +13,7 @@ never leaves something that looks like a finished checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -20,7 +21,7 @@ import shutil
 from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -405,6 +406,22 @@ def check_new_output(path: str | os.PathLike, *, overwrite: bool = False) -> Pat
             raise ConfigError(f"output directory {path} already exists and is not empty; choose a new path, "
                               f"or pass --overwrite to replace it")
     return path
+
+
+@contextlib.contextmanager
+def writing(out: Path, *, overwrite: bool, error: type[Exception] = CheckpointError) -> Iterator[Path]:
+    """An empty directory `.NAME.partial` beside `out` to write it in: moved into place
+    (`move_into_place`) when the block finishes, removed when it raises, so a failure never leaves
+    a half-written output that looks complete."""
+    partial = out.parent / f".{out.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        move_into_place(partial, out, overwrite=overwrite, error=error)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def move_into_place(partial: Path, out: Path, *, overwrite: bool, error: type[Exception] = CheckpointError) -> None:

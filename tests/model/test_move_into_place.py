@@ -1,4 +1,4 @@
-"""The last step of every offline writer: the finished directory renamed into place."""
+"""How every offline writer finishes: it writes beside the output, then renames the finished directory into place."""
 
 from __future__ import annotations
 
@@ -44,3 +44,17 @@ def test_overwrite_replaces_and_leaves_nothing_aside(tmp_path):
     move_into_place(_partial(tmp_path), out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["weights"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_writing_moves_on_success_and_removes_on_failure(tmp_path):
+    from megatron_minitron.model.checkpoint import writing
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk full"):
+        with writing(out, overwrite=False) as partial:
+            (partial / "weights").write_text("half")
+            raise RuntimeError("disk full")
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing half-written left behind
+    with writing(out, overwrite=False) as partial:
+        (partial / "weights").write_text("whole")
+    assert (out / "weights").read_text() == "whole" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
