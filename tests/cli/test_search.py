@@ -5,6 +5,7 @@ refused before any pruning or training."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -31,14 +32,17 @@ def searches(tiny_teacher, tiny_scores, data_cache, tmp_path_factory):
     full = subprocess.run(_command(tiny_teacher, tiny_scores, root / "full", data_cache), cwd=REPO, env=child_env(),
                           capture_output=True, text=True, timeout=900)
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
-    # the same search, killed (SIGKILL) as soon as its first candidate is recorded, then resumed
+    # the same search, killed (SIGKILL) as soon as its first candidate is recorded, then resumed; the
+    # whole process group is killed, as a scheduler kills a job (megatron's checkpoint writer starts a
+    # multiprocessing Manager server in the search's process, which would outlive a kill of that alone)
     killed = subprocess.Popen(_command(tiny_teacher, tiny_scores, root / "killed", data_cache), cwd=REPO,
-                              env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     deadline = time.time() + 600
     while not list((root / "killed").glob("candidates/*/result.json")) and time.time() < deadline:
         assert killed.poll() is None, "the search ended before it could be killed"
         time.sleep(0.2)
-    killed.send_signal(signal.SIGKILL)
+    os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
     assert len(list((root / "killed").glob("candidates/*/result.json"))) == 1
     resumed = subprocess.run(_command(tiny_teacher, tiny_scores, root / "killed", data_cache, "--resume"), cwd=REPO,
