@@ -205,7 +205,7 @@ class TensorReader:
             return map_range(f, start, nbytes, entry.dtype).view(shape)
         out = torch.empty(shape, dtype=entry.dtype)
         if nbytes:
-            f.seek(entry.start + r0 * row_bytes)
+            f.seek(start)
             got = f.readinto(out.view(-1).view(torch.uint8).numpy())
             if got != nbytes:
                 raise HFError(f"{entry.path} is truncated: short read of {entry.name!r} ({got} of {nbytes} bytes)")

@@ -81,6 +81,12 @@ class _Layout:
     shape: tuple[int, ...]
     data_offset: int
 
+    def rows(self, lead: int, local_layer: int, x0: int, x1: int) -> tuple[int, int]:
+        """(file offset, byte count) of rows x0:x1 (of this archive) of its first dim after `lead`
+        leading dims, in layer `local_layer` of a stacked tensor: row-major, one contiguous range."""
+        row_bytes = math.prod(self.shape[lead + 1:]) * self.dtype.itemsize
+        return self.data_offset + (local_layer * self.shape[lead] + x0) * row_bytes, (x1 - x0) * row_bytes
+
 
 class _FileView(io.RawIOBase):
     """A read-only window [start, start + length) of an open file (what zipfile/torch.load see)."""
@@ -309,18 +315,16 @@ class SourceReader:
         layout = self._layout(info, sizes)
         if layout is None:
             return None
-        itemsize = layout.dtype.itemsize
-        row_bytes = math.prod(sizes[lead + 1:]) * itemsize
         local_layer = 0 if layer is None else layer - offs[0]
-        start = layout.data_offset + (local_layer * sizes[lead] + x0 - offs[lead]) * row_bytes
-        nbytes = (x1 - x0) * row_bytes
+        start, nbytes = layout.rows(lead, local_layer, x0 - offs[lead], x1 - offs[lead])
         if nbytes == 0:
             return None
         f = self._file(info.relative_path)
         if os.fstat(f.fileno()).st_size < start + nbytes:
             raise PruneError(f"{self.ckpt / info.relative_path}: short read of {key!r} (it needs bytes up to "
                              f"{start + nbytes}); the file is truncated")
-        return map_range(f, start, nbytes, torch.uint8).view(x1 - x0, row_bytes), layout.dtype, start % itemsize == 0
+        raw = map_range(f, start, nbytes, torch.uint8).view(x1 - x0, nbytes // (x1 - x0))
+        return raw, layout.dtype, start % layout.dtype.itemsize == 0
 
     def _layout(self, info, sizes) -> Optional[_Layout]:
         cache_key = (info.relative_path, info.offset)
@@ -346,13 +350,7 @@ class SourceReader:
             chunk = chunk[local_layer] if lead else chunk
             dest.copy_(chunk[x0:x1])
             return
-        itemsize = dest.element_size()
-        row_elems = 1
-        for s in sizes[lead + 1:]:
-            row_elems *= s
-        layer_elems = row_elems * sizes[lead]
-        start = layout.data_offset + (local_layer * layer_elems + x0 * row_elems) * itemsize
-        nbytes = (x1 - x0) * row_elems * itemsize
+        start, nbytes = layout.rows(lead, local_layer, x0, x1)
         target = dest if dest.is_contiguous() else torch.empty(dest.shape, dtype=dest.dtype)
         buffer = target.view(-1).view(torch.uint8).numpy() if nbytes else None
         f.seek(start)
