@@ -64,9 +64,8 @@ class Collector:
         # Activations every TP rank holds whole (norm outputs, layer inputs/outputs, without SP):
         # each rank reduces its share, hidden channels [lo, hi) and one tp-th of the tokens.
         self.shared = tp > 1 and not self.sp
-        self.tp, self.tp_rank = (tp, runtime.tp_rank) if self.shared else (1, 0)
-        h = arch.hidden_size
-        self.channels = slice(self.tp_rank * h // self.tp, (self.tp_rank + 1) * h // self.tp)
+        self._shares, self._share_index = (tp, runtime.tp_rank) if self.shared else (1, 0)
+        self.channels = self._share(arch.hidden_size)
         self.layers = list(self.gpt.decoder.layers)
         self.first_layer = self.layers[0].layer_number - 1 if self.layers else 0
         n, dev = len(self.layers), runtime.device
@@ -113,6 +112,10 @@ class Collector:
             updates = raw_update(sequence_aggregates(sums, self.seq_length).transpose(0, 1))  # [n, c, 6]
             acc = self.acc[name][:, self.channels] if name in ("hidden", "final_norm") else self.acc[name]
             acc.index_add_(0, rows, updates)
+
+    def _share(self, n: int) -> slice:
+        """This rank's part of n items every TP rank holds (all n when nothing is shared)."""
+        return slice(self._share_index * n // self._shares, (self._share_index + 1) * n // self._shares)
 
     def _scratch(self, shape: torch.Size) -> torch.Tensor:
         """A contiguous fp32 tensor of `shape` over one buffer reused by every hook call (its contents
@@ -172,8 +175,7 @@ class Collector:
             before = kwargs["hidden_states"] if "hidden_states" in kwargs else _args[0]
             after = output[0] if isinstance(output, tuple) else output
             before, after = before.reshape(-1, before.shape[-1]), after.reshape(-1, after.shape[-1])
-            n = before.shape[0]
-            tokens = slice(self.tp_rank * n // self.tp, (self.tp_rank + 1) * n // self.tp)
+            tokens = self._share(before.shape[0])
             before, after = before[tokens].float(), after[tokens].float()
             # the cosine as F.cosine_similarity takes it (each norm at least 1e-8), without its
             # activation-sized temporaries: the product goes to the reused buffer
