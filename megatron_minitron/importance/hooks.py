@@ -1,23 +1,25 @@
 """Forward hooks that turn this rank's activations into importance statistics, and the reductions
 that make them global.
 
-Every hook reduces an activation to per-sample sums over the sequence (`stats.sequence_sums`), turns
-those into the three sequence aggregations, and adds their batch sums into a float64 accumulator:
-nothing proportional to the number of tokens is kept. What each rank sees:
+Every hook reduces an activation to per-sample moments over the sequence (`stats.sequence_moments`);
+`Collector._flush` turns those into the three sequence aggregations, batched over many calls, and
+adds their batch sums into a float64 accumulator: nothing proportional to the number of tokens is
+kept. What each rank sees:
 
 - input of `linear_proj` [s, b, local heads * kv]: this TP rank's query heads (and groups);
 - input of `linear_fc2` [s, b, local ffn]: this TP rank's neurons (post-activation);
   output of `linear_fc1`: the same neurons before the activation (gate and up halves for GLU);
 - LayerNorm outputs [s, b, h]: replicated over TP, or split along the sequence under sequence
-  parallelism, in which case the per-sample partial sums are summed over the TP group before the
-  (non-linear) sequence aggregation. Replicated, each TP rank reduces only its own slice of the
-  hidden channels (the other ranks' columns stay zero, and `reduce` sums them over TP), so the
-  work is shared rather than repeated: on the `small` preset at TP2 these norms were half of the
-  activation elements the hooks read. With the Transformer-Engine spec the two LayerNorms of a layer
-  are fused into `linear_qkv` / `linear_fc1`; their output is recomputed from the fused module's
-  input and its `layer_norm_weight` / `layer_norm_bias` (the same formula, in fp32);
+  parallelism. Either way each TP rank reduces one tp-th of the tokens (its SP chunk, or its share
+  of the replicated output: on the `small` preset at TP2 the norms were half of the activation
+  elements the hooks read, so the work is shared rather than repeated). The per-sample partial sums
+  are summed over the TP group before the (non-linear) sequence aggregation, batched in `_flush`,
+  and each rank then folds in one tp-th of the hidden channels (the other columns stay zero, and
+  `reduce` sums them over TP). With the Transformer-Engine spec the two LayerNorms of a layer are
+  fused into `linear_qkv` / `linear_fc1`; their output is recomputed from the fused module's input
+  and its `layer_norm_weight` / `layer_norm_bias` (the same formula, in fp32);
 - input and output of each TransformerLayer: Block Importance, 1 - mean cosine over tokens (split
-  over TP by tokens where the layer's input and output are replicated, like the norms).
+  over TP by tokens, like the norms).
 
 `Collector.reduce` then gathers head/neuron slices over TP in rank order, sums over DP and
 assembles the layers of all pipeline stages, naming the process group of every collective.
@@ -26,25 +28,26 @@ assembles the layers of all pipeline stages, naming the process group of every c
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Optional
 
 import torch
 
-from megatron_minitron.importance.stats import RAW_WIDTH, raw_update, sequence_aggregates, sequence_sums
+from megatron_minitron.importance.stats import (RAW_WIDTH, partial_sums, raw_update, sequence_aggregates,
+                                               sequence_moments, whole_sequence_aggregates)
 
 
 def norm_output(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *, normalization: str,
-                eps: float, zero_centered_gamma: bool, channels: slice = slice(None)) -> torch.Tensor:
+                eps: float, zero_centered_gamma: bool) -> torch.Tensor:
     """LayerNorm/RMSNorm of x in fp32, as megatron's norms compute it (used where TE fuses the norm
-    into the following linear layer, so there is no norm module to hook); only the output `channels`
-    (the statistics of each token are over all of them)."""
+    into the following linear layer, so there is no norm module to hook)."""
     x = x.float()
-    gamma = (weight.float() + 1 if zero_centered_gamma else weight.float())[channels]
+    gamma = weight.float() + 1 if zero_centered_gamma else weight.float()
     if normalization == "RMSNorm":
-        return x[..., channels] * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * gamma
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * gamma
     var, mean = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)
-    out = (x[..., channels] - mean) * torch.rsqrt(var + eps) * gamma
-    return out if bias is None else out + bias.float()[channels]
+    out = (x - mean) * torch.rsqrt(var + eps) * gamma
+    return out if bias is None else out + bias.float()
 
 
 class Collector:
@@ -61,11 +64,14 @@ class Collector:
         self.ffn_pre, self.use_te = ffn_pre, use_te
         self.sp = runtime.parallel.sequence_parallel
         tp = runtime.parallel.tensor_parallel
-        # Activations every TP rank holds whole (norm outputs, layer inputs/outputs, without SP):
-        # each rank reduces its share, hidden channels [lo, hi) and one tp-th of the tokens.
+        # Norm outputs and layer inputs/outputs: without SP every TP rank holds them whole, and each
+        # reduces one tp-th of the tokens; with SP each already holds one tp-th of the sequence.
+        # Either way the per-sample sums are completed over TP before the (non-linear) sequence
+        # aggregation, and each rank then folds in one tp-th of the hidden channels.
+        self.tp, self.tp_index = tp, runtime.tp_rank
         self.shared = tp > 1 and not self.sp
-        self._shares, self._share_index = (tp, runtime.tp_rank) if self.shared else (1, 0)
-        self.channels = self._share(arch.hidden_size)
+        self.channels = self._part(arch.hidden_size) if tp > 1 else slice(None)
+        self._sequence_split = {"hidden", "final_norm"} if tp > 1 else set()
         self.layers = list(self.gpt.decoder.layers)
         self.first_layer = self.layers[0].layer_number - 1 if self.layers else 0
         n, dev = len(self.layers), runtime.device
@@ -77,64 +83,120 @@ class Collector:
 
         self.acc = {"heads": zeros(n, heads), "query_groups": zeros(n, groups), "ffn": zeros(n, ffn),
                     "hidden": zeros(2 * n, arch.hidden_size), "final_norm": zeros(1, arch.hidden_size)}
+        # activations whose columns feed several accumulators, in order
+        self._columns = {"attention": ("heads", "query_groups")}
         if ffn_pre:
             for key in (("ffn_pre_gate", "ffn_pre_up") if arch.gated else ("ffn_pre",)):
                 self.acc[key] = zeros(n, ffn)
+            if arch.gated:  # fc1's output holds the gate's columns, then the up projection's
+                self._columns["ffn_pre"] = ("ffn_pre_gate", "ffn_pre_up")
         self.bi = torch.zeros(n, 2, dtype=torch.float64, device=dev)  # sum of cosines, token count
         self._work = torch.empty(0, dtype=torch.float32, device=dev)  # scratch of the largest activation seen
         self._handles: list = []
-        self._pending: dict[str, list] = {}  # key -> [(row, per-sample sums [b, c, 3])] not yet folded in
+        self._views: dict = {}  # shape -> a view of _work
+        self._pending: dict[str, list] = {}  # key -> [(row, values, shape)] not yet folded in: see `_flush`
 
     # ------------------------------------------------------------------------------------ hooks
-    def _add(self, key: str, row: int, activation: torch.Tensor, *, sequence_split: bool = False) -> None:
-        """Reduce one activation [s, b, c] to its per-sample sums for accumulator row `row` of `key`.
-        Turning sums into statistics takes a dozen small operations; they run batched over many rows
-        in `_flush`, not once per hook call (per call, their fixed cost was most of the hooks' cost)."""
-        sums = sequence_sums(activation, self._scratch(activation.shape))
-        if sequence_split:  # each TP rank holds a chunk of the sequence: complete the per-sample sums
-            torch.distributed.all_reduce(sums, group=self.runtime.tp_group)
+    # Inside a forward pass every tensor operation of a hook cost tens of microseconds whatever its
+    # size (measured at TP2 on the `small` preset: a slice, a view or a [256, 4, 6] concatenation
+    # each 20-60 us of thread time), so the hooks run as few as they can: the activation-sized
+    # passes, and nothing else. Everything small runs batched over up to 64 hook calls in `_flush`.
+    def _add(self, key: str, row: int, activation: torch.Tensor) -> None:
+        """Reduce one activation [s, b, c] to its per-sample moments for accumulator row `row` of `key`."""
+        moments = sequence_moments(activation, self._scratch(activation))
+        self._pend(key, row, moments, activation.shape, 3 * math.prod(activation.shape[1:]))
+
+    def _pend(self, key: str, row: int, values, shape: torch.Size, held: int) -> None:
+        """Keep one hook call's values (of an activation of `shape`, `held` numbers) for `_flush`."""
         pending = self._pending.setdefault(key, [])
-        if pending and pending[-1][1].shape != sums.shape:  # a shorter last micro-batch
+        if pending and pending[-1][2] != shape:  # a shorter last micro-batch
             self._flush(key)
             pending = self._pending.setdefault(key, [])
-        pending.append((row, sums))
-        if len(pending) >= 64:
+        pending.append((row, values, shape))
+        if len(pending) >= 64 or len(pending) * held >= 1 << 22:
             self._flush(key)
 
     def _flush(self, key: Optional[str] = None) -> None:
-        """Fold the pending sums of `key` (of every key by default) into the accumulators."""
+        """Fold the pending values of `key` (of every key by default) into the accumulators: per-sample
+        moments for the channel scores, per-token head norms, per-token dot products and norms for
+        Block Importance. Every TP rank flushes the same keys at the same calls (the same hooks see
+        the same micro-batches), so the sequence-split keys all-reduce their sums here, batched."""
         for name in [key] if key is not None else list(self._pending):
             pending = self._pending.pop(name, [])
             if not pending:
                 continue
-            rows = torch.tensor([row for row, _ in pending], device=self.acc[name].device)
-            sums = torch.stack([s for _, s in pending])  # [n, b, c, 3]
-            updates = raw_update(sequence_aggregates(sums, self.seq_length).transpose(0, 1))  # [n, c, 6]
+            n, shape = len(pending), pending[0][2]
+            rows = torch.tensor([row for row, _, _ in pending], device=self.bi.device)
+            if name == "bi":  # dot, |before|, |after| per token
+                dot, before, after = torch.stack([t for _, v, _ in pending for t in v]).view(n, 3, -1).unbind(1)
+                # the cosine as F.cosine_similarity takes it: each norm at least 1e-8
+                cos = dot / (before.clamp(min=1e-8) * after.clamp(min=1e-8))
+                self.bi.index_add_(0, rows, torch.stack([cos.double().sum(-1), torch.full_like(
+                    rows, cos.shape[-1], dtype=torch.float64)], dim=-1))
+                continue
+            if name == "attention":
+                values = self._head_moments([v for _, v, _ in pending])
+            else:
+                values = torch.stack([t for _, v, _ in pending for t in v]).view(n, 3, *shape[1:])
+            if name in self._sequence_split:  # complete each sample's sums over the TP ranks' tokens
+                sums = partial_sums(values, shape[0])  # [n, b, c, 3]
+                torch.distributed.all_reduce(sums, group=self.runtime.tp_group)
+                seq = sequence_aggregates(sums[:, :, self.channels], self.seq_length)
+            else:
+                seq = whole_sequence_aggregates(values, self.seq_length)
+            updates = raw_update(seq.transpose(0, 1))  # [n, c, 6]
+            if name in self._columns:  # one activation holding several accumulators' columns
+                start = 0
+                for target in self._columns[name]:
+                    width = self.acc[target].shape[1]
+                    self.acc[target].index_add_(0, rows, updates[:, start:start + width])
+                    start += width
+                continue
             acc = self.acc[name][:, self.channels] if name in ("hidden", "final_norm") else self.acc[name]
             acc.index_add_(0, rows, updates)
 
-    def _share(self, n: int) -> slice:
-        """This rank's part of n items every TP rank holds (all n when nothing is shared)."""
-        return slice(self._share_index * n // self._shares, (self._share_index + 1) * n // self._shares)
+    def _head_moments(self, norms: list) -> torch.Tensor:
+        """Moments [n, 3, b, heads + groups] of n calls' per-token head norms [s, b, heads]: the heads'
+        columns, then their groups' (a group's norm is the square root of the sum of its heads'
+        squared norms), reduced together as the columns of one tensor."""
+        norms = torch.stack(norms, dim=1)  # [s, n, b, heads]
+        s, n, b, _ = norms.shape
+        per_group = self.arch.num_attention_heads // self.arch.query_groups
+        groups = norms.square().view(s, n, b, -1, per_group).sum(-1).sqrt_()
+        columns = torch.cat([norms, groups], dim=-1)
+        return torch.stack(sequence_moments(columns)).view(3, n, b, -1).transpose(0, 1)
 
-    def _scratch(self, shape: torch.Size) -> torch.Tensor:
-        """A contiguous fp32 tensor of `shape` over one buffer reused by every hook call (its contents
-        do not survive the next call): see `stats.sequence_sums` for why not a fresh one."""
-        numel = shape.numel()
-        if self._work.numel() < numel:
-            self._work = torch.empty(numel, dtype=torch.float32, device=self._work.device)
-        return self._work[:numel].view(shape)
+    def _part(self, n: int) -> slice:
+        """This TP rank's tp-th of n items."""
+        return slice(self.tp_index * n // self.tp, (self.tp_index + 1) * n // self.tp)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The tokens of an activation [s, ...] this rank reduces: one tp-th of the sequence of an
+        activation every TP rank holds whole; all of it otherwise (an SP chunk, or anything at TP1)."""
+        return x[self._part(x.shape[0])] if self.shared else x
+
+    def _scratch(self, x: torch.Tensor) -> torch.Tensor:
+        """A contiguous fp32 [s, rest] view, for an activation x [s, ...], over one buffer reused by
+        every hook call (its contents do not survive the next call): see `stats.sequence_moments`
+        for why not a fresh one. The views are kept, as each costs an operation."""
+        shape = (x.shape[0], math.prod(x.shape[1:]))
+        view = self._views.get(shape)
+        if view is None:
+            if self._work.numel() < shape[0] * shape[1]:
+                self._work = torch.empty(shape[0] * shape[1], dtype=torch.float32, device=self._work.device)
+                self._views.clear()
+            view = self._views[shape] = self._work[:shape[0] * shape[1]].view(shape)
+        return view
 
     def _attention_hook(self, i: int):
-        kv, per_group = self.arch.head_dim, self.arch.num_attention_heads // self.arch.query_groups
+        kv = self.arch.head_dim
 
         def hook(_module, args):
             x = args[0]
             s, b = x.shape[:2]
-            heads = torch.linalg.vector_norm(x.float().reshape(s, b, -1, kv), dim=-1)  # [s, b, local heads]
-            self._add("heads", i, heads)
-            # a group's norm from its heads' norms: sqrt of the sum of their squares
-            self._add("query_groups", i, heads.square().reshape(s, b, -1, per_group).sum(-1).sqrt())
+            x = x if x.dtype == torch.float32 else x.float()
+            heads = torch.linalg.vector_norm(x.reshape(s, b, -1, kv), dim=-1)  # [s, b, local heads]
+            self._pend("attention", i, heads, heads.shape, heads.numel())
         return hook
 
     def _fc2_hook(self, i: int):
@@ -146,44 +208,35 @@ class Collector:
         def hook(_module, _args, output):
             out, bias = output
             pre = out if bias is None else out + bias
-            if self.arch.gated:
-                gate, up = torch.chunk(pre, 2, dim=-1)
-                self._add("ffn_pre_gate", i, gate)
-                self._add("ffn_pre_up", i, up)
-            else:
-                self._add("ffn_pre", i, pre)
+            self._add("ffn_pre", i, pre)
         return hook
 
     def _norm_output_hook(self, key: str, row: int):
         def hook(_module, _args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            self._add(key, row, out[..., self.channels], sequence_split=self.sp)
+            self._add(key, row, self._tokens(output[0] if isinstance(output, tuple) else output))
         return hook
 
     def _fused_norm_hook(self, row: int):
         config = self.gpt.config
 
         def hook(module, args):
-            normed = norm_output(args[0], module.layer_norm_weight, getattr(module, "layer_norm_bias", None),
-                                 normalization=config.normalization, eps=config.layernorm_epsilon,
-                                 zero_centered_gamma=config.layernorm_zero_centered_gamma, channels=self.channels)
-            self._add("hidden", row, normed, sequence_split=self.sp)
+            normed = norm_output(self._tokens(args[0]), module.layer_norm_weight,
+                                 getattr(module, "layer_norm_bias", None), normalization=config.normalization,
+                                 eps=config.layernorm_epsilon,
+                                 zero_centered_gamma=config.layernorm_zero_centered_gamma)
+            self._add("hidden", row, normed)
         return hook
 
     def _block_hook(self, i: int):
         def hook(_module, _args, kwargs, output):
-            before = kwargs["hidden_states"] if "hidden_states" in kwargs else _args[0]
-            after = output[0] if isinstance(output, tuple) else output
-            before, after = before.reshape(-1, before.shape[-1]), after.reshape(-1, after.shape[-1])
-            tokens = self._share(before.shape[0])
-            before, after = before[tokens].float(), after[tokens].float()
-            # the cosine as F.cosine_similarity takes it (each norm at least 1e-8), without its
-            # activation-sized temporaries: the product goes to the reused buffer
-            dot = torch.mul(before, after, out=self._scratch(before.shape)).sum(-1)
-            cos = dot / (torch.linalg.vector_norm(before, dim=-1).clamp(min=1e-8)
-                         * torch.linalg.vector_norm(after, dim=-1).clamp(min=1e-8))
-            self.bi[i, 0] += cos.double().sum()
-            self.bi[i, 1] += cos.numel()
+            before = self._tokens(kwargs["hidden_states"] if "hidden_states" in kwargs else _args[0])
+            after = self._tokens(output[0] if isinstance(output, tuple) else output)
+            before = before if before.dtype == torch.float32 else before.float()
+            after = after if after.dtype == torch.float32 else after.float()
+            # per token [s, b]: the cosines follow in `_flush`
+            values = (torch.linalg.vecdot(before, after), torch.linalg.vector_norm(before, dim=-1),
+                      torch.linalg.vector_norm(after, dim=-1))
+            self._pend("bi", i, values, before.shape, 3 * before.shape[0] * before.shape[1])
         return hook
 
     @contextlib.contextmanager
@@ -209,11 +262,11 @@ class Collector:
             if final is not None:
                 self._handles.append(final.register_forward_hook(self._norm_output_hook("final_norm", 0)))
             yield self
+            self._flush()  # (not after a failure: it may all-reduce with TP ranks that are not there)
         finally:
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
-            self._flush()
 
     # ------------------------------------------------------------------------------- reductions
     def reduce(self) -> dict[str, torch.Tensor]:
@@ -233,7 +286,7 @@ class Collector:
                                         group=rt.pp_group)
         out["raw.hidden"] = torch.cat([hidden, final.cpu()])
         bi = self.bi.clone()
-        if self.sp or self.shared:  # each TP rank saw a chunk of the sequence, or took a share of the tokens
+        if self.tp > 1:  # each TP rank saw a chunk of the sequence, or took a share of the tokens
             torch.distributed.all_reduce(bi, group=rt.tp_group)
         out["bi"] = self._over_pipeline(self._over_data(bi))
         return out
@@ -241,7 +294,7 @@ class Collector:
     def _over_shares(self, t: torch.Tensor) -> torch.Tensor:
         """Sum the hidden-channel shares of the TP ranks (each filled only its own columns)."""
         t = t.clone()
-        if self.shared:
+        if self.tp > 1:
             torch.distributed.all_reduce(t, group=self.runtime.tp_group)
         return t
 

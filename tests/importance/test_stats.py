@@ -35,6 +35,20 @@ def test_streamed_statistics_equal_the_definition(seq, batch):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_whole_sequence_aggregates_skip_the_sums_and_agree():
+    """The hooks' shortcut for unsplit sequences equals the aggregates of the sums, including the
+    variance of a channel whose mean is 1e3 times its spread (where fp32 squares would cancel)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 3, 5, generator=g) * torch.tensor([1.0, 0.1, 1e-3, 2.0, 0.5])
+    x = x + torch.tensor([0.0, 5.0, 1.0, -3.0, 0.2])
+    partials = stats.sequence_partials(x)
+    expected = stats.sequence_aggregates(stats.partial_sums(partials, 64), 64)
+    got = stats.whole_sequence_aggregates(partials, 64)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    exact = x.double().var(0, unbiased=False)
+    torch.testing.assert_close(got[..., 2], exact, rtol=1e-4, atol=0)
+
+
 def test_the_paper_default_ranks_channels_by_mean_then_l2():
     """seq = mean|x|, batch = L2: a channel with larger |activations| in every sample ranks higher."""
     x = torch.ones(4, 8, 3) * torch.tensor([0.5, -2.0, 1.0])
