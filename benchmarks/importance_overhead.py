@@ -6,8 +6,10 @@
 Both sides run the same model on the same micro-batches through the same forward-only schedule;
 passes alternate, in pairs whose order swaps every repeat (bare, hooked, hooked, bare, ...), so machine
 noise and drift hit both alike. Reported: the ratio of median throughputs (the target's figure), the
-median of the ratios of adjacent pairs, and the ratio of this rank's median CPU seconds per pass
-(steadier here: single passes of the same work vary by +-15% in wall time on this VM). Writes JSON
+median of the ratios of adjacent pairs, the ratio of this rank's median CPU seconds per pass, and
+the hooks' share: their main-thread CPU time over that of the rest of the same pass (the steadiest
+figure here, since it needs no second pass: single passes of the same work vary by +-15% in wall
+time on this VM). Writes JSON
 to --out (default benchmarks/results/importance_overhead.json).
 """
 
@@ -71,15 +73,22 @@ def main() -> None:
     forward_passes(model, rt, batches(), sizes, args.seq_length)  # warm-up
     times = {"bare": [], "hooked": []}
     cpu = {"bare": [], "hooked": []}  # this rank's CPU seconds per pass (less noisy than wall time)
+    hook_share = []  # per hooked pass: main-thread CPU time in the hooks / in the rest of the pass
+    hook_seconds, thread = [], {"bare": [], "hooked": []}  # main-thread CPU seconds
     for repeat in range(args.repeats):
         for name in ("bare", "hooked") if repeat % 2 == 0 else ("hooked", "bare"):
             rt.barrier()
-            start, start_cpu = time.perf_counter(), time.process_time()
+            start, start_cpu, start_thread = time.perf_counter(), time.process_time(), time.thread_time()
             if name == "hooked":
+                hooks_before = collector.hook_seconds
                 with collector.attached():
                     forward_passes(model, rt, batches(), sizes, args.seq_length)
+                hooks = collector.hook_seconds - hooks_before
+                hook_share.append(hooks / (time.thread_time() - start_thread - hooks))
+                hook_seconds.append(hooks)
             else:
                 forward_passes(model, rt, batches(), sizes, args.seq_length)
+            thread[name].append(time.thread_time() - start_thread)
             rt.barrier()
             times[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
@@ -97,7 +106,8 @@ def main() -> None:
         "throughput_ratio": throughput["hooked"] / throughput["bare"], "target_ratio": 0.95,
         "pair_ratio_median": statistics.median(b / h for b, h in zip(times["bare"], times["hooked"])),
         "cpu_ratio": statistics.median(cpu["bare"]) / statistics.median(cpu["hooked"]),
-        "seconds": times, "cpu_seconds": cpu,
+        "hook_cpu_share": statistics.median(hook_share),
+        "seconds": times, "cpu_seconds": cpu, "thread_seconds": thread, "hook_seconds": hook_seconds,
         "accumulator_bytes": {"tokens": [len(short) * args.seq_length // 4, tokens],
                               "bytes": [accumulator_bytes(small), accumulator_bytes(collector)]},
     }

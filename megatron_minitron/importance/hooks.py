@@ -28,7 +28,9 @@ assembles the layers of all pipeline stages, naming the process group of every c
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import time
 from typing import Iterator, Optional
 
 import torch
@@ -94,13 +96,13 @@ class Collector:
         self._work = torch.empty(0, dtype=torch.float32, device=dev)  # scratch of the largest activation seen
         self._handles: list = []
         self._views: dict = {}  # shape -> a view of _work
+        self.hook_seconds = 0.0  # this thread's CPU time inside the hooks (and their flushes) so far
         self._pending: dict[str, list] = {}  # key -> [(row, values, shape)] not yet folded in: see `_flush`
 
     # ------------------------------------------------------------------------------------ hooks
-    # Inside a forward pass every tensor operation of a hook cost tens of microseconds whatever its
-    # size (measured at TP2 on the `small` preset: a slice, a view or a [256, 4, 6] concatenation
-    # each 20-60 us of thread time), so the hooks run as few as they can: the activation-sized
-    # passes, and nothing else. Everything small runs batched over up to 64 hook calls in `_flush`.
+    # Every tensor operation has a fixed cost (3-10 us inside a forward pass here, even for a view),
+    # so the hooks run as few as they can: the activation-sized passes, and nothing else. Everything
+    # small runs batched over up to 64 hook calls in `_flush`.
     def _add(self, key: str, row: int, activation: torch.Tensor) -> None:
         """Reduce one activation [s, b, c] to its per-sample moments for accumulator row `row` of `key`."""
         moments = sequence_moments(activation, self._scratch(activation))
@@ -242,31 +244,46 @@ class Collector:
     @contextlib.contextmanager
     def attached(self) -> Iterator["Collector"]:
         """Hooks on every layer of this stage while the block runs; removed afterwards."""
+        timed = self._timed
         try:
             for i, layer in enumerate(self.layers):
                 attn, mlp = layer.self_attention, layer.mlp
-                self._handles.append(attn.linear_proj.register_forward_pre_hook(self._attention_hook(i)))
-                self._handles.append(mlp.linear_fc2.register_forward_pre_hook(self._fc2_hook(i)))
+                self._handles.append(attn.linear_proj.register_forward_pre_hook(timed(self._attention_hook(i))))
+                self._handles.append(mlp.linear_fc2.register_forward_pre_hook(timed(self._fc2_hook(i))))
                 if self.ffn_pre:
-                    self._handles.append(mlp.linear_fc1.register_forward_hook(self._fc1_hook(i)))
+                    self._handles.append(mlp.linear_fc1.register_forward_hook(timed(self._fc1_hook(i))))
                 if self.use_te:
-                    self._handles.append(attn.linear_qkv.register_forward_pre_hook(self._fused_norm_hook(2 * i)))
-                    self._handles.append(mlp.linear_fc1.register_forward_pre_hook(self._fused_norm_hook(2 * i + 1)))
+                    self._handles.append(attn.linear_qkv.register_forward_pre_hook(
+                        timed(self._fused_norm_hook(2 * i))))
+                    self._handles.append(mlp.linear_fc1.register_forward_pre_hook(
+                        timed(self._fused_norm_hook(2 * i + 1))))
                 else:
                     self._handles.append(layer.input_layernorm.register_forward_hook(
-                        self._norm_output_hook("hidden", 2 * i)))
+                        timed(self._norm_output_hook("hidden", 2 * i))))
                     self._handles.append(layer.pre_mlp_layernorm.register_forward_hook(
-                        self._norm_output_hook("hidden", 2 * i + 1)))
-                self._handles.append(layer.register_forward_hook(self._block_hook(i), with_kwargs=True))
+                        timed(self._norm_output_hook("hidden", 2 * i + 1))))
+                self._handles.append(layer.register_forward_hook(timed(self._block_hook(i)), with_kwargs=True))
             final = getattr(self.gpt.decoder, "final_layernorm", None)
             if final is not None:
-                self._handles.append(final.register_forward_hook(self._norm_output_hook("final_norm", 0)))
+                self._handles.append(final.register_forward_hook(timed(self._norm_output_hook("final_norm", 0))))
             yield self
-            self._flush()  # (not after a failure: it may all-reduce with TP ranks that are not there)
+            timed(self._flush)()  # (not after a failure: it may all-reduce with TP ranks that are not there)
         finally:
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
+
+    def _timed(self, function):
+        """function, adding the thread's CPU time inside it to `hook_seconds` (thread time: waits for
+        other ranks in a flush's all-reduce do not count, work does)."""
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            start = time.thread_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.hook_seconds += time.thread_time() - start
+        return timed
 
     # ------------------------------------------------------------------------------- reductions
     def reduce(self) -> dict[str, torch.Tensor]:

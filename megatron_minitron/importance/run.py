@@ -179,8 +179,12 @@ def collect(model, runtime, arch, batches: Callable[[], Iterable[dict]], num_sam
     collector = Collector(model, runtime, arch, seq_length=seq_length, ffn_pre=cfg.ffn_source == "pre",
                           use_te=use_te)
     progress = Progress("importance", num_samples, runtime.is_logging_rank)
+    start = time.thread_time()
     with collector.attached():
         loss_sum, tokens = forward_passes(model, runtime, batches(), sizes, seq_length, progress)
+    forward = time.thread_time() - start - collector.hook_seconds
+    log(f"importance hooks: {collector.hook_seconds:.1f} s of this rank's main-thread CPU time, against "
+        f"{forward:.1f} s for the forward passes themselves ({100 * collector.hook_seconds / max(forward, 1e-9):.1f}%)")
     raw = collector.reduce()
     tensors = scores_from_raw(raw, num_samples, cfg)
     if cfg.lm_loss or cfg.block_sizes:

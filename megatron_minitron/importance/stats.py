@@ -42,9 +42,8 @@ def sequence_moments(x: torch.Tensor, work: Optional[torch.Tensor] = None):
     variance of large-mean channels, which a plain fp32 sum of squares would lose to cancellation.
     On one CPU thread at [256, 4, 384] this function takes about 190 us, where the fp32 sums of
     shifted values, squares and |x| it replaced took 340 us. Everything touching the full activation
-    stays fp32, and it runs four operations: in the hooks, each operation costs tens of microseconds
-    whatever its size, so the small fp64 steps that follow run batched, later (`partial_sums`,
-    `whole_sequence_aggregates`).
+    stays fp32, and it runs four operations: each has a fixed cost, so the small fp64 steps that
+    follow run batched over many calls, later (`partial_sums`, `whole_sequence_aggregates`).
 
     work: a contiguous fp32 tensor of x's shape for |x| (overwritten), else a fresh one. The hooks pass
     one buffer they keep: a fresh activation-sized tensor can be fresh pages from the kernel, and once

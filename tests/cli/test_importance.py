@@ -4,6 +4,7 @@ each caught before any forward pass."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,10 @@ def test_scores_directory_describes_itself(scores_dir, tiny_teacher):
     # a trained model's calibration loss is far below uniform (ln 8192 = 9.0)
     assert m.data["lm_loss"] < 8.5
     assert "importance: 12/12 samples" in output and "block importance: most important layers" in output
+    # the hooks' cost is reported, a positive share of the forward passes' own CPU time
+    hooks, forward, share = re.search(r"importance hooks: ([\d.]+) s .* against ([\d.]+) s .* \(([\d.]+)%\)",
+                                      output).groups()
+    assert 0 < float(share) < 100 and float(hooks) <= float(forward)
 
 
 def test_existing_scores_are_not_overwritten(scores_dir, tiny_teacher, capsys):
