@@ -209,8 +209,10 @@ def init_process_group(env: LaunchEnv, timeout_minutes: int = 30) -> tuple[torch
         torch.cuda.set_device(device)
     else:
         from megatron_minitron.runtime import cpu
+        from megatron_minitron.runtime.host_memory import keep_freed_memory
 
         device, backend, patches = torch.device("cpu"), "gloo", cpu.install()
+        keep_freed_memory()
     if not torch.distributed.is_initialized():
         # init_method="env://" (not an explicit tcp:// address, which hangs under torchrun).
         torch.distributed.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
