@@ -52,6 +52,15 @@ def norm_output(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return out if bias is None else out + bias.float()
 
 
+class _Pending:
+    """One key's hook calls not yet folded in: their accumulator rows, and a buffer of slots for
+    their values, all from activations of one shape."""
+
+    def __init__(self, shape: torch.Size, buffer: torch.Tensor) -> None:
+        self.shape, self.buffer = shape, buffer
+        self.rows: list[int] = []
+
+
 class Collector:
     """Importance statistics of the layers on this rank's pipeline stage.
 
@@ -97,7 +106,7 @@ class Collector:
         self._handles: list = []
         self._views: dict = {}  # shape -> a view of _work
         self.hook_seconds = 0.0  # this thread's CPU time inside the hooks (and their flushes) so far
-        self._pending: dict[str, list] = {}  # key -> [(row, values, shape)] not yet folded in: see `_flush`
+        self._pending: dict[str, _Pending] = {}  # key -> its calls not yet folded in: see `_flush`
 
     # ------------------------------------------------------------------------------------ hooks
     # Every tensor operation has a fixed cost (3-10 us inside a forward pass here, even for a view),
@@ -105,17 +114,30 @@ class Collector:
     # small runs batched over up to 64 hook calls in `_flush`.
     def _add(self, key: str, row: int, activation: torch.Tensor) -> None:
         """Reduce one activation [s, b, c] to its per-sample moments for accumulator row `row` of `key`."""
-        moments = sequence_moments(activation, self._scratch(activation))
-        self._pend(key, row, moments, activation.shape, 3 * math.prod(activation.shape[1:]))
+        slot = self._slot(key, activation.shape, (3, math.prod(activation.shape[1:])))
+        sequence_moments(activation, self._scratch(activation), out=slot)
+        self._commit(key, row)
 
-    def _pend(self, key: str, row: int, values, shape: torch.Size, held: int) -> None:
-        """Keep one hook call's values (of an activation of `shape`, `held` numbers) for `_flush`."""
-        pending = self._pending.setdefault(key, [])
-        if pending and pending[-1][2] != shape:  # a shorter last micro-batch
+    def _slot(self, key: str, shape: torch.Size, entry: tuple) -> torch.Tensor:
+        """Where one hook call on an activation of `shape` writes its values (fp32 `entry`) for
+        `_flush`: the next slot of a buffer each key keeps, allocated once (the hooks allocate nothing
+        that outlives a call, and `_flush` reads the slots without stacking them). How freed
+        activation memory is kept for the forward pass itself: `runtime.host_memory`."""
+        pending = self._pending.get(key)
+        if pending is not None and pending.shape != shape:  # a shorter last micro-batch
             self._flush(key)
-            pending = self._pending.setdefault(key, [])
-        pending.append((row, values, shape))
-        if len(pending) >= 64 or len(pending) * held >= 1 << 22:
+            pending = None
+        if pending is None:
+            capacity = max(1, min(64, (1 << 22) // math.prod(entry)))  # at most 16 MB a key
+            pending = self._pending[key] = _Pending(shape, torch.empty(capacity, *entry, dtype=torch.float32,
+                                                                       device=self._work.device))
+        return pending.buffer[len(pending.rows)]
+
+    def _commit(self, key: str, row: int) -> None:
+        """The slot `_slot` gave for `key` now holds accumulator row `row`'s values."""
+        pending = self._pending[key]
+        pending.rows.append(row)
+        if len(pending.rows) == pending.buffer.shape[0]:
             self._flush(key)
 
     def _flush(self, key: Optional[str] = None) -> None:
@@ -124,22 +146,24 @@ class Collector:
         Block Importance. Every TP rank flushes the same keys at the same calls (the same hooks see
         the same micro-batches), so the sequence-split keys all-reduce their sums here, batched."""
         for name in [key] if key is not None else list(self._pending):
-            pending = self._pending.pop(name, [])
-            if not pending:
+            pending = self._pending[name]
+            n, shape = len(pending.rows), pending.shape
+            if n == 0:
                 continue
-            n, shape = len(pending), pending[0][2]
-            rows = torch.tensor([row for row, _, _ in pending], device=self.bi.device)
+            rows = torch.tensor(pending.rows, device=self.bi.device)
+            pending.rows.clear()
+            values = pending.buffer[:n]
             if name == "bi":  # dot, |before|, |after| per token
-                dot, before, after = torch.stack([t for _, v, _ in pending for t in v]).view(n, 3, -1).unbind(1)
+                dot, before, after = values.flatten(2).unbind(1)
                 # the cosine as F.cosine_similarity takes it: each norm at least 1e-8
                 cos = dot / (before.clamp(min=1e-8) * after.clamp(min=1e-8))
                 self.bi.index_add_(0, rows, torch.stack([cos.double().sum(-1), torch.full_like(
                     rows, cos.shape[-1], dtype=torch.float64)], dim=-1))
                 continue
             if name == "attention":
-                values = self._head_moments([v for _, v, _ in pending])
+                values = self._head_moments(values)
             else:
-                values = torch.stack([t for _, v, _ in pending for t in v]).view(n, 3, *shape[1:])
+                values = values.view(n, 3, *shape[1:])
             if name in self._sequence_split:  # complete each sample's sums over the TP ranks' tokens
                 sums = partial_sums(values, shape[0])  # [n, b, c, 3]
                 torch.distributed.all_reduce(sums, group=self.runtime.tp_group)
@@ -157,16 +181,16 @@ class Collector:
             acc = self.acc[name][:, self.channels] if name in ("hidden", "final_norm") else self.acc[name]
             acc.index_add_(0, rows, updates)
 
-    def _head_moments(self, norms: list) -> torch.Tensor:
-        """Moments [n, 3, b, heads + groups] of n calls' per-token head norms [s, b, heads]: the heads'
-        columns, then their groups' (a group's norm is the square root of the sum of its heads'
+    def _head_moments(self, norms: torch.Tensor) -> torch.Tensor:
+        """Moments [n, 3, b, heads + groups] of n calls' per-token head norms [n, s, b, heads]: the
+        heads' columns, then their groups' (a group's norm is the square root of the sum of its heads'
         squared norms), reduced together as the columns of one tensor."""
-        norms = torch.stack(norms, dim=1)  # [s, n, b, heads]
-        s, n, b, _ = norms.shape
+        n, s, b, _ = norms.shape
         per_group = self.arch.num_attention_heads // self.arch.query_groups
-        groups = norms.square().view(s, n, b, -1, per_group).sum(-1).sqrt_()
+        norms = norms.transpose(0, 1)  # [s, n, b, heads]: the sequence first, as the moments take it
+        groups = norms.square().reshape(s, n, b, -1, per_group).sum(-1).sqrt_()
         columns = torch.cat([norms, groups], dim=-1)
-        return torch.stack(sequence_moments(columns)).view(3, n, b, -1).transpose(0, 1)
+        return sequence_moments(columns).view(3, n, b, -1).transpose(0, 1)
 
     def _part(self, n: int) -> slice:
         """This TP rank's tp-th of n items."""
@@ -197,8 +221,9 @@ class Collector:
             x = args[0]
             s, b = x.shape[:2]
             x = x if x.dtype == torch.float32 else x.float()
-            heads = torch.linalg.vector_norm(x.reshape(s, b, -1, kv), dim=-1)  # [s, b, local heads]
-            self._pend("attention", i, heads, heads.shape, heads.numel())
+            heads = x.reshape(s, b, -1, kv)
+            torch.linalg.vector_norm(heads, dim=-1, out=self._slot("attention", x.shape, heads.shape[:3]))
+            self._commit("attention", i)
         return hook
 
     def _fc2_hook(self, i: int):
@@ -235,10 +260,13 @@ class Collector:
             after = self._tokens(output[0] if isinstance(output, tuple) else output)
             before = before if before.dtype == torch.float32 else before.float()
             after = after if after.dtype == torch.float32 else after.float()
-            # per token [s, b]: the cosines follow in `_flush`
-            values = (torch.linalg.vecdot(before, after), torch.linalg.vector_norm(before, dim=-1),
-                      torch.linalg.vector_norm(after, dim=-1))
-            self._pend("bi", i, values, before.shape, 3 * before.shape[0] * before.shape[1])
+            # per token [s, b]: the dot product (through the scratch buffer) and both norms; the
+            # cosines follow in `_flush`
+            slot = self._slot("bi", before.shape, (3, *before.shape[:2]))
+            torch.sum(torch.mul(before, after, out=self._scratch(before).view(before.shape)), -1, out=slot[0])
+            torch.linalg.vector_norm(before, dim=-1, out=slot[1])
+            torch.linalg.vector_norm(after, dim=-1, out=slot[2])
+            self._commit("bi", i)
         return hook
 
     @contextlib.contextmanager

@@ -31,10 +31,12 @@ def check_aggregation(name: str, *, axis: str) -> int:
     return AGGREGATIONS.index(name)
 
 
-def sequence_moments(x: torch.Tensor, work: Optional[torch.Tensor] = None):
+def sequence_moments(x: torch.Tensor, work: Optional[torch.Tensor] = None,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The activation-sized part of `sequence_sums`, for one chunk of the sequence of a megatron
-    activation [seq, batch, channels]: three flat fp32 tensors [batch * channels] holding, per sample
-    and channel, the mean over the chunk, the variance about that mean, and the sum of |x|.
+    activation [seq, batch, channels]: fp32 [3, batch * channels] (written to `out` when given)
+    holding, per sample and channel, the mean over the chunk, the variance about that mean, and the
+    sum of |x|.
 
     The mean and variance come from the batch-norm statistics kernel (`torch.batch_norm_update_stats`
     on the [seq, batch * channels] view: one pass for the means, one for the squares about them, both
@@ -50,17 +52,20 @@ def sequence_moments(x: torch.Tensor, work: Optional[torch.Tensor] = None):
     the allocator had handed such memory back, faulting it in cost 3x the arithmetic."""
     x = x if x.dtype == torch.float32 else x.float()
     x = x.view(x.shape[0], -1) if x.is_contiguous() else x.reshape(x.shape[0], -1)
+    out = torch.empty(3, x.shape[1], dtype=torch.float32, device=x.device) if out is None else out
     if x.shape[0] == 0:  # an empty chunk contributes nothing
-        zeros = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
-        return zeros, zeros, zeros
+        return out.zero_()
     work = torch.empty(x.shape, dtype=torch.float32, device=x.device) if work is None else work.view(x.shape)
     mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
-    return mean, var, torch.sum(torch.abs(x, out=work), 0)
+    out[0].copy_(mean)
+    out[1].copy_(var)
+    torch.sum(torch.abs(x, out=work), 0, out=out[2])
+    return out
 
 
 def sequence_partials(x: torch.Tensor, work: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`sequence_moments` as one tensor [3, batch, channels]: mean, variance about it, sum |x|."""
-    return torch.stack(sequence_moments(x, work)).view(3, *x.shape[1:])
+    """`sequence_moments` as [3, batch, channels]: mean, variance about it, sum |x|."""
+    return sequence_moments(x, work).view(3, *x.shape[1:])
 
 
 def partial_sums(partials: torch.Tensor, n) -> torch.Tensor:
