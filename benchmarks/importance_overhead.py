@@ -3,14 +3,16 @@
 
     torchrun --nproc-per-node 2 benchmarks/importance_overhead.py --tp 2
 
-Both sides run the same model on the same micro-batches through the same forward-only schedule;
-passes alternate, in pairs whose order swaps every repeat (bare, hooked, hooked, bare, ...), so machine
-noise and drift hit both alike. Reported: the ratio of median throughputs (the target's figure), the
-median of the ratios of adjacent pairs, the ratio of this rank's median CPU seconds per pass, and
-the hooks' share: their main-thread CPU time over that of the rest of the same pass (the steadiest
-figure here, since it needs no second pass: single passes of the same work vary by +-15% in wall
-time on this VM). Writes JSON
-to --out (default benchmarks/results/importance_overhead.json).
+Calibration is as `minitron importance` runs it by default (sequence length min(4096, max positions),
+4 samples a micro-batch), on 16 samples. Both sides run the same model on the same micro-batches
+through the same forward-only schedule; passes alternate, in pairs whose order swaps every repeat
+(bare, hooked, hooked, bare, ...), so machine noise and drift hit both alike. Reported: the ratio of
+median throughputs (the target's figure), the median of the ratios of adjacent pairs, the ratio of
+this rank's median CPU seconds per pass, and the hooks' share: their main-thread CPU time over that
+of the rest of the same pass (the steadiest figure here, since it needs no second pass: single
+passes of the same work vary by +-15% in wall time on this VM). Also the hooks' working memory
+(scratch buffer and pending slots), which grows with a micro-batch's tokens up to a cap, not with
+the number of samples. Writes JSON to --out (default benchmarks/results/importance_overhead.json).
 """
 
 from __future__ import annotations
@@ -47,19 +49,27 @@ def accumulator_bytes(collector: Collector) -> int:
     return sum(t.numel() * t.element_size() for t in [*collector.acc.values(), collector.bi])
 
 
+def working_bytes(collector: Collector) -> int:
+    """The hooks' scratch buffer and pending slots (sized by a micro-batch's tokens, capped)."""
+    buffers = [collector._work, *(pending.buffer for pending in collector._pending.values())]
+    return sum(t.numel() * t.element_size() for t in buffers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--arch", default="small")
     parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--seq-length", type=int, default=None,
+                        help="tokens per sample; default as `minitron importance`: min(4096, max positions)")
     parser.add_argument("--micro-batch-size", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results/importance_overhead.json")
     args = parser.parse_args()
 
     rt = initialize(ParallelConfig(tensor_parallel=args.tp))
     arch = preset(args.arch)
+    args.seq_length = args.seq_length or min(4096, arch.max_position_embeddings)
     model = build_model(arch, rt)
     data = samples(args.samples, args.seq_length, arch.vocab_size)
     sizes = micro_batch_sizes(args.samples, micro_batch_size=args.micro_batch_size, dp_rank=rt.dp_rank,
@@ -110,6 +120,9 @@ def main() -> None:
         "seconds": times, "cpu_seconds": cpu, "thread_seconds": thread, "hook_seconds": hook_seconds,
         "accumulator_bytes": {"tokens": [len(short) * args.seq_length // 4, tokens],
                               "bytes": [accumulator_bytes(small), accumulator_bytes(collector)]},
+        "working_bytes": {"micro_batch_tokens": [len(short) * args.seq_length // 4,
+                                                 args.micro_batch_size * args.seq_length],
+                          "bytes": [working_bytes(small), working_bytes(collector)]},
     }
     if rt.rank == 0:
         print(json.dumps(result, indent=2))

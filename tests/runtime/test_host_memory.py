@@ -3,6 +3,7 @@ same size again does not fault its pages in again."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -37,3 +38,12 @@ def test_freed_blocks_are_reused_without_page_faults():
     # every page in again; kept in the heap, it faults none
     assert int(faults_of_second_fill("default")) > 10_000
     assert int(kept) < 1_000
+
+
+def test_thresholds_set_by_the_environment_are_left_alone():
+    program = "from megatron_minitron.runtime.host_memory import keep_freed_memory; print(keep_freed_memory())"
+    for env in ({"MALLOC_MMAP_THRESHOLD_": "131072"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"},
+                {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}):
+        out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env}).stdout.strip()
+        assert out == "False", env
