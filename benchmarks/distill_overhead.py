@@ -29,7 +29,7 @@ from megatron_minitron.distill.loop import ADAPTERS, DistillConfig, build, disti
 from megatron_minitron.importance.run import forward_passes  # noqa: E402
 from megatron_minitron.model import checkpoint as ckpt  # noqa: E402
 from megatron_minitron.model.build import build_model  # noqa: E402
-from megatron_minitron.prune.rewrite import peak_rss_mb  # noqa: E402
+from megatron_minitron.runtime.host_memory import peak_rss_mb  # noqa: E402
 from megatron_minitron.runtime import ParallelConfig, initialize, shutdown  # noqa: E402
 from megatron_minitron.training.loop import TrainConfig, build_trainer, init_from, lm_task, train_step  # noqa: E402
 

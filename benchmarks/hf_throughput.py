@@ -92,9 +92,10 @@ def worker(op: str, src: str, dst: str) -> dict:
     import torch.distributed.checkpoint  # noqa: F401
 
     import megatron_minitron.data.tokenizer  # noqa: F401
-    import megatron_minitron.prune.storage  # noqa: F401
+    import megatron_minitron.model.storage  # noqa: F401
     from megatron_minitron.hf.exporter import export_hf
-    from megatron_minitron.hf.importer import import_hf, peak_rss_mb
+    from megatron_minitron.hf.importer import import_hf
+    from megatron_minitron.runtime.host_memory import peak_rss_mb
 
     start = time.monotonic()
     if op == "reference":

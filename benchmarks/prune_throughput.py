@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_minitron.config import ArchConfig  # noqa: E402
 from megatron_minitron.model import checkpoint as ckpt  # noqa: E402
 from megatron_minitron.plan.plan import Plan, identity_plan  # noqa: E402
-from megatron_minitron.prune import storage  # noqa: E402
+from megatron_minitron.model import storage  # noqa: E402
 from megatron_minitron.prune.rewrite import prune_checkpoint  # noqa: E402
 
 BASE = ArchConfig(num_layers=8, hidden_size=1024, ffn_hidden_size=4096, num_attention_heads=16, num_query_groups=4,

@@ -37,25 +37,6 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                        help="tokenizer, tokenized corpus and dataset index caches (shared by all ranks)")
 
 
-def parse_blend(values):
-    """Megatron-LM's --data-path: `P1 P2` (equal weights) or `W1 P1 W2 P2`."""
-    if not values:
-        return None
-    try:
-        float(values[0])
-    except ValueError:
-        return tuple((1.0, prefix) for prefix in values)
-    if len(values) % 2:
-        raise ConfigError(f"--data-path {' '.join(values)}: expected WEIGHT PREFIX pairs")
-    pairs = []
-    for weight, prefix in zip(values[::2], values[1::2]):
-        try:
-            pairs.append((float(weight), prefix))
-        except ValueError:
-            raise ConfigError(f"--data-path: {weight!r} is not a weight; mix no bare prefixes with weighted ones") from None
-    return tuple(pairs)
-
-
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     t = parser.add_argument_group("training")
     t.add_argument("--train-iters", type=int, default=300)
@@ -108,23 +89,3 @@ def check_run_dir(save: Path, *, resume: bool, overwrite: bool) -> None:
         raise ConfigError(f"--save {save} exists and is not a megatron-minitron run directory; choose a new path")
     raise ConfigError(f"--save {save} already holds a run; pass --resume to continue it or --overwrite to "
                       f"start it again")
-
-
-def run_batches(data_cfg, tokenizer, cfg, runtime, *, model_vocab_size: int, train_iters=None) -> dict:
-    """`train_batches(start_sample)` and `valid_batches()` (None without validation data) of a training
-    run: megatron datasets sized for train_iters (default cfg.train_iters) and cfg.eval_iters global
-    batches, each rank taking its data-parallel share."""
-    from megatron_minitron.data.loader import batch_iterator, build_datasets
-
-    steps = train_iters or cfg.train_iters
-    train_ds, valid_ds, _ = build_datasets(data_cfg, tokenizer, (steps * cfg.global_batch_size,
-                                                                 cfg.eval_iters * cfg.global_batch_size, 0),
-                                           model_vocab_size=model_vocab_size)
-    dp = dict(micro_batch_size=cfg.micro_batch_size, dp_rank=runtime.dp_rank, dp_size=runtime.data_parallel)
-    return {"train_batches": lambda start: batch_iterator(train_ds, start_sample=start, **dp),
-            "valid_batches": (lambda: batch_iterator(valid_ds, **dp)) if valid_ds is not None else None}
-
-
-def tokenizer_json(data_cfg, tokenizer) -> dict:
-    """The tokenizer reference stored in checkpoints (keeps an explicit HF eod token)."""
-    return (data_cfg.tokenizer or tokenizer.ref).to_json()

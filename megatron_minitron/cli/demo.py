@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 
 from megatron_minitron.config import ConfigError
-
-MARKER = "demo_config.json"
+from megatron_minitron.demo.config import MARKER
 """Written first into --out: marks a directory the demo may replace on its next run."""
 
 

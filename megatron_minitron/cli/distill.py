@@ -18,9 +18,9 @@ import shutil
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
-                                           check_run_dir, parallel_config, parse_blend, run_batches, tokenizer_json,
-                                           train_config)
+                                           check_run_dir, parallel_config, train_config)
 from megatron_minitron.config import ConfigError
+from megatron_minitron.data.blend import parse_blend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,7 +127,7 @@ def shared_tokenizer(tokenizer_path, teacher, student):
 
 
 def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: Path) -> int:
-    from megatron_minitron.data.loader import load_tokenizer
+    from megatron_minitron.data.loader import load_tokenizer, run_batches, tokenizer_json
     from megatron_minitron.distill.loop import distill
     from megatron_minitron.runtime import initialize, shutdown
 

@@ -12,7 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from megatron_minitron.cli._common import add_data_arguments, add_parallel_arguments, parallel_config, parse_blend
+from megatron_minitron.cli._common import add_data_arguments, add_parallel_arguments, parallel_config
+from megatron_minitron.data.blend import parse_blend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seq-length {seq_length} exceeds the model's max_position_embeddings="
                           f"{arch.max_position_embeddings}")
     if args.data_path:
-        from megatron_minitron.cli._common import parse_blend
+        from megatron_minitron.data.blend import parse_blend
         from megatron_minitron.data.loader import check_blend_paths
 
         check_blend_paths(parse_blend(args.data_path))

@@ -15,9 +15,9 @@ import shutil
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
-                                           check_run_dir, parallel_config, parse_blend, run_batches, tokenizer_json,
-                                           train_config)
+                                           check_run_dir, parallel_config, train_config)
 from megatron_minitron.config import ConfigError
+from megatron_minitron.data.blend import parse_blend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +74,7 @@ def _data_config(args: argparse.Namespace, init_info):
 
 
 def _train(args, parallel, cfg, env, save: Path, arch, init_info, data_cfg) -> int:
-    from megatron_minitron.data.loader import load_tokenizer
+    from megatron_minitron.data.loader import load_tokenizer, run_batches, tokenizer_json
     from megatron_minitron.model.checkpoint import latest_iteration
     from megatron_minitron.runtime import initialize, shutdown
     from megatron_minitron.training.loop import RunPaths, build_trainer, init_from, lm_task, train

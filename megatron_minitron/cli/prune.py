@@ -12,7 +12,6 @@ needed only for --head-merge). Under torchrun the ranks share the work instead o
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,9 +57,8 @@ def _plan(args: argparse.Namespace, arch):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
     from megatron_minitron.prune.rewrite import prune_checkpoint, resolve_source
+    from megatron_minitron.runtime.dist import host_group
 
     info = resolve_source(args.load)
     plan = _plan(args, info.arch)
@@ -74,19 +72,11 @@ def run(args: argparse.Namespace) -> int:
         scores = load_scores(args.scores)
         scores.check_belongs_to(info.arch, what=f"checkpoint {args.load}")
         head_scores = scores["heads"]
-    group = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")  # from torchrun's environment (an explicit tcp URL hangs)
-        group = dist.group.WORLD
-    try:
+    with host_group() as group:
         prune_checkpoint(args.load, plan, args.save, workers=args.workers, overwrite=args.overwrite,
                          chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))), head_scores=head_scores, group=group)
-        if args.save_plan and (group is None or dist.get_rank() == 0):
-            plan.save(args.save_plan)
-        if group is None or dist.get_rank() == 0:
+        if group is None or group.rank() == 0:
+            if args.save_plan:
+                plan.save(args.save_plan)
             print(plan.summary())
-    finally:
-        if group is not None:
-            dist.destroy_process_group()
     return 0

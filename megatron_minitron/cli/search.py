@@ -15,13 +15,12 @@ killed search continues with --resume from its last finished candidate.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
-                                           parallel_config, parse_blend, run_batches, tokenizer_json, train_config)
+                                           parallel_config, train_config)
 from megatron_minitron.config import ConfigError
+from megatron_minitron.data.blend import parse_blend
 
 AXIS_FLAGS = {"num_layers": "--layers", "hidden_size": "--hidden", "ffn_hidden_size": "--ffn",
               "num_attention_heads": "--heads", "num_query_groups": "--groups"}
@@ -86,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     from megatron_minitron.data.loader import DataConfig
     from megatron_minitron.importance.scores import load_scores
     from megatron_minitron.model import checkpoint as ckpt
-    from megatron_minitron.runtime import LaunchEnv
+    from megatron_minitron.runtime import LaunchEnv, session
+    from megatron_minitron.search.run import SearchJob, SearchSetup, check_out, check_winner, search
     from megatron_minitron.search.space import enumerate_candidates, explain_empty
 
     # ---- every check that needs no process, before any pruning or training
@@ -105,112 +105,21 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seq-length {cfg.seq_length} exceeds the model's max_position_embeddings="
                           f"{source.arch.max_position_embeddings}")
     out = Path(args.out)
-    _check_out(out, resume=args.resume, overwrite=args.overwrite)
+    check_out(out, resume=args.resume, overwrite=args.overwrite)
     if args.winner_iters < 0:
         raise ConfigError(f"--winner-iters must be >= 0, got {args.winner_iters}")
-    _check_winner(out, args.winner_iters, overwrite=args.overwrite)
+    check_winner(out, args.winner_iters, overwrite=args.overwrite)
     env = LaunchEnv.from_environ()
     cfg.num_microbatches(parallel.data_parallel(env.world_size))
     tokenizer = shared_tokenizer(args.tokenizer, source, source)
     data_cfg = DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
                           split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
                           tokenizer=tokenizer)
-    return _search(args, parallel, env, cfg, dcfg, source, scores, space, candidates, removed, data_cfg, out)
-
-
-def _check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
-    if not out.exists() or not any(out.iterdir()):
-        if resume:
-            raise ConfigError(f"--resume: {out} holds no search to continue")
-        return
-    if not (out / "space.json").is_file():
-        raise ConfigError(f"--out {out} exists and is not a search directory; choose a new path")
-    if not (resume or overwrite):
-        raise ConfigError(f"--out {out} already holds a search; pass --resume to continue it or --overwrite to "
-                          f"start again")
-
-
-def _check_winner(out: Path, iters: int, *, overwrite: bool) -> None:
-    """A resumed search continues its winner's distillation only at the same length (its LR schedule)."""
-    done = out / "winner" / "winner.json"
-    if overwrite or not iters or not done.is_file():
-        return
-    before = json.loads(done.read_text())["winner_iters"]
-    if before != iters:
-        raise ConfigError(f"--winner-iters {iters}: {out / 'winner'} holds the winner distilled for {before} steps; "
-                          f"pass --winner-iters {before} or move that directory away")
-
-
-def _search(args, parallel, env, cfg, dcfg, source, scores, space, candidates, removed, data_cfg, out: Path) -> int:
-    import dataclasses
-
-    from megatron_minitron.data.loader import load_tokenizer
-    from megatron_minitron.distill.loop import load_teacher
-    from megatron_minitron.runtime import initialize, shutdown
-    from megatron_minitron.search.run import SearchSetup, finished, rank, run_candidate, write_report
-
-    runtime = initialize(parallel, seed=cfg.seed, env=env)
-    try:
-        def log(line: str) -> None:
-            if runtime.is_logging_rank:
-                print(line, flush=True)
-
-        setup_json = {"source": str(source.root), "scores": str(args.scores), "budget": args.budget,
-                      "tolerance": args.tolerance, "space": space.to_json(), "train": cfg.to_json(),
-                      "distill": dcfg.to_json(), "removed": dict(removed)}
-        setup_json = json.loads(json.dumps(setup_json))  # as stored (tuples become lists), to compare on resume
-        if runtime.rank == 0:
-            if args.overwrite and out.exists():
-                shutil.rmtree(out)
-            out.mkdir(parents=True, exist_ok=True)
-            previous = out / "space.json"
-            if previous.is_file() and json.loads(previous.read_text()) != setup_json:
-                raise ConfigError(f"--resume: {out} was searched with other settings; use a new --out")
-            previous.write_text(json.dumps(setup_json, indent=2) + "\n")
-        runtime.barrier()
-        log(f"search: {len(candidates)} candidates within {args.tolerance:.0%} of {args.budget:,} parameters "
-            f"({sum(removed.values())} combinations removed: {dict(removed)}); {cfg.train_iters} distillation "
-            f"steps each")
-        tokenizer = load_tokenizer(data_cfg)
-        batches = run_batches(data_cfg, tokenizer, cfg, runtime, model_vocab_size=source.arch.vocab_size)
-        import torch
-
-        dtype = torch.bfloat16 if (cfg.bf16 if cfg.bf16 is not None else runtime.device.type == "cuda") else torch.float32
-        teacher = load_teacher(source, runtime, dcfg, dtype=dtype, padded_vocab=source.arch.padded_vocab)
-        setup = SearchSetup(source=source, scores=scores, out=out, layer_metric=args.layer_metric, seed=cfg.seed,
-                            keep_checkpoints=args.keep_checkpoints)
-        tok = tokenizer_json(data_cfg, tokenizer)
-        results = []
-        for i, candidate in enumerate(candidates):
-            done = finished(out, candidate)
-            if done is not None:
-                log(f"[{i + 1}/{len(candidates)}] {candidate.name}: finished earlier (val LM loss "
-                    f"{done['val_lm_loss']:.4f})")
-                results.append(done)
-                continue
-            log(f"[{i + 1}/{len(candidates)}] {candidate.name}: {candidate.params:,} parameters")
-            results.append(run_candidate(setup, candidate, runtime=runtime, train_cfg=cfg, distill_cfg=dcfg,
-                                         teacher=teacher, tokenizer=tok, log=log, **batches))
-        ranking = rank(results)
-        if runtime.rank == 0:
-            write_report(out, setup_json, results, ranking)
-            (out / "best_plan.json").write_text((out / "candidates" / ranking["winner"] / "plan.json").read_text())
-        runtime.barrier()
-        log("\n".join((out / "search.md").read_text().splitlines()[:4 + len(results) + 3]))
-        if args.winner_iters:
-            winner = next(c for c in candidates if c.name == ranking["winner"])
-            full = dataclasses.replace(cfg, train_iters=args.winner_iters)
-            # data sized for the winner's run: the same order a separate `minitron distill` of that length sees
-            batches = run_batches(data_cfg, tokenizer, full, runtime, model_vocab_size=source.arch.vocab_size)
-            if runtime.rank == 0:
-                (out / "winner").mkdir(exist_ok=True)
-                (out / "winner" / "winner.json").write_text(json.dumps({"winner_iters": args.winner_iters}) + "\n")
-            distilled = finished(out / "winner", winner) or run_candidate(
-                dataclasses.replace(setup, out=out / "winner", keep_checkpoints=True), winner,
-                runtime=runtime, train_cfg=full, distill_cfg=dcfg, teacher=teacher, tokenizer=tok, log=log, **batches)
-            if runtime.rank == 0:
-                write_report(out, setup_json, results, ranking, winner=distilled)
-            runtime.barrier()
-    finally:
-        shutdown()
+    setup = SearchSetup(source=source, scores=scores, out=out, layer_metric=args.layer_metric, seed=cfg.seed,
+                        keep_checkpoints=args.keep_checkpoints)
+    job = SearchJob(setup=setup, scores_path=str(args.scores), budget=args.budget, tolerance=args.tolerance,
+                    space=space, candidates=tuple(candidates), removed=dict(removed), train=cfg, distill=dcfg,
+                    data=data_cfg, winner_iters=args.winner_iters, overwrite=args.overwrite)
+    with session(parallel, seed=cfg.seed, env=env) as runtime:
+        search(job, runtime)
     return 0

@@ -27,7 +27,7 @@ import os
 import sysconfig
 from collections.abc import Iterator
 
-from megatron_minitron.data._files import atomic_path
+from megatron_minitron.data.files import atomic_path
 
 CORPUS_FORMAT_VERSION = 1
 """Bumped whenever the extraction rules change, to invalidate caches keyed on the corpus."""

@@ -32,21 +32,20 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
 
-from megatron_minitron.data._files import text_sha1
+from megatron_minitron.data.files import text_sha1
+from megatron_minitron.data.blend import Blend
 from megatron_minitron.data.tokenizer import (
     MIN_SP_VOCAB_SIZE,
     Tokenizer,
     TokenizerRef,
     default_tokenizer,
 )
+from megatron_minitron.runtime.dist import private_world
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 """Keys of every micro-batch yielded by ``batch_iterator``."""
 
 _T = TypeVar("_T")
-
-Blend = tuple[tuple[float, str], ...]
-"""A data blend: (weight, indexed-dataset path prefix) pairs."""
 
 
 def _normalize_blend(name: str, blend: Any) -> Blend | None:
@@ -295,27 +294,6 @@ def _needs_blended_dataset(blend_args: dict[str, Any]) -> bool:
     return any(blend is not None and len(blend[0]) > 1 for blend in blends)
 
 
-@contextlib.contextmanager
-def _process_group_for_blending(needed: bool) -> Iterator[None]:
-    """Provide a one-process gloo group while megatron builds a BlendedDataset, if none exists.
-
-    megatron-core 0.16.1's BlendedDataset calls ``torch.distributed.get_rank()`` on an index
-    cache miss without checking ``is_initialized()`` and so fails in a plain single process.
-    A private world of size 1 (in-memory store, no network) satisfies it and is destroyed
-    right after; an existing process group is left untouched.
-    """
-    if not needed or torch.distributed.is_initialized():
-        yield
-        return
-    torch.distributed.init_process_group(
-        "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1
-    )
-    try:
-        yield
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def _is_built_on_rank() -> bool:
     """Every rank builds (and reads) its own datasets; megatron orders rank 0 first."""
     return True
@@ -356,12 +334,12 @@ def build_datasets(
         **blend_args,
     )
     builder = BlendedMegatronDatasetBuilder(GPTDataset, list(sizes), _is_built_on_rank, config)
-    with _process_group_for_blending(_needs_blended_dataset(blend_args)):
+    with private_world() if _needs_blended_dataset(blend_args) else contextlib.nullcontext():
         train, valid, test = builder.build()
     return train, valid, test
 
 
-def _collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack samples into a micro-batch with ``BATCH_KEYS`` and fixed dtypes."""
     dtypes = {
         "tokens": torch.int64,
@@ -433,5 +411,23 @@ def _micro_batches(
             )
             warned = True
         indices = [(first + offset) % size for offset in range(micro_batch_size)]
-        yield _collate([dataset[index] for index in indices])
+        yield collate([dataset[index] for index in indices])
         batch_start += global_batch_size
+
+
+def run_batches(data_cfg, tokenizer, cfg, runtime, *, model_vocab_size: int, train_iters=None) -> dict:
+    """`train_batches(start_sample)` and `valid_batches()` (None without validation data) of a training
+    run: megatron datasets sized for train_iters (default cfg.train_iters) and cfg.eval_iters global
+    batches, each rank taking its data-parallel share."""
+    steps = train_iters or cfg.train_iters
+    train_ds, valid_ds, _ = build_datasets(data_cfg, tokenizer, (steps * cfg.global_batch_size,
+                                                                 cfg.eval_iters * cfg.global_batch_size, 0),
+                                           model_vocab_size=model_vocab_size)
+    dp = dict(micro_batch_size=cfg.micro_batch_size, dp_rank=runtime.dp_rank, dp_size=runtime.data_parallel)
+    return {"train_batches": lambda start: batch_iterator(train_ds, start_sample=start, **dp),
+            "valid_batches": (lambda: batch_iterator(valid_ds, **dp)) if valid_ds is not None else None}
+
+
+def tokenizer_json(data_cfg, tokenizer) -> dict:
+    """The tokenizer reference stored in checkpoints (keeps an explicit HF eod token)."""
+    return (data_cfg.tokenizer or tokenizer.ref).to_json()

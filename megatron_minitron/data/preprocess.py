@@ -32,7 +32,7 @@ from megatron.core.datasets.indexed_dataset import (
     get_idx_path,
 )
 
-from megatron_minitron.data._files import atomic_path
+from megatron_minitron.data.files import atomic_path
 from megatron_minitron.data.tokenizer import Tokenizer
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".txt")

@@ -25,7 +25,7 @@ from typing import Any
 
 from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
 
-from megatron_minitron.data._files import atomic_path, file_sha1, text_sha1
+from megatron_minitron.data.files import atomic_path, file_sha1, text_sha1
 
 SENTENCEPIECE = "sentencepiece"
 """``TokenizerRef.kind`` of a SentencePiece ``.model`` file."""

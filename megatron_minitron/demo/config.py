@@ -14,6 +14,9 @@ from typing import Optional
 
 from megatron_minitron.config import ArchConfig, ConfigError, unknown_fields
 
+MARKER = "demo_config.json"
+"""The file that marks a directory as a demo run (so that a new run may replace it)."""
+
 AGGREGATIONS = ("mean", "l2", "var")
 """Sequence and batch aggregations of the 3x3 grid (the paper's Table 11)."""
 

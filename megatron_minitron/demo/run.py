@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_minitron.demo.config import AGGREGATIONS, DemoConfig, default_targets
+from megatron_minitron.demo.config import AGGREGATIONS, MARKER, DemoConfig, default_targets
 
 
 @dataclasses.dataclass
@@ -141,8 +141,6 @@ def run_demo(cfg: DemoConfig) -> Optional[dict]:
 def prepare_out(cfg: DemoConfig) -> None:
     """An empty --out holding only the demo's config (a previous demo run there is removed; anything
     else was refused before the processes started)."""
-    from megatron_minitron.cli.demo import MARKER
-
     out = Path(cfg.out)
     if out.exists():
         shutil.rmtree(out)
@@ -151,7 +149,7 @@ def prepare_out(cfg: DemoConfig) -> None:
 
 
 def _context(cfg: DemoConfig, runtime) -> Context:
-    from megatron_minitron.cli._common import parse_blend
+    from megatron_minitron.data.blend import parse_blend
     from megatron_minitron.data.loader import DataConfig, build_datasets, load_tokenizer
     from megatron_minitron.data.tokenizer import TokenizerRef, tokenizer_ref_for
     from megatron_minitron.model.checkpoint import resolve

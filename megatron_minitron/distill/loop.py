@@ -24,6 +24,7 @@ import torch
 from megatron_minitron.config import ArchConfig, ConfigError
 from megatron_minitron.distill.model import (DistillationChunk, LayerPair, check_pairs_on_stages,
                                              parse_layer_pairs)
+from megatron_minitron.training.losses import masked_sum
 
 ADAPTERS = "distill_adapters"
 """Name of the student's submodule holding the hidden-size projections (checkpoint keys start with it)."""
@@ -239,16 +240,14 @@ def distill_task(runtime, cfg: DistillConfig, chunk: DistillationChunk, pairs: t
                 teacher_lm = (torch.zeros_like(kd_loss) if model.training
                               else cross_entropy(teacher_logits, batch["labels"]))
             total = cfg.kd_weight * kd_loss + cfg.lm_weight * lm
-            loss_sum, count = losses.masked_mean(total, mask)
+            loss_sum, count = masked_sum(total, mask)
             report = {}
             for name, value in zip(LOSSES, (total, kd_loss, lm, teacher_lm)):
-                value_sum, value_count = losses.masked_mean(value.detach(), mask)
+                value_sum, value_count = masked_sum(value.detach(), mask)
                 report[name] = torch.stack([value_sum, value_count.float()])
             return loss_sum, count, report
 
         return student_logits, loss_func
-
-    state = {"previous": {}}  # pair name -> (kd loss, pair loss) of the last training step
 
     def stage_losses(reduced: dict, training: bool) -> dict[str, float]:
         if not pairs:
@@ -267,24 +266,23 @@ def distill_task(runtime, cfg: DistillConfig, chunk: DistillationChunk, pairs: t
             torch.distributed.all_reduce(totals, group=runtime.pp_group)
         values = {p.name: float(totals[i, 0] / totals[i, 1].clamp(min=1)) for i, p in enumerate(pairs)}
         if training:
-            _rescale(chunk, cfg, values, reduced.get("kd loss", 0.0), state)
+            _rescale(chunk, cfg, values, reduced.get("kd loss", 0.0))
         out = {f"intermediate loss {name}": value for name, value in values.items()}
         out["intermediate loss"] = sum(values.values()) / len(values)
         return out
 
     def get_state() -> dict:
-        return {"weights": dict(chunk.weights), "previous": dict(state["previous"])}
+        return {"weights": dict(chunk.weights)}
 
     def set_state(saved: dict) -> None:
         chunk.weights.update(saved.get("weights", {}))
-        state["previous"] = dict(saved.get("previous", {}))
 
-    _rescale(chunk, cfg, {}, 0.0, state)
+    _rescale(chunk, cfg, {}, 0.0)
     return Task(forward_step=forward_step, losses=LOSSES, stage_losses=stage_losses, get_state=get_state,
                 set_state=set_state, eval_only=("teacher lm loss",))
 
 
-def _rescale(chunk: DistillationChunk, cfg: DistillConfig, pair_losses: dict, kd_loss: float, state: dict) -> None:
+def _rescale(chunk: DistillationChunk, cfg: DistillConfig, pair_losses: dict, kd_loss: float) -> None:
     """Weights of the next step's pair losses: weight x (KD loss / pair loss) of this step."""
     for pair in chunk.pairs:
         value = pair_losses.get(pair.name)
@@ -292,8 +290,6 @@ def _rescale(chunk: DistillationChunk, cfg: DistillConfig, pair_losses: dict, kd
             chunk.weights[pair.name] = cfg.intermediate_weight * cfg.kd_weight * kd_loss / value
         else:
             chunk.weights.setdefault(pair.name, cfg.intermediate_weight)
-    if pair_losses:
-        state["previous"] = {name: (kd_loss, value) for name, value in pair_losses.items()}
 
 
 def teacher_sanity_check(trainer, task, valid_batches, *, vocab_size: int, eval_iters: int, log) -> dict:

@@ -1,7 +1,7 @@
 """Distillation losses on megatron's vocab-parallel logits and on hidden states.
 
 Every function returns a per-token loss (no reduction over tokens), so the caller applies the loss
-mask with `masked_mean` and hands megatron its (loss sum, token count) pair: averaging happens once,
+mask with `training.losses.masked_sum` and hands megatron its (loss sum, token count) pair: averaging happens once,
 over the whole global batch, never per micro-batch.
 
 Logits are this tensor-parallel rank's slice of the (padded) vocabulary, [..., V_local], exactly as
@@ -224,21 +224,3 @@ def _check_hidden(student: torch.Tensor, teacher: torch.Tensor) -> None:
     if student.shape != teacher.shape:
         raise ValueError(f"student hidden {tuple(student.shape)} and teacher hidden {tuple(teacher.shape)} differ: "
                          "map the student's hidden size to the teacher's before the loss")
-
-
-# ------------------------------------------------------------------------------------------ masking
-def masked_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ of the loss over unmasked tokens as fp32, number of unmasked tokens as int) — megatron's
-    per-token-loss pair: the schedule sums both over micro-batches and DP ranks and divides once, so
-    the mean is exact whatever the split. Named for what the pair is for; the division is the caller's.
-
-    Masked tokens are selected out with `where` rather than multiplied by 0, so a NaN or inf computed
-    at a masked position (say, a padded sequence) can neither reach the sum nor its gradient; a fully
-    masked micro-batch gives (0., 0) with zero gradients."""
-    if per_token_loss.shape != loss_mask.shape:  # megatron's logits are [s, b, V], its loss mask [b, s]
-        raise ValueError(f"per-token loss {tuple(per_token_loss.shape)} and loss mask {tuple(loss_mask.shape)} "
-                         "differ in shape (transpose [s, b] losses to the mask's [b, s])")
-    keep = loss_mask.reshape(-1).bool()
-    loss = per_token_loss.reshape(-1).float()
-    total = torch.where(keep, loss, torch.zeros((), dtype=loss.dtype, device=loss.device)).sum()
-    return total, keep.sum().to(torch.int)

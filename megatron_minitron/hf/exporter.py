@@ -11,7 +11,7 @@ ArchConfig (pruned sizes, fewer layers, an explicit head_dim), so token ids and 
 
 Streaming: the exporter plans every output tensor (name, dtype, shape) from the architecture first,
 cuts the list into shards, and writes each shard's safetensors header before its data; each megatron
-tensor (one layer of it) is then read with the pruner's reader (prune/storage.py, only the rows
+tensor (one layer of it) is then read with the pruner's reader (model/storage.py, only the rows
 needed: the padded vocabulary rows are never read), split by the family's rule and appended. Peak
 memory is one layer's largest tensor plus the embedding. Output goes to `.NAME.partial` and is renamed
 into place at the end.
@@ -31,9 +31,10 @@ from megatron_minitron.config import ArchConfig
 from megatron_minitron.hf import files
 from megatron_minitron.hf.families import Family, TensorMap, family_by_name, family_for_config, hf_name, infer_family
 from megatron_minitron.hf.files import HFError, PlannedTensor
-from megatron_minitron.hf.importer import CHUNK_BYTES, DTYPES, HF_DIR, check_output, peak_rss_mb
+from megatron_minitron.hf.importer import CHUNK_BYTES, DTYPES, HF_DIR, check_output
 from megatron_minitron.hf.rules import Copy, Vocab, megatron_shape
 from megatron_minitron.model import checkpoint as ckpt
+from megatron_minitron.runtime.host_memory import peak_rss_mb
 
 DEFAULT_SHARD_BYTES = 5 * 1000 ** 3
 """transformers' default max_shard_size (5GB)."""
@@ -152,7 +153,7 @@ def _tokenizer_files(info: ckpt.CheckpointInfo, source: Optional[Path]) -> list[
 def plan_export(load: str | os.PathLike, *, family: Optional[str] = None, dtype: Optional[str] = None,
                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportPlan:
     """Check the checkpoint and plan every output tensor and shard, without writing anything."""
-    from megatron_minitron.prune import storage
+    from megatron_minitron.model import storage
 
     if dtype is not None and dtype not in DTYPES:
         raise HFError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -243,7 +244,7 @@ def export_hf(load: str | os.PathLike, save: str | os.PathLike, *, family: Optio
 
 def _write_shards(plan: ExportPlan, partial: Path, fsync: bool = True,
                   chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
-    from megatron_minitron.prune import storage
+    from megatron_minitron.model import storage
 
     arch = plan.info.arch.explicit()
     names = files.shard_names(len(plan.shards))

@@ -28,7 +28,7 @@ from typing import Iterable, Optional
 import torch
 
 from megatron_minitron.config import ConfigError
-from megatron_minitron.prune.storage import map_range
+from megatron_minitron.model.storage import map_range
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"

@@ -3,7 +3,7 @@
     import_hf("models/Llama-3.1-8B", "runs/teacher")        # then: minitron importance --load runs/teacher ...
 
 No model is built and no process group is needed: the checkpoint's DCP storage is written directly
-with the pruner's writer (prune/storage.py), one megatron tensor (one layer of it) at a time. For each
+with the pruner's writer (model/storage.py), one megatron tensor (one layer of it) at a time. For each
 entry of the family's table (families.py) the importer reads that layer's HF tensors with `readinto`,
 fuses them by the table's rule (rules.py) and appends the result as one DCP chunk at the layer's
 offset of the stacked global tensor. Peak memory is a few of the largest tensors (the embedding, or
@@ -42,7 +42,7 @@ from megatron_minitron.hf.families import Family, TensorMap, family_for_config, 
 from megatron_minitron.hf.files import HFError, TensorEntry
 from megatron_minitron.hf.rules import EXTRA_STATE_MODULES, Copy, Vocab, megatron_shape
 from megatron_minitron.model import checkpoint as ckpt
-from megatron_minitron.prune.rewrite import peak_rss_mb
+from megatron_minitron.runtime.host_memory import peak_rss_mb
 
 HF_DIR = "hf"
 """Directory of an imported checkpoint holding the source config.json and generation_config.json."""
@@ -259,7 +259,7 @@ def import_hf(hf_dir: str | os.PathLike, save: str | os.PathLike, *, tensor_para
 
 def _write_tensors(plan: ImportPlan, release: Path, fsync: bool = True,
                    chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
-    from megatron_minitron.prune import storage
+    from megatron_minitron.model import storage
 
     arch = plan.arch
     reader = files.TensorReader()

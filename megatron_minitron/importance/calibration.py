@@ -64,7 +64,7 @@ class CalibrationData:
 
 def _file_prefix(cfg: CalibrationData, tokenizer) -> str:
     """Tokenize --data-file once into the cache (rank 0 first); returns the dataset prefix."""
-    from megatron_minitron.data._files import text_sha1
+    from megatron_minitron.data.files import text_sha1
     from megatron_minitron.data.loader import rank0_first
     from megatron_minitron.data.preprocess import preprocess
 
@@ -83,7 +83,7 @@ def _file_prefix(cfg: CalibrationData, tokenizer) -> str:
 
 def build_calibration_dataset(cfg: CalibrationData, tokenizer, *, model_vocab_size: int):
     """The GPTDataset (or blend) the samples are read from, and how many samples it gives."""
-    from megatron_minitron.cli._common import parse_blend
+    from megatron_minitron.data.blend import parse_blend
     from megatron_minitron.data.loader import DataConfig, build_datasets, check_vocab_fits
 
     check_vocab_fits(tokenizer, model_vocab_size)
@@ -120,12 +120,12 @@ def available_samples(dataset, requested: int) -> int:
 def micro_batches(dataset, num_samples: int, *, micro_batch_size: int, dp_rank: int,
                   dp_size: int) -> Iterator[dict]:
     """This data-parallel rank's micro-batches (see the module docstring)."""
-    from megatron_minitron.data.loader import _collate
+    from megatron_minitron.data.loader import collate
 
     count = -(-num_samples // micro_batch_size)
     for m in range(dp_rank, count, dp_size):
         indices = range(m * micro_batch_size, min((m + 1) * micro_batch_size, num_samples))
-        yield _collate([dataset[i] for i in indices])
+        yield collate([dataset[i] for i in indices])
 
 
 def micro_batch_sizes(num_samples: int, *, micro_batch_size: int, dp_rank: int, dp_size: int) -> list[int]:

@@ -325,10 +325,7 @@ class Collector:
         hidden = self._over_pipeline(hidden.reshape(len(self.layers), 2, *hidden.shape[1:])).flatten(0, 1)
         final = self._over_data(self._over_shares(self.acc["final_norm"]))
         if rt.parallel.pipeline_parallel > 1:  # the final norm lives on the last stage: share it
-            from megatron.core import parallel_state
-
-            torch.distributed.broadcast(final, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                        group=rt.pp_group)
+            torch.distributed.broadcast(final, src=rt.last_stage_rank, group=rt.pp_group)
         out["raw.hidden"] = torch.cat([hidden, final.cpu()])
         bi = self.bi.clone()
         if self.tp > 1:  # each TP rank saw a chunk of the sequence, or took a share of the tokens

@@ -79,10 +79,9 @@ def forward_passes(model, runtime, batches: Iterable[dict], sizes: list[int], se
                    progress: Optional[Progress] = None) -> tuple[float, float]:
     """Run this DP rank's micro-batches forward only; returns (loss sum, token count) of the LM loss
     summed over the data-parallel group and known on every rank."""
-    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_minitron.training.loop import masked_loss_sum
+    from megatron_minitron.training.loop import lm_loss_with_report
 
     device = runtime.device
     totals = torch.zeros(2, dtype=torch.float64, device=device)
@@ -93,7 +92,7 @@ def forward_passes(model, runtime, batches: Iterable[dict], sizes: list[int], se
         per_token = chunk(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
 
         def loss(output):
-            loss_sum, count, report = masked_loss_sum(output, torch.ones_like(batch["loss_mask"]))
+            loss_sum, count, report = lm_loss_with_report(output, torch.ones_like(batch["loss_mask"]))
             totals.add_(report["lm loss"].double())
             return loss_sum, count, report
         return per_token, loss
@@ -109,8 +108,7 @@ def forward_passes(model, runtime, batches: Iterable[dict], sizes: list[int], se
     if runtime.is_last_stage and runtime.data_parallel > 1:
         torch.distributed.all_reduce(totals, group=runtime.dp_group)
     if runtime.parallel.pipeline_parallel > 1:
-        torch.distributed.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                    group=runtime.pp_group)
+        torch.distributed.broadcast(totals, src=runtime.last_stage_rank, group=runtime.pp_group)
     return float(totals[0]), float(totals[1])
 
 

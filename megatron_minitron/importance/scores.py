@@ -19,7 +19,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -244,13 +244,3 @@ def _check_shapes(tensors: dict[str, torch.Tensor], manifest: ScoresManifest, pa
     if "layers_lm_loss" in tensors and tuple(tensors["layers_lm_loss"].shape) != (L,):
         raise ScoresError(f"{path / TENSORS}: layers_lm_loss has shape {tuple(tensors['layers_lm_loss'].shape)}")
 
-
-def describe_block_losses(scores: Scores) -> dict[int, list[float]]:
-    """{k: [loss without layers s..s+k-1 for each valid start s]} from blocks_lm_loss."""
-    if "blocks_lm_loss" not in scores.tensors:
-        return {}
-    table = scores.tensors["blocks_lm_loss"]
-    out: dict[int, Any] = {}
-    for row, k in zip(table, scores.manifest.block_sizes):
-        out[k] = row[: table.shape[1] - k + 1].tolist()
-    return out

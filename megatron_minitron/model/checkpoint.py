@@ -327,7 +327,7 @@ def save_checkpoint(root: str | os.PathLike, *, model, arch: ArchConfig, runtime
                     "pipeline_parallel": runtime.parallel.pipeline_parallel,
                     "data_parallel": runtime.data_parallel}, "provenance": provenance or {}}
         if tokenizer is not None:
-            meta["tokenizer"] = _copy_tokenizer(root, tokenizer)
+            meta["tokenizer"] = copy_tokenizer(root, tokenizer)
         (partial / META).write_text(json.dumps(meta, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -339,7 +339,7 @@ def save_checkpoint(root: str | os.PathLike, *, model, arch: ArchConfig, runtime
     return final
 
 
-def _copy_tokenizer(root: Path, tokenizer: dict) -> dict:
+def copy_tokenizer(root: Path, tokenizer: dict) -> dict:
     """Copy the tokenizer file into ROOT/tokenizer/ and return a reference relative to ROOT."""
     source = Path(tokenizer["path"])
     if source.is_dir():  # a Hugging Face tokenizer directory: its tokenizer.json is the tokenizer

@@ -39,7 +39,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -49,14 +48,12 @@ from typing import Callable, Optional
 import torch
 
 from megatron_minitron.model import checkpoint as ckpt
+from megatron_minitron.model import storage
 from megatron_minitron.plan.plan import Plan
-from megatron_minitron.prune import storage
-from megatron_minitron.prune.slicing import AxisIndices, PruneError, Scratch, is_dropped, rename_object, rule_for
+from megatron_minitron.prune.slicing import AxisIndices, PruneError, is_dropped, rename_object, rule_for
+from megatron_minitron.runtime.host_memory import peak_rss_mb
 
 DEFAULT_CHUNK_BYTES = 64 << 20
-COMMON_DROPPED = ("optimizer", "opt_param_scheduler", "train_state", "rng_state", "rerun_state_machine")
-"""Common-state entries of the source that the pruned checkpoint leaves out (training state of the
-source run; the pruned model starts a new run)."""
 
 
 @dataclass(frozen=True)
@@ -235,7 +232,7 @@ def run_job(job: Job, report: Optional[Callable[[int, int, int], None]] = None) 
     writer = storage.ChunkWriter(Path(job.partial), f"__{job.worker}_0.distcp", fsync=job.fsync)
     parent = os.getppid()
     rules: dict = {}
-    scratch = Scratch()
+    scratch = storage.Scratch()
     try:
         for n, unit in enumerate(job.units):
             if os.getppid() != parent:  # the coordinator died: stop writing
@@ -258,7 +255,7 @@ def run_job(job: Job, report: Optional[Callable[[int, int, int], None]] = None) 
 
 
 def _rewrite_unit(rule, unit: Unit, reader: storage.SourceReader, writer: storage.ChunkWriter,
-                  scratch: Optional[Scratch] = None) -> None:
+                  scratch: Optional[storage.Scratch] = None) -> None:
     j = 0 if unit.layer is None else unit.layer
     a, b = unit.rows
     source_layer = rule.source_layer(j) if rule.layered else None
@@ -321,20 +318,6 @@ class _Progress:
         eta = left / rate if rate > 0 else float("inf")
         self.print_fn(f"prune: {n}/{self.units} chunks, {read / 1e6:.1f} MB read, {written / 1e6:.1f} MB written, "
                       f"{rate / 1e6:.1f} MB/s, ETA {eta:.0f}s")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM: unlike ru_maxrss it does not carry over the
-    parent's peak through fork+exec, which is how spawn starts workers)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _spawn(jobs: list[Job], progress: _Progress, peaks: dict) -> list[storage.Record]:
@@ -506,13 +489,10 @@ def _finalize(partial: Path, out: Path, prepared: _Prepared, records: list[stora
                            "head_merge": plan.head_merge},
             "plan": plan.to_json()}
     if prepared.tokenizer is not None:
-        meta["tokenizer"] = ckpt._copy_tokenizer(partial, prepared.tokenizer)
+        meta["tokenizer"] = ckpt.copy_tokenizer(partial, prepared.tokenizer)
     (release / ckpt.META).write_text(json.dumps(meta, indent=2) + "\n")
     # megatron's marker of a finished torch_dist directory, then the tracker: both last.
     (release / "metadata.json").write_text(json.dumps(prepared.megatron_meta))
     (partial / ckpt.TRACKER).write_text("release")
     ckpt.move_into_place(partial, out, overwrite=overwrite, error=PruneError)
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

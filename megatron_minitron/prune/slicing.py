@@ -33,7 +33,6 @@ are. W_kept <- 2 W_kept - W_pruned on those rows/columns, before the selection.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -41,6 +40,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from megatron_minitron.config import ConfigError
+from megatron_minitron.model.storage import Scratch, select
 from megatron_minitron.plan.plan import Plan
 
 LAYER_PREFIX = "decoder.layers."
@@ -119,7 +119,7 @@ class TensorRule:
         return self.target_shape[1:] if self.layered else self.target_shape
 
     def apply(self, source: torch.Tensor, j: int = 0, rows: Optional[tuple[int, int]] = None,
-              rows_selected: bool = False, scratch: Optional["Scratch"] = None) -> torch.Tensor:
+              rows_selected: bool = False, scratch: Optional[Scratch] = None) -> torch.Tensor:
         """The target layer j (the whole target for an unlayered tensor) from the per-layer source
         tensor; with rows=(a, b), only target rows a:b of the first per-layer dim, given source rows
         `source_rows(j, a, b)` (relative to their start), or, with rows_selected, given exactly the
@@ -161,32 +161,6 @@ class TensorRule:
         if idx is None or b <= a:
             return a, b
         return int(idx[a]), int(idx[b - 1]) + 1
-
-
-class Scratch:
-    """Output buffers reused from one selection to the next (one set per worker).
-
-    A fresh tensor per selection is a fresh mapping of zeroed pages (the pruner serves allocations
-    over 1 MiB by mmap to keep its memory flat); in a perf profile of benchmarks/prune_throughput.py's
-    Minitron plan, faulting in, zeroing and unmapping those pages was the largest kernel cost."""
-
-    def __init__(self):
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def take(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = math.prod(shape) * dtype.itemsize
-        buffer = self.buffers.get(slot)
-        if buffer is None or buffer.numel() < nbytes:
-            buffer = self.buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
-        return buffer[:nbytes].view(dtype).view(shape)
-
-
-def select(x: torch.Tensor, dim: int, index: torch.Tensor, scratch: Optional[Scratch], slot: str) -> torch.Tensor:
-    """x.index_select(dim, index), into scratch's buffer `slot` when given."""
-    if scratch is None:
-        return x.index_select(dim, index)
-    shape = x.shape[:dim] + (len(index),) + x.shape[dim + 1:]
-    return torch.index_select(x, dim, index, out=scratch.take(slot, tuple(shape), x.dtype))
 
 
 def _range_or_none(indices: Sequence[int], size: int) -> Optional[torch.Tensor]:

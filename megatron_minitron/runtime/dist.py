@@ -178,6 +178,12 @@ class Runtime:
         return _ps().is_pipeline_last_stage(ignore_virtual=True)
 
     @property
+    def last_stage_rank(self) -> int:
+        """Global rank of this rank's peer on the last pipeline stage (same TP and DP position): the
+        source of what only the last stage computes, such as losses."""
+        return _ps().get_pipeline_model_parallel_last_rank()
+
+    @property
     def is_logging_rank(self) -> bool:
         """The rank that prints: last pipeline stage, first tensor- and data-parallel rank."""
         return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
@@ -257,9 +263,42 @@ def shutdown() -> None:
 
 
 @contextlib.contextmanager
-def session(parallel: ParallelConfig, *, seed: int = 1234) -> Iterator[Runtime]:
+def host_group() -> Iterator[Optional["torch.distributed.ProcessGroup"]]:
+    """The world of a CPU-only multi-process job that needs no model parallelism (the offline pruner under
+    torchrun or srun): a gloo group over every launched process, or None when only one was launched.
+    An already initialised world is reused and left as it was."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield None
+        return
+    created = not torch.distributed.is_initialized()
+    if created:
+        torch.distributed.init_process_group("gloo")  # from the environment (an explicit tcp URL hangs)
+    try:
+        yield torch.distributed.group.WORLD
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def private_world() -> Iterator[None]:
+    """A one-process gloo world (in-memory store, no network) for library code that calls
+    torch.distributed.get_rank() without checking is_initialized() (megatron-core 0.16.1's BlendedDataset
+    on an index cache miss), destroyed right after; an existing process group is left untouched."""
+    if torch.distributed.is_initialized():
+        yield
+        return
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(parallel: ParallelConfig, *, seed: int = 1234, env: Optional[LaunchEnv] = None) -> Iterator[Runtime]:
     """initialize() ... shutdown() as a context manager."""
-    runtime = initialize(parallel, seed=seed)
+    runtime = initialize(parallel, seed=seed, env=env)
     try:
         yield runtime
     finally:

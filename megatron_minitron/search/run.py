@@ -5,19 +5,23 @@ Everything runs in one set of processes: the data and the loaded teacher are reu
 candidate (what separate `minitron distill` runs would pay again each time). Each finished candidate
 leaves `OUT/candidates/NAME/result.json`; a killed search skips those and restarts the unfinished
 one from scratch (same seed, same data order), so a resumed search ranks exactly like an
-uninterrupted one. Candidates run one after another on all ranks.
+uninterrupted one. Candidates run one after another on all ranks. `search` is the whole run (what
+`minitron search` calls once its flags are checked); `check_out` and `check_winner` are its resume
+checks, which need no process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-from megatron_minitron.search.space import Candidate
+from megatron_minitron.config import ConfigError
+from megatron_minitron.search.space import Candidate, SearchSpace
 
 RESULT = "result.json"
 
@@ -38,6 +42,144 @@ class SearchSetup:
     """Reseeded before each candidate, so each starts from the same RNG state."""
     keep_checkpoints: bool = False
     """Keep each candidate's pruned and distilled checkpoints (otherwise removed once its result is in)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchJob:
+    """A whole search, its inputs checked: what `search` runs."""
+
+    setup: SearchSetup
+    """What every candidate shares."""
+    scores_path: str
+    """The scores directory as given (recorded in space.json)."""
+    budget: int
+    """Target parameter count."""
+    tolerance: float
+    """Candidates lie within ±tolerance × budget."""
+    space: SearchSpace
+    """The space the candidates were enumerated from."""
+    candidates: tuple[Candidate, ...]
+    """The candidates, in the deterministic order they run."""
+    removed: dict[str, int]
+    """Combinations removed from the space, by reason."""
+    train: Any
+    """TrainConfig of every candidate's distillation."""
+    distill: Any
+    """DistillConfig of every candidate's distillation."""
+    data: Any
+    """DataConfig (tokenizer included) of the training and validation data."""
+    winner_iters: int = 0
+    """Then distill the winner this many steps into OUT/winner (0: no)."""
+    overwrite: bool = False
+    """Delete a previous search in OUT first."""
+
+    def setup_json(self) -> dict:
+        """The settings a resumed search must share with the one it continues (OUT/space.json), as stored."""
+        raw = {"source": str(self.setup.source.root), "scores": self.scores_path, "budget": self.budget,
+               "tolerance": self.tolerance, "space": self.space.to_json(), "train": self.train.to_json(),
+               "distill": self.distill.to_json(), "removed": dict(self.removed)}
+        return json.loads(json.dumps(raw))  # tuples become lists, as in the file
+
+
+def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """OUT is new or empty, or a search continued with --resume or replaced with --overwrite."""
+    if not out.exists() or not any(out.iterdir()):
+        if resume:
+            raise ConfigError(f"--resume: {out} holds no search to continue")
+        return
+    if not (out / "space.json").is_file():
+        raise ConfigError(f"--out {out} exists and is not a search directory; choose a new path")
+    if not (resume or overwrite):
+        raise ConfigError(f"--out {out} already holds a search; pass --resume to continue it or --overwrite to "
+                          f"start again")
+
+
+def check_winner(out: Path, iters: int, *, overwrite: bool) -> None:
+    """A resumed search continues its winner's distillation only at the same length (its LR schedule)."""
+    done = out / "winner" / "winner.json"
+    if overwrite or not iters or not done.is_file():
+        return
+    before = json.loads(done.read_text())["winner_iters"]
+    if before != iters:
+        raise ConfigError(f"--winner-iters {iters}: {out / 'winner'} holds the winner distilled for {before} steps; "
+                          f"pass --winner-iters {before} or move that directory away")
+
+
+def search(job: SearchJob, runtime) -> dict:
+    """Every candidate (those finished earlier are read back), the ranking and report, then the winner's
+    longer distillation if asked; returns the ranking. Runs on every rank of `runtime`."""
+    from megatron_minitron.data.loader import load_tokenizer, run_batches, tokenizer_json
+    from megatron_minitron.distill.loop import load_teacher
+
+    def log(line: str) -> None:
+        if runtime.is_logging_rank:
+            print(line, flush=True)
+
+    out, source, cfg = job.setup.out, job.setup.source, job.train
+    setup_json = _open_out(job, runtime)
+    log(f"search: {len(job.candidates)} candidates within {job.tolerance:.0%} of {job.budget:,} parameters "
+        f"({sum(job.removed.values())} combinations removed: {dict(job.removed)}); {cfg.train_iters} distillation "
+        f"steps each")
+    tokenizer = load_tokenizer(job.data)
+    batches = run_batches(job.data, tokenizer, cfg, runtime, model_vocab_size=source.arch.vocab_size)
+    teacher = load_teacher(source, runtime, job.distill, dtype=_dtype(cfg, runtime),
+                           padded_vocab=source.arch.padded_vocab)
+    common = dict(runtime=runtime, distill_cfg=job.distill, teacher=teacher,
+                  tokenizer=tokenizer_json(job.data, tokenizer), log=log)
+    results = []
+    for i, candidate in enumerate(job.candidates):
+        done = finished(out, candidate)
+        if done is not None:
+            log(f"[{i + 1}/{len(job.candidates)}] {candidate.name}: finished earlier (val LM loss "
+                f"{done['val_lm_loss']:.4f})")
+            results.append(done)
+            continue
+        log(f"[{i + 1}/{len(job.candidates)}] {candidate.name}: {candidate.params:,} parameters")
+        results.append(run_candidate(job.setup, candidate, train_cfg=cfg, **common, **batches))
+    ranking = rank(results)
+    if runtime.rank == 0:
+        write_report(out, setup_json, results, ranking)
+        (out / "best_plan.json").write_text((out / "candidates" / ranking["winner"] / "plan.json").read_text())
+    runtime.barrier()
+    log("\n".join((out / "search.md").read_text().splitlines()[:4 + len(results) + 3]))
+    if job.winner_iters:
+        winner = next(c for c in job.candidates if c.name == ranking["winner"])
+        full = dataclasses.replace(cfg, train_iters=job.winner_iters)
+        # data sized for the winner's run: the same order a separate `minitron distill` of that length sees
+        batches = run_batches(job.data, tokenizer, full, runtime, model_vocab_size=source.arch.vocab_size)
+        if runtime.rank == 0:
+            (out / "winner").mkdir(exist_ok=True)
+            (out / "winner" / "winner.json").write_text(json.dumps({"winner_iters": job.winner_iters}) + "\n")
+        distilled = finished(out / "winner", winner) or run_candidate(
+            dataclasses.replace(job.setup, out=out / "winner", keep_checkpoints=True), winner, train_cfg=full,
+            **common, **batches)
+        if runtime.rank == 0:
+            write_report(out, setup_json, results, ranking, winner=distilled)
+        runtime.barrier()
+    return ranking
+
+
+def _open_out(job: SearchJob, runtime) -> dict:
+    """Rank 0 replaces (--overwrite) or creates OUT and records the settings; a resumed search must have
+    been started with the same ones. Returns them."""
+    out, setup_json = job.setup.out, job.setup_json()
+    if runtime.rank == 0:
+        if job.overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        previous = out / "space.json"
+        if previous.is_file() and json.loads(previous.read_text()) != setup_json:
+            raise ConfigError(f"--resume: {out} was searched with other settings; use a new --out")
+        previous.write_text(json.dumps(setup_json, indent=2) + "\n")
+    runtime.barrier()
+    return setup_json
+
+
+def _dtype(cfg, runtime):
+    import torch
+
+    bf16 = cfg.bf16 if cfg.bf16 is not None else runtime.device.type == "cuda"
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def candidate_dir(out: Path, candidate: Candidate) -> Path:

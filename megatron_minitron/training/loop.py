@@ -24,6 +24,7 @@ from megatron_minitron.config import ArchConfig, ConfigError
 from megatron_minitron.model import checkpoint as ckpt
 from megatron_minitron.model.build import build_model
 from megatron_minitron.runtime.dist import Runtime
+from megatron_minitron.training.losses import masked_sum
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,33 +186,28 @@ def lm_task(device: torch.device) -> Task:
         position_ids = batch["position_ids"].to(device, non_blocking=True)
         loss_mask = batch["loss_mask"].to(device, non_blocking=True)
         per_token = model(tokens, position_ids, None, labels=labels)
-        return per_token, lambda output: masked_loss_sum(output, loss_mask)
+        return per_token, lambda output: lm_loss_with_report(output, loss_mask)
 
     return Task(forward_step=forward_step, losses=("lm loss",))
 
 
-def masked_loss_sum(per_token_loss: torch.Tensor, loss_mask: torch.Tensor):
-    """megatron's per-token-loss convention: (loss sum, token count, {name: [sum, count]})."""
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
-    num_tokens = mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+def lm_loss_with_report(per_token_loss: torch.Tensor, loss_mask: torch.Tensor):
+    """megatron's per-token-loss convention: (loss sum, token count, {"lm loss": [sum, count]})."""
+    loss_sum, num_tokens = masked_sum(per_token_loss, loss_mask)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
 
 
 # ----------------------------------------------------------------------------------------- steps
 def reduce_reports(reports: list[dict], names: tuple[str, ...], runtime: Runtime) -> dict[str, float]:
     """Token-weighted mean of each reported loss over micro-batches and data-parallel ranks, known on
     every rank (summed over DP on the last pipeline stage, then broadcast along the pipeline)."""
-    from megatron.core import parallel_state
-
     totals = torch.zeros(len(names), 2, dtype=torch.float64, device=runtime.device)
     for report in reports:  # only the last stage has reports
         for i, name in enumerate(names):
             totals[i] += report[name].to(totals)
     if runtime.is_last_stage:
         torch.distributed.all_reduce(totals, group=runtime.dp_group)
-    torch.distributed.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                group=runtime.pp_group)
+    torch.distributed.broadcast(totals, src=runtime.last_stage_rank, group=runtime.pp_group)
     out = {name: float(totals[i, 0] / totals[i, 1].clamp(min=1)) for i, name in enumerate(names)}
     out["tokens"] = float(totals[0, 1])
     return out

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from megatron_minitron.distill import losses
-from megatron_minitron.distill.losses import (hidden_cosine_loss, hidden_mse_loss, masked_mean, top_k_kl,
-                                              vocab_parallel_kl)
+from megatron_minitron.distill.losses import hidden_cosine_loss, hidden_mse_loss, top_k_kl, vocab_parallel_kl
+from megatron_minitron.training.losses import masked_sum
 from tests.distill.reference import kl_reference
 
 SHAPE = (5, 3, 37)  # [s, b, V]: 15 tokens, an odd vocabulary
@@ -165,7 +165,7 @@ def test_masked_tokens_are_excluded():
     mask = torch.rand(SHAPE[:-1], generator=torch.Generator().manual_seed(3)) > 0.4
     student = student.requires_grad_(True)
     per_token = vocab_parallel_kl(student, teacher)
-    total, count = masked_mean(per_token, mask)
+    total, count = masked_sum(per_token, mask)
     total.backward()
     assert int(count) == int(mask.sum()) and count.dtype == torch.int32
     torch.testing.assert_close(total, kl_reference(student, teacher)[mask].sum().float())
@@ -176,16 +176,16 @@ def test_fully_masked_micro_batch_gives_zero_and_finite_zero_grads():
     student = logits(*SHAPE).requires_grad_(True)
     hidden = logits(5, 3, 6).requires_grad_(True)
     mask = torch.zeros(SHAPE[:-1])
-    total, count = masked_mean(vocab_parallel_kl(student, logits(*SHAPE, seed=1)), mask)
-    total_h, _ = masked_mean(hidden_cosine_loss(hidden, torch.zeros(5, 3, 6)), mask)  # 0/0 cosine at zero teacher
+    total, count = masked_sum(vocab_parallel_kl(student, logits(*SHAPE, seed=1)), mask)
+    total_h, _ = masked_sum(hidden_cosine_loss(hidden, torch.zeros(5, 3, 6)), mask)  # 0/0 cosine at zero teacher
     (total + total_h).backward()
     assert total.item() == 0 and count.item() == 0 and total_h.item() == 0
     assert torch.equal(student.grad, torch.zeros_like(student)) and torch.equal(hidden.grad, torch.zeros_like(hidden))
 
 
-def test_masked_mean_keeps_nan_at_masked_positions_out():
+def test_masked_sum_keeps_nan_at_masked_positions_out():
     loss = torch.tensor([[1.0, float("nan")], [2.0, float("inf")]], requires_grad=True)
-    total, count = masked_mean(loss, torch.tensor([[1, 0], [1, 0]]))
+    total, count = masked_sum(loss, torch.tensor([[1, 0], [1, 0]]))
     total.backward()
     assert total.item() == 3.0 and count.item() == 2
     assert torch.equal(loss.grad, torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
@@ -197,7 +197,7 @@ def test_masked_mean_keeps_nan_at_masked_positions_out():
     (lambda: vocab_parallel_kl(torch.zeros(2, 4), torch.zeros(2, 4), chunk_size=0), "chunk_size"),
     (lambda: top_k_kl(torch.zeros(2, 4), torch.zeros(2, 4), k=5), "k must be"),
     (lambda: hidden_cosine_loss(torch.zeros(2, 3), torch.zeros(2, 4)), "map the student"),
-    (lambda: masked_mean(torch.zeros(3, 2), torch.ones(2, 3)), "transpose"),
+    (lambda: masked_sum(torch.zeros(3, 2), torch.ones(2, 3)), "transpose"),
 ])
 def test_bad_input_is_named(call, message):
     with pytest.raises(ValueError, match=message):

@@ -175,7 +175,7 @@ def test_bad_arguments_are_refused_before_writing(source, tmp_path, capsys):
 KILL_SCRIPT = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from megatron_minitron.prune import storage
+from megatron_minitron.model import storage
 from megatron_minitron.plan.plan import identity_plan
 from megatron_minitron.model.checkpoint import resolve
 from megatron_minitron.prune.rewrite import prune_checkpoint
@@ -222,7 +222,7 @@ def test_reader_finds_rows_inside_stored_archives(source, tmp_path):
     """Both megatron's archives and ours (no CRC) are read by row ranges, never whole (the fast path)."""
     from megatron_minitron.plan.plan import identity_plan
     from megatron_minitron.prune.rewrite import prune_checkpoint
-    from megatron_minitron.prune.storage import SourceReader
+    from megatron_minitron.model.storage import SourceReader
 
     out = prune_checkpoint(source / "src", identity_plan(ARCH), tmp_path / "o", print_fn=lambda s: None)
     for path in (ckpt.resolve(source / "src").path, out):
@@ -242,8 +242,8 @@ def test_reader_selects_rows_from_the_mapped_file_without_writing_to_it(source, 
     with reused scratch buffers; writing into a result leaves the file unchanged."""
     from megatron_minitron.plan.plan import identity_plan
     from megatron_minitron.prune.rewrite import prune_checkpoint
-    from megatron_minitron.prune.slicing import Scratch
-    from megatron_minitron.prune.storage import SourceReader
+    from megatron_minitron.model.storage import Scratch
+    from megatron_minitron.model.storage import SourceReader
 
     out = prune_checkpoint(source / "src", identity_plan(ARCH), tmp_path / "o", print_fn=lambda s: None)
     index = torch.tensor([0, 3, 4, 40, 99])

@@ -33,7 +33,34 @@ from typing import Optional
 
 import torch
 
-from megatron_minitron.prune.slicing import PruneError, Scratch, select
+from megatron_minitron.model.checkpoint import CheckpointError
+
+
+# --------------------------------------------------------------------------------- scratch buffers
+class Scratch:
+    """Output buffers reused from one selection to the next (one set per worker).
+
+    A fresh tensor per selection is a fresh mapping of zeroed pages (the pruner serves allocations
+    over 1 MiB by mmap to keep its memory flat); in a perf profile of benchmarks/prune_throughput.py's
+    Minitron plan, faulting in, zeroing and unmapping those pages was the largest kernel cost."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        buffer = self.buffers.get(slot)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = self.buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return buffer[:nbytes].view(dtype).view(shape)
+
+
+def select(x: torch.Tensor, dim: int, index: torch.Tensor, scratch: Optional[Scratch], slot: str) -> torch.Tensor:
+    """x.index_select(dim, index), into scratch's buffer `slot` when given."""
+    if scratch is None:
+        return x.index_select(dim, index)
+    shape = x.shape[:dim] + (len(index),) + x.shape[dim + 1:]
+    return torch.index_select(x, dim, index, out=scratch.take(slot, tuple(shape), x.dtype))
 
 
 # --------------------------------------------------------------------------------------- metadata
@@ -44,14 +71,14 @@ def read_dcp_metadata(ckpt: Path):
 
     path = Path(ckpt) / ".metadata"
     if not path.is_file():
-        raise PruneError(f"{ckpt} has no DCP metadata file {path.name}: not a torch_dist checkpoint, or unfinished")
+        raise CheckpointError(f"{ckpt} has no DCP metadata file {path.name}: not a torch_dist checkpoint, or unfinished")
     try:
         with open(path, "rb") as f:
             metadata = pickle.load(f)
     except Exception as error:  # truncated: EOFError/UnpicklingError; garbage: anything pickle raises
-        raise PruneError(f"{path} is truncated or corrupted ({type(error).__name__}: {error})") from None
+        raise CheckpointError(f"{path} is truncated or corrupted ({type(error).__name__}: {error})") from None
     if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "storage_data", None), dict):
-        raise PruneError(f"{path} does not hold torch.distributed.checkpoint metadata (found {type(metadata).__name__})")
+        raise CheckpointError(f"{path} does not hold torch.distributed.checkpoint metadata (found {type(metadata).__name__})")
     return metadata
 
 
@@ -63,10 +90,10 @@ def check_storage_files(ckpt: Path, metadata) -> int:
         path = Path(ckpt) / info.relative_path
         if info.relative_path not in sizes:
             if not path.is_file():
-                raise PruneError(f"{ckpt}: shard file {info.relative_path} is missing (it holds {index.fqn!r})")
+                raise CheckpointError(f"{ckpt}: shard file {info.relative_path} is missing (it holds {index.fqn!r})")
             sizes[info.relative_path] = path.stat().st_size
         if info.offset + info.length > sizes[info.relative_path]:
-            raise PruneError(f"{path} is truncated: {index.fqn!r} needs bytes up to {info.offset + info.length}, "
+            raise CheckpointError(f"{path} is truncated: {index.fqn!r} needs bytes up to {info.offset + info.length}, "
                              f"the file has {sizes[info.relative_path]}")
         total += info.length
     return total
@@ -244,7 +271,7 @@ class SourceReader:
         size = tuple(meta.size)
         lead = 0 if layer is None else 1  # dims before the row dim
         if len(size) == lead:  # a stacked scalar per layer: treat it as one row
-            raise PruneError(f"{key}: stacked scalars are not supported")
+            raise CheckpointError(f"{key}: stacked scalars are not supported")
         mapped = self._mapped_rows(key, meta, layer, lead, r0, r1, index, scratch)
         if mapped is not None:
             return mapped
@@ -259,7 +286,7 @@ class SourceReader:
             self._read_chunk_rows(key, info, sizes, lead, local_layer, x0 - offs[lead], x1 - offs[lead], dest)
             covered += dest.numel()
         if covered != out.numel():
-            raise PruneError(f"{self.ckpt}: the stored chunks of {key!r} do not cover rows {r0}:{r1}"
+            raise CheckpointError(f"{self.ckpt}: the stored chunks of {key!r} do not cover rows {r0}:{r1}"
                              f"{'' if layer is None else f' of layer {layer}'}; the metadata is inconsistent")
         return out if index is None else out.index_select(0, index)
 
@@ -321,7 +348,7 @@ class SourceReader:
             return None
         f = self._file(info.relative_path)
         if os.fstat(f.fileno()).st_size < start + nbytes:
-            raise PruneError(f"{self.ckpt / info.relative_path}: short read of {key!r} (it needs bytes up to "
+            raise CheckpointError(f"{self.ckpt / info.relative_path}: short read of {key!r} (it needs bytes up to "
                              f"{start + nbytes}); the file is truncated")
         raw = map_range(f, start, nbytes, torch.uint8).view(x1 - x0, nbytes // (x1 - x0))
         return raw, layout.dtype, start % layout.dtype.itemsize == 0
@@ -356,7 +383,7 @@ class SourceReader:
         f.seek(start)
         got = f.readinto(buffer) if nbytes else 0
         if got != nbytes:
-            raise PruneError(f"{self.ckpt / info.relative_path}: short read of {key!r} ({got} of {nbytes} bytes); "
+            raise CheckpointError(f"{self.ckpt / info.relative_path}: short read of {key!r} ({got} of {nbytes} bytes); "
                              f"the file is truncated")
         if target is not dest:
             dest.copy_(target)
@@ -498,4 +525,4 @@ def _check_coverage(key: str, meta) -> None:
             n *= s
         stored += n
     if stored != total:
-        raise PruneError(f"internal error: the chunks written for {key!r} hold {stored} elements, the tensor {total}")
+        raise CheckpointError(f"internal error: the chunks written for {key!r} hold {stored} elements, the tensor {total}")
