@@ -93,6 +93,12 @@ class ArchConfig:
     add_qkv_bias: bool = False
     """Bias on the QKV projection only (Qwen2 style); implied by add_bias_linear."""
 
+    qk_layernorm: bool = False
+    """Normalise every query and key head before RoPE (Qwen3): one norm of the `normalization` kind for
+    queries and one for keys, each with weights [kv_channels] (and a bias for LayerNorm) shared by all
+    heads of the layer; checkpoint keys `decoder.layers.self_attention.q_layernorm.weight` and
+    `k_layernorm.weight`. Pruning heads or groups leaves them as they are."""
+
     init_method_std: float = 0.02
     """Standard deviation of the normal weight initialisation of a model trained from scratch."""
 
@@ -177,8 +183,9 @@ class ArchConfig:
         """Exact number of parameters of the model megatron-core builds (padded vocabulary included)."""
         h, ffn, kv = self.hidden_size, self.ffn_hidden_size, self.head_dim
         norm = h * (2 if self.has_norm_bias else 1)
+        qk_norms = 2 * kv * (2 if self.has_norm_bias else 1) if self.qk_layernorm else 0
         qkv_rows = kv * (self.num_attention_heads + 2 * self.query_groups)
-        attn = h * qkv_rows + self.num_attention_heads * kv * h
+        attn = h * qkv_rows + self.num_attention_heads * kv * h + qk_norms
         if self.add_bias_linear or self.add_qkv_bias:
             attn += qkv_rows
         if self.add_bias_linear:
