@@ -82,7 +82,8 @@ class ArchConfig:
 
     rope_scaling_factor: Optional[float] = None
     """Llama-3.1-style RoPE frequency scaling factor; None disables scaling. megatron-core hard-codes
-    the Llama-3.1 low/high factors (1, 4) and original length (8192) for this scaling."""
+    the Llama-3.1 low/high factors (1, 4) and original length (8192) for this scaling, which Llama 3.1 (factor 8)
+    and Llama 3.2 (factor 32) both use; other low/high/original values cannot be expressed (import refuses them)."""
 
     untie_embeddings_and_output_weights: bool = True
     """True: the output layer has its own weights. False: it reuses the word embeddings."""
@@ -296,6 +297,29 @@ PRESETS: dict[str, ArchConfig] = {
         normalization="LayerNorm", apply_layernorm_1p=True, norm_epsilon=1e-5, activation="squared_relu",
         position_embedding_type="rope", rotary_base=10000, rotary_percent=0.5,
         untie_embeddings_and_output_weights=True),
+    # --- Dense Hugging Face families of issue 16 (QK norm, Nemotron, Llama 3.2); facts from each config.json.
+    # Qwen/Qwen3-8B config.json: head_dim 128, QK norm, untied, rms_norm_eps 1e-6, rope_theta 1e6;
+    # 8,190,735,360 parameters (the Hub's safetensors total; model card: 8.2B, 6.95B non-embedding).
+    "qwen3-8b": ArchConfig(
+        num_layers=36, hidden_size=4096, ffn_hidden_size=12288, num_attention_heads=32, num_query_groups=8,
+        kv_channels=128, vocab_size=151936, padded_vocab_size=151936, max_position_embeddings=40960,
+        normalization="RMSNorm", norm_epsilon=1e-6, activation="swiglu", position_embedding_type="rope",
+        rotary_base=1000000, qk_layernorm=True, untie_embeddings_and_output_weights=True),
+    # nvidia/Minitron-8B-Base config.json (model_type nemotron): LayerNorm1P (= zero-centred gamma) with
+    # biases, relu2 MLP without a gate, partial_rotary_factor 0.5, head_dim 128; model card: 8B.
+    "minitron-8b": ArchConfig(
+        num_layers=32, hidden_size=4096, ffn_hidden_size=16384, num_attention_heads=48, num_query_groups=8,
+        kv_channels=128, vocab_size=256000, padded_vocab_size=256000, max_position_embeddings=4096,
+        normalization="LayerNorm", apply_layernorm_1p=True, norm_epsilon=1e-5, activation="squared_relu",
+        position_embedding_type="rope", rotary_base=10000, rotary_percent=0.5,
+        untie_embeddings_and_output_weights=True),
+    # meta-llama/Llama-3.2-1B config.json: tied embeddings, llama3 rope scaling factor 32 with low 1 /
+    # high 4 / original 8192 (the values megatron-core hard-codes); 1,235,814,400 parameters (Hub total).
+    "llama3.2-1b": ArchConfig(
+        num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32, num_query_groups=8,
+        kv_channels=64, vocab_size=128256, padded_vocab_size=128256, max_position_embeddings=131072,
+        normalization="RMSNorm", norm_epsilon=1e-5, activation="swiglu", position_embedding_type="rope",
+        rotary_base=500000, rope_scaling_factor=32.0, untie_embeddings_and_output_weights=False),
     # Small CPU models. "tiny" keeps tests fast; "small" (~10M) is the demo teacher.
     "tiny": ArchConfig(
         num_layers=4, hidden_size=64, ffn_hidden_size=192, num_attention_heads=4, num_query_groups=2,
