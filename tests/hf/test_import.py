@@ -33,15 +33,24 @@ def test_architecture_fields(hf_cases):
     gpt2 = ckpt.resolve(hf_cases["gpt2"]["ckpt"]).arch
     assert (gpt2.normalization, gpt2.activation, gpt2.position_embedding_type, gpt2.add_bias_linear) == (
         "LayerNorm", "gelu_tanh", "learned_absolute", True)  # GPT-2's default gelu_new
+    qwen3 = ckpt.resolve(hf_cases["qwen3"]["ckpt"]).arch
+    assert qwen3.qk_layernorm and (qwen3.kv_channels, qwen3.add_qkv_bias) == (32, False)
+    assert not qwen3.untie_embeddings_and_output_weights
+    nemotron = ckpt.resolve(hf_cases["nemotron"]["ckpt"]).arch
+    assert (nemotron.normalization, nemotron.apply_layernorm_1p, nemotron.activation, nemotron.rotary_percent) == (
+        "LayerNorm", True, "squared_relu", 0.5)
+    llama32 = ckpt.resolve(hf_cases["llama3.2"]["ckpt"]).arch
+    assert (llama32.rope_scaling_factor, llama32.untie_embeddings_and_output_weights) == (32.0, False)
     for case in hf_cases.values():
         arch = ckpt.resolve(case["ckpt"]).arch
         assert (arch.vocab_size, arch.padded_vocab_size) == (models.VOCAB, 1024)
 
 
-def test_llama3_rope_scaling_frequencies(hf_cases, megatron_logits):
+@pytest.mark.parametrize("name", ["llama3.1", "llama3.2"])  # rope scaling factor 8 and 32
+def test_llama3_rope_scaling_frequencies(hf_cases, megatron_logits, name):
     """The short test sequence barely feels the scaled low frequencies; compare them directly."""
-    _, model = megatron_logits(hf_cases["llama3.1"]["ckpt"])
-    hf = models.hf_model("llama3.1")
+    _, model = megatron_logits(hf_cases[name]["ckpt"])
+    hf = models.hf_model(name)
     ours, theirs = model.rotary_pos_emb.inv_freq.float(), hf.model.rotary_emb.inv_freq.float()
     plain = 1.0 / (500000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
     assert not torch.allclose(theirs, plain)  # scaling changes some frequencies ...
@@ -81,3 +90,30 @@ def test_bfloat16_import_loads_into_fp32_model(hf_cases, megatron_logits, tmp_pa
     assert torch.bfloat16 in {t.dtype for t in ckpt.read_tensors(ckpt.resolve(tmp_path / "bf16").path).values()}
     logits, _ = megatron_logits(tmp_path / "bf16")
     assert models.rel_error(logits, hf_cases["llama2"]["logits"]) <= 2e-2  # bf16 weights, fp32 compute
+
+
+def test_nemotron_hub_config_form_reads_the_same(hf_cases, tmp_path):
+    """Hub configs of Nemotron carry rope_theta and partial_rotary_factor at top level (transformers 5 writes
+    them inside rope_parameters); both forms import to the same architecture and tensors, and an absent
+    factor is transformers' default for the family (0.5)."""
+    import shutil
+
+    from megatron_minitron.hf.importer import import_hf
+
+    src = tmp_path / "hub"
+    shutil.copytree(hf_cases["nemotron"]["hf"], src)
+    config = json.loads((src / "config.json").read_text())
+    assert config["rope_parameters"]["partial_rotary_factor"] == 0.5
+    config.pop("rope_parameters")
+    config.update(rope_theta=10000.0, partial_rotary_factor=0.5)
+    (src / "config.json").write_text(json.dumps(config))
+    import_hf(src, tmp_path / "ckpt", print_fn=lambda _: None)
+    ours, theirs = ckpt.resolve(tmp_path / "ckpt"), ckpt.resolve(hf_cases["nemotron"]["ckpt"])
+    assert ours.arch == theirs.arch
+    a, b = ckpt.read_tensors(ours.path), ckpt.read_tensors(theirs.path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from megatron_minitron.hf.families import NEMOTRON
+
+    config.pop("partial_rotary_factor")
+    assert NEMOTRON.arch_from_config(config).rotary_percent == 0.5
+    assert NEMOTRON.arch_from_config({**config, "partial_rotary_factor": 0.25}).rotary_percent == 0.25
