@@ -18,6 +18,10 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "squared_relu", "relu")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
 
 
+LATER_FIELDS = ("qk_layernorm",)
+"""ArchConfig fields added after fingerprints were first written to disk (see ArchConfig.fingerprint)."""
+
+
 class ConfigError(ValueError):
     """An architecture or run option that cannot work, with the field named in the message."""
 
@@ -217,8 +221,12 @@ class ArchConfig:
         return cls(**data)
 
     def fingerprint(self) -> str:
-        """Short stable hash of the architecture (identifies which model scores and plans belong to)."""
-        blob = json.dumps(self.to_json(), sort_keys=True).encode()
+        """Short stable hash of the architecture (identifies which model scores and plans belong to).
+        Fields added after the first release are left out while at their default, so scores and plans
+        written before they existed keep matching their checkpoints."""
+        data = {k: v for k, v in self.to_json().items()
+                if not (k in LATER_FIELDS and v == self.__dataclass_fields__[k].default)}
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def explicit(self) -> "ArchConfig":

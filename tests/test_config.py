@@ -110,6 +110,16 @@ def test_unknown_json_field_is_named():
         ArchConfig.from_json(data)
 
 
+def test_fingerprint_of_older_architectures_is_unchanged_by_later_fields():
+    """Scores and plans written before qk_layernorm existed keep matching: its default is left out."""
+    import hashlib
+
+    arch = preset("tiny")
+    before = {k: v for k, v in arch.to_json().items() if k != "qk_layernorm"}  # to_json as it was
+    assert arch.fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert arch.replace(qk_layernorm=True).fingerprint() != arch.fingerprint()
+
+
 def test_fingerprint_changes_with_the_architecture():
     assert preset("tiny").fingerprint() == preset("tiny").fingerprint()
     assert preset("tiny").fingerprint() != preset("tiny", ffn_hidden_size=128).fingerprint()
