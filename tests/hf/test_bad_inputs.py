@@ -110,7 +110,8 @@ def test_unsupported_family_and_options(copy, tmp_path):
         ("qwen3", {"layer_types": ["full_attention", "sliding_attention"]},
          r"layer_types=\['full_attention', 'sliding_attention'\] is not supported.*no sliding-window layers"),
         ("qwen3", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
-                                       "original_max_position_embeddings": 32768}}, r"rope_type='yarn' is not supported"),
+                                       "original_max_position_embeddings": 32768}},
+         r"rope_type='yarn' is not supported"),
         ("qwen3", {"attention_bias": True}, r"attention_bias=True is not supported for model_type 'qwen3'"),
         # Nemotron: another activation, biases on the linear layers, partial rotary given twice differently
         ("nemotron", {"hidden_act": "relu"}, r"hidden_act='relu' is not supported.*\['relu2'\]"),
