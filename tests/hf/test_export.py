@@ -96,6 +96,33 @@ def test_model_trained_here_exports_as_llama(tmp_path, single_rank_runtime, mega
     assert models.rel_error(models.hf_logits(tmp_path / "hf"), ours) <= 1e-4
 
 
+@pytest.mark.parametrize("model_type, changes", [
+    ("qwen3", dict(qk_layernorm=True, kv_channels=24)),
+    ("nemotron", dict(normalization="LayerNorm", apply_layernorm_1p=True, activation="squared_relu",
+                      rotary_percent=0.5)),
+])
+def test_model_trained_here_exports_as_its_family(tmp_path, single_rank_runtime, megatron_logits, model_type, changes):
+    """With no source config, a QK-norm model exports as qwen3 and a zero-centred-LayerNorm, squared-ReLU,
+    half-rotary one as nemotron (partial_rotary_factor written); transformers agrees with megatron."""
+    from megatron_minitron.config import preset
+    from megatron_minitron.model import checkpoint as ckpt
+    from megatron_minitron.model.build import build_model
+
+    arch = preset("tiny", vocab_size=1000, **changes)
+    model = build_model(arch, single_rank_runtime, use_te=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt.save_checkpoint(tmp_path / "run", model=model, arch=arch, runtime=single_rank_runtime, iteration=None)
+    export_hf(tmp_path / "run", tmp_path / "hf", print_fn=lambda _: None)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["model_type"], config["head_dim"]) == (model_type, arch.head_dim)
+    if model_type == "nemotron":
+        assert (config["partial_rotary_factor"], config["hidden_act"]) == (0.5, "relu2")
+    ours, _ = megatron_logits(tmp_path / "run")
+    assert models.rel_error(models.hf_logits(tmp_path / "hf"), ours) <= 1e-4
+
+
 def test_row_blocks_give_the_same_tensors(hf_cases, tmp_path):
     """With tiny blocks every plain tensor (embedding, output layer, per-layer projections) is copied in
     row blocks both ways: the checkpoint holds the same global tensors and the export the same files."""
