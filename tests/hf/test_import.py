@@ -117,3 +117,45 @@ def test_nemotron_hub_config_form_reads_the_same(hf_cases, tmp_path):
     config.pop("partial_rotary_factor")
     assert NEMOTRON.arch_from_config(config).rotary_percent == 0.5
     assert NEMOTRON.arch_from_config({**config, "partial_rotary_factor": 0.25}).rotary_percent == 0.25
+
+
+# The Hub's config.json of each preset's model (Qwen/Qwen3-8B, meta-llama/Llama-3.2-1B, nvidia/Minitron-8B-Base),
+# in the form the Hub serves them (top-level rope_theta / rope_scaling / partial_rotary_factor, torch_dtype).
+HUB_CONFIGS = {
+    "qwen3-8b": {
+        "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+        "initializer_range": 0.02, "intermediate_size": 12288, "max_position_embeddings": 40960,
+        "max_window_layers": 36, "model_type": "qwen3", "num_attention_heads": 32, "num_hidden_layers": 36,
+        "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "use_sliding_window": False, "vocab_size": 151936},
+    "llama3.2-1b": {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048,
+        "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False,
+        "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": 128256},
+    "minitron-8b": {
+        "architectures": ["NemotronForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 2, "eos_token_id": 3, "head_dim": 128, "hidden_act": "relu2", "hidden_size": 4096,
+        "initializer_range": 0.0134, "intermediate_size": 16384, "max_position_embeddings": 4096, "mlp_bias": False,
+        "model_type": "nemotron", "norm_eps": 1e-05, "num_attention_heads": 48, "num_hidden_layers": 32,
+        "num_key_value_heads": 8, "partial_rotary_factor": 0.5, "rope_theta": 10000, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "vocab_size": 256000},
+}
+
+
+@pytest.mark.parametrize("name", list(HUB_CONFIGS))
+def test_hub_config_imports_as_the_preset(name):
+    """The family tables read each Hub config.json into exactly the preset's architecture (the preset's
+    published parameter counts are checked in tests/test_config.py)."""
+    from megatron_minitron.config import preset
+    from megatron_minitron.hf.families import family_for_config
+
+    arch = family_for_config(HUB_CONFIGS[name]).arch_from_config(HUB_CONFIGS[name])
+    assert arch.replace(init_method_std=preset(name).init_method_std) == preset(name)
