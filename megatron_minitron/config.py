@@ -18,6 +18,10 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "squared_relu", "relu")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
 
 
+LATER_FIELDS = ("qk_layernorm",)
+"""ArchConfig fields added after fingerprints were first written to disk (see ArchConfig.fingerprint)."""
+
+
 class ConfigError(ValueError):
     """An architecture or run option that cannot work, with the field named in the message."""
 
@@ -82,7 +86,8 @@ class ArchConfig:
 
     rope_scaling_factor: Optional[float] = None
     """Llama-3.1-style RoPE frequency scaling factor; None disables scaling. megatron-core hard-codes
-    the Llama-3.1 low/high factors (1, 4) and original length (8192) for this scaling."""
+    the Llama-3.1 low/high factors (1, 4) and original length (8192) for this scaling, which Llama 3.1 (factor 8)
+    and Llama 3.2 (factor 32) both use; other low/high/original values cannot be expressed (import refuses them)."""
 
     untie_embeddings_and_output_weights: bool = True
     """True: the output layer has its own weights. False: it reuses the word embeddings."""
@@ -92,6 +97,12 @@ class ArchConfig:
 
     add_qkv_bias: bool = False
     """Bias on the QKV projection only (Qwen2 style); implied by add_bias_linear."""
+
+    qk_layernorm: bool = False
+    """Normalise every query and key head before RoPE (Qwen3): one norm of the `normalization` kind for
+    queries and one for keys, each with weights [kv_channels] (and a bias for LayerNorm) shared by all
+    heads of the layer; checkpoint keys `decoder.layers.self_attention.q_layernorm.weight` and
+    `k_layernorm.weight`. Pruning heads or groups leaves them as they are."""
 
     init_method_std: float = 0.02
     """Standard deviation of the normal weight initialisation of a model trained from scratch."""
@@ -177,8 +188,9 @@ class ArchConfig:
         """Exact number of parameters of the model megatron-core builds (padded vocabulary included)."""
         h, ffn, kv = self.hidden_size, self.ffn_hidden_size, self.head_dim
         norm = h * (2 if self.has_norm_bias else 1)
+        qk_norms = 2 * kv * (2 if self.has_norm_bias else 1) if self.qk_layernorm else 0
         qkv_rows = kv * (self.num_attention_heads + 2 * self.query_groups)
-        attn = h * qkv_rows + self.num_attention_heads * kv * h
+        attn = h * qkv_rows + self.num_attention_heads * kv * h + qk_norms
         if self.add_bias_linear or self.add_qkv_bias:
             attn += qkv_rows
         if self.add_bias_linear:
@@ -209,8 +221,12 @@ class ArchConfig:
         return cls(**data)
 
     def fingerprint(self) -> str:
-        """Short stable hash of the architecture (identifies which model scores and plans belong to)."""
-        blob = json.dumps(self.to_json(), sort_keys=True).encode()
+        """Short stable hash of the architecture (identifies which model scores and plans belong to).
+        Fields added after the first release are left out while at their default, so scores and plans
+        written before they existed keep matching their checkpoints."""
+        data = {k: v for k, v in self.to_json().items()
+                if not (k in LATER_FIELDS and v == self.__dataclass_fields__[k].default)}
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def explicit(self) -> "ArchConfig":
@@ -289,6 +305,29 @@ PRESETS: dict[str, ArchConfig] = {
         normalization="LayerNorm", apply_layernorm_1p=True, norm_epsilon=1e-5, activation="squared_relu",
         position_embedding_type="rope", rotary_base=10000, rotary_percent=0.5,
         untie_embeddings_and_output_weights=True),
+    # --- Dense Hugging Face families of issue 16 (QK norm, Nemotron, Llama 3.2); facts from each config.json.
+    # Qwen/Qwen3-8B config.json: head_dim 128, QK norm, untied, rms_norm_eps 1e-6, rope_theta 1e6;
+    # 8,190,735,360 parameters (the Hub's safetensors total; model card: 8.2B, 6.95B non-embedding).
+    "qwen3-8b": ArchConfig(
+        num_layers=36, hidden_size=4096, ffn_hidden_size=12288, num_attention_heads=32, num_query_groups=8,
+        kv_channels=128, vocab_size=151936, padded_vocab_size=151936, max_position_embeddings=40960,
+        normalization="RMSNorm", norm_epsilon=1e-6, activation="swiglu", position_embedding_type="rope",
+        rotary_base=1000000, qk_layernorm=True, untie_embeddings_and_output_weights=True),
+    # nvidia/Minitron-8B-Base config.json (model_type nemotron): LayerNorm1P (= zero-centred gamma) with
+    # biases, relu2 MLP without a gate, partial_rotary_factor 0.5, head_dim 128; model card: 8B.
+    "minitron-8b": ArchConfig(
+        num_layers=32, hidden_size=4096, ffn_hidden_size=16384, num_attention_heads=48, num_query_groups=8,
+        kv_channels=128, vocab_size=256000, padded_vocab_size=256000, max_position_embeddings=4096,
+        normalization="LayerNorm", apply_layernorm_1p=True, norm_epsilon=1e-5, activation="squared_relu",
+        position_embedding_type="rope", rotary_base=10000, rotary_percent=0.5,
+        untie_embeddings_and_output_weights=True),
+    # meta-llama/Llama-3.2-1B config.json: tied embeddings, llama3 rope scaling factor 32 with low 1 /
+    # high 4 / original 8192 (the values megatron-core hard-codes); 1,235,814,400 parameters (Hub total).
+    "llama3.2-1b": ArchConfig(
+        num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32, num_query_groups=8,
+        kv_channels=64, vocab_size=128256, padded_vocab_size=128256, max_position_embeddings=131072,
+        normalization="RMSNorm", norm_epsilon=1e-5, activation="swiglu", position_embedding_type="rope",
+        rotary_base=500000, rope_scaling_factor=32.0, untie_embeddings_and_output_weights=False),
     # Small CPU models. "tiny" keeps tests fast; "small" (~10M) is the demo teacher.
     "tiny": ArchConfig(
         num_layers=4, hidden_size=64, ffn_hidden_size=192, num_attention_heads=4, num_query_groups=2,

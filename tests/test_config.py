@@ -30,6 +30,30 @@ def test_presets_have_their_published_size(name, total, tolerance):
     assert abs(preset(name).num_parameters() - total) <= tolerance
 
 
+@pytest.mark.parametrize("name, total", [
+    ("qwen3-8b", 8_190_735_360),     # Qwen/Qwen3-8B: the Hub's safetensors parameter total (card: 8.2B)
+    ("llama3.2-1b", 1_235_814_400),  # meta-llama/Llama-3.2-1B: the Hub's total (card: 1.23B), tied embeddings
+])
+def test_presets_match_the_published_parameter_total_exactly(name, total):
+    assert preset(name).num_parameters() == total
+
+
+def test_qwen3_8b_non_embedding_and_minitron_sizes():
+    assert abs(preset("qwen3-8b").num_parameters(include_embeddings=False) - 6.95e9) < 0.005e9  # model card
+    assert 8.0e9 <= preset("minitron-8b").num_parameters() < 8.5e9  # nvidia/Minitron-8B-Base: "8B"
+    # The paper's MINITRON 4B shape (arXiv 2407.14679): 4.2B parameters, 2.6B of them outside the embeddings.
+    minitron4b = preset("minitron-8b", hidden_size=3072, num_attention_heads=24, ffn_hidden_size=9216)
+    assert abs(minitron4b.num_parameters() - 4.2e9) < 0.05e9
+    assert abs(minitron4b.num_parameters(include_embeddings=False) - 2.6e9) < 0.05e9
+
+
+def test_qk_layernorm_parameters_are_two_norms_per_layer():
+    qwen = preset("qwen3-8b")
+    assert qwen.num_parameters() - qwen.replace(qk_layernorm=False).num_parameters() == 36 * 2 * 128
+    tiny = preset("tiny", normalization="LayerNorm", qk_layernorm=True, kv_channels=24)
+    assert tiny.num_parameters() - tiny.replace(qk_layernorm=False).num_parameters() == 4 * 2 * 2 * 24  # w + b
+
+
 def test_nemotron_non_embedding_size():
     assert abs(preset("nemotron4-15b").num_parameters(include_embeddings=False) - 12.5e9) < 0.05e9
 
@@ -84,6 +108,16 @@ def test_unknown_json_field_is_named():
     data = preset("tiny").to_json() | {"num_experts": 8}
     with pytest.raises(ConfigError, match=r"unknown architecture fields \['num_experts'\]"):
         ArchConfig.from_json(data)
+
+
+def test_fingerprint_of_older_architectures_is_unchanged_by_later_fields():
+    """Scores and plans written before qk_layernorm existed keep matching: its default is left out."""
+    import hashlib
+
+    arch = preset("tiny")
+    before = {k: v for k, v in arch.to_json().items() if k != "qk_layernorm"}  # to_json as it was
+    assert arch.fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert arch.replace(qk_layernorm=True).fingerprint() != arch.fingerprint()
 
 
 def test_fingerprint_changes_with_the_architecture():

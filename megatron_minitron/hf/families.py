@@ -71,6 +71,9 @@ class Family:
     requires: dict[str, tuple]
     tensors: tuple[TensorMap, ...]
     rope: bool = True
+    partial_rotary: Optional[float] = None
+    """The family carries `partial_rotary_factor` (-> rotary_percent): transformers' value when the config has
+    none (Nemotron: 0.5). None: whole heads rotate, and any other factor is refused."""
     derived_heads: bool = False
     """The family has no head_dim or GQA setting: head width is hidden/heads and every head has its own k/v."""
     optional_prefix: str = ""
@@ -92,6 +95,10 @@ class Family:
             if value not in accepted:
                 raise HFError(f"config.json {key}={value!r} is not supported for model_type {self.model_type!r} "
                               f"(supported: {list(accepted)})")
+        layer_types = config.get("layer_types") or []
+        if not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types):
+            raise HFError(f"config.json layer_types={layer_types!r} is not supported for model_type "
+                          f"{self.model_type!r}: every layer must be 'full_attention' (no sliding-window layers)")
         values: dict[str, Any] = dict(self.fixed)
         for f in self.fields:
             value = config.get(f.hf)
@@ -107,7 +114,7 @@ class Family:
                           f"(supported: {sorted(act_map)})")
         values["activation"] = act_map[act]
         if self.rope:
-            values.update(_rope_from_hf(config))
+            values.update(_rope_from_hf(config, self.partial_rotary))
         vocab = values["vocab_size"]
         values["padded_vocab_size"] = -(-vocab // pad_to) * pad_to
         try:
@@ -128,9 +135,9 @@ class Family:
         if arch.activation not in self.activation[1].values():
             raise HFError(f"a {self.model_type} model has activation in {sorted(set(self.activation[1].values()))}; "
                           f"this checkpoint has activation={arch.activation!r}")
-        if arch.apply_layernorm_1p:
+        if arch.apply_layernorm_1p and "apply_layernorm_1p" not in self.fixed:
             raise HFError(f"a {self.model_type} model has no zero-centred norm (apply_layernorm_1p=True here)")
-        if self.rope and arch.rotary_percent != 1.0:
+        if self.rope and self.partial_rotary is None and arch.rotary_percent != 1.0:
             raise HFError(f"a {self.model_type} model rotates whole heads; this checkpoint has "
                           f"rotary_percent={arch.rotary_percent}")
         if self.derived_heads:
@@ -149,7 +156,7 @@ class Family:
         self.check_exportable(arch)
         config = dict(base) if base and base.get("model_type") == self.model_type else {}
         for stale in ("rope_parameters", "rope_scaling", "rope_theta", "torch_dtype", "dtype", "head_dim",
-                      "transformers_version", "_name_or_path", "layer_types"):
+                      "transformers_version", "_name_or_path", "layer_types", "partial_rotary_factor"):
             config.pop(stale, None)
         if not config:
             config.update(self.writes)
@@ -168,6 +175,8 @@ class Family:
             config["rope_theta"] = float(arch.rotary_base)
             config["rope_scaling"] = None if arch.rope_scaling_factor is None else {
                 "rope_type": "llama3", "factor": float(arch.rope_scaling_factor), **LLAMA3_FIXED}
+            if self.partial_rotary is not None:
+                config["partial_rotary_factor"] = float(arch.rotary_percent)
         config["torch_dtype"] = dtype
         return dict(sorted(config.items()))
 
@@ -177,7 +186,9 @@ LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_p
 """The Llama-3 RoPE scaling values megatron-core 0.16.1 hard-codes (GPTModel(rope_scaling=True))."""
 
 
-def _rope_from_hf(config: dict) -> dict[str, Any]:
+def _rope_from_hf(config: dict, partial_default: Optional[float] = None) -> dict[str, Any]:
+    """RoPE fields from the top-level keys and/or rope_scaling / rope_parameters. partial_default: the
+    family's partial_rotary_factor when absent (None: the family rotates whole heads, 1.0 only)."""
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
     if not isinstance(params, dict) or not isinstance(scaling, dict):
@@ -193,9 +204,17 @@ def _rope_from_hf(config: dict) -> dict[str, Any]:
         raise HFError(f"config.json rope_theta={theta!r}: only positive whole-number RoPE bases are supported")
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     out: dict[str, Any] = {"rotary_base": int(theta), "rope_scaling_factor": None}
-    partial = merged.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
+    top, inner = config.get("partial_rotary_factor"), merged.get("partial_rotary_factor")
+    if top is not None and inner is not None and top != inner:
+        raise HFError(f"config.json partial_rotary_factor={top!r} and rope_parameters partial_rotary_factor="
+                      f"{inner!r} disagree; keep one of them")
+    partial = next((v for v in (inner, top, partial_default) if v is not None), 1.0)
+    if partial_default is None and partial != 1.0:
         raise HFError(f"config.json partial_rotary_factor={partial!r} is not supported (whole heads rotate here)")
+    if not isinstance(partial, (int, float)) or not 0.0 < partial <= 1.0:
+        raise HFError(f"config.json partial_rotary_factor={partial!r} must be a number in (0, 1]")
+    if partial_default is not None:
+        out["rotary_percent"] = float(partial)
     if rope_type == "default":
         return out
     if rope_type != "llama3":
@@ -259,7 +278,7 @@ _ROPE_FIELDS = (
     Field("init_method_std", "initializer_range", default=0.02),
 )
 _ROPE_FIXED = {"normalization": "RMSNorm", "position_embedding_type": "rope", "add_bias_linear": False,
-               "add_qkv_bias": False}
+               "add_qkv_bias": False, "qk_layernorm": False}
 
 LLAMA = Family(
     model_type="llama", architecture="LlamaForCausalLM",
@@ -298,6 +317,72 @@ QWEN2 = Family(
     writes={"use_cache": True},
 )
 
+def _qwen3_head_dim(config: dict) -> int:
+    return 128  # Qwen3Config's default: unlike Llama's, it is not hidden / heads
+
+
+QWEN3 = Family(
+    model_type="qwen3", architecture="Qwen3ForCausalLM",
+    fields=tuple(Field("kv_channels", "head_dim", default=_qwen3_head_dim) if f.arch == "kv_channels" else f
+                 for f in _ROPE_FIELDS) + (
+        Field("max_position_embeddings", "max_position_embeddings", default=32768),
+        Field("untie_embeddings_and_output_weights", "tie_word_embeddings", default=False, invert=True)),
+    fixed={**_ROPE_FIXED, "qk_layernorm": True},
+    requires={"attention_bias": (False,), "use_sliding_window": (False,)},
+    # QK norm: one RMSNorm [head_dim] for all query heads and one for all key heads of a layer (DESIGN §2c).
+    tensors=LLAMA_TENSORS[:3] + (
+        TensorMap(_L + "self_attention.q_layernorm.weight", (_HF + "self_attn.q_norm.weight",)),
+        TensorMap(_L + "self_attention.k_layernorm.weight", (_HF + "self_attn.k_norm.weight",)),
+    ) + LLAMA_TENSORS[4:],
+    ignored=("rotary_emb.inv_freq",),
+    writes={"use_cache": True},
+)
+
+
+def _nemotron_head_dim(config: dict) -> int:
+    return config["hidden_size"] // config["num_attention_heads"]
+
+
+NEMOTRON = Family(
+    model_type="nemotron", architecture="NemotronForCausalLM",
+    fields=(
+        Field("num_layers", "num_hidden_layers"),
+        Field("hidden_size", "hidden_size"),
+        Field("ffn_hidden_size", "intermediate_size"),
+        Field("num_attention_heads", "num_attention_heads"),
+        Field("num_query_groups", "num_key_value_heads", default=_heads),
+        Field("kv_channels", "head_dim", default=_nemotron_head_dim),
+        Field("vocab_size", "vocab_size"),
+        Field("norm_epsilon", "norm_eps", default=1e-5),
+        Field("init_method_std", "initializer_range", default=0.0134),
+        Field("max_position_embeddings", "max_position_embeddings", default=4096),
+        Field("untie_embeddings_and_output_weights", "tie_word_embeddings", default=False, invert=True),
+    ),
+    # LayerNorm1P computes layer_norm(x, 1 + w, b): megatron's zero-centred gamma, stored the same way (w as is).
+    fixed={"normalization": "LayerNorm", "apply_layernorm_1p": True, "position_embedding_type": "rope",
+           "add_bias_linear": False, "add_qkv_bias": False, "qk_layernorm": False},
+    requires={"attention_bias": (False,), "mlp_bias": (False,)},
+    activation=("hidden_act", {"relu2": "squared_relu"}),  # no gate: up_proj is all of fc1
+    partial_rotary=0.5,
+    tensors=(
+        TensorMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB),
+        TensorMap(_L + "self_attention.linear_qkv.layer_norm_weight", (_HF + "input_layernorm.weight",)),
+        TensorMap(_L + "self_attention.linear_qkv.layer_norm_bias", (_HF + "input_layernorm.bias",)),
+        TensorMap(_L + "self_attention.linear_qkv.weight",
+                  tuple(_HF + f"self_attn.{p}_proj.weight" for p in "qkv"), QKV_SPLIT),
+        TensorMap(_L + "self_attention.linear_proj.weight", (_HF + "self_attn.o_proj.weight",)),
+        TensorMap(_L + "mlp.linear_fc1.layer_norm_weight", (_HF + "post_attention_layernorm.weight",)),
+        TensorMap(_L + "mlp.linear_fc1.layer_norm_bias", (_HF + "post_attention_layernorm.bias",)),
+        TensorMap(_L + "mlp.linear_fc1.weight", (_HF + "mlp.up_proj.weight",)),
+        TensorMap(_L + "mlp.linear_fc2.weight", (_HF + "mlp.down_proj.weight",)),
+        TensorMap("decoder.final_layernorm.weight", ("model.norm.weight",)),
+        TensorMap("decoder.final_layernorm.bias", ("model.norm.bias",)),
+        TensorMap("output_layer.weight", ("lm_head.weight",), VOCAB, when=_untied),
+    ),
+    ignored=("rotary_emb.inv_freq",),
+    writes={"use_cache": True},
+)
+
 _G = "transformer.h.{i}."
 
 
@@ -318,7 +403,7 @@ GPT2 = Family(
         Field("init_method_std", "initializer_range", default=0.02),
     ),
     fixed={"normalization": "LayerNorm", "position_embedding_type": "learned_absolute", "add_bias_linear": True,
-           "untie_embeddings_and_output_weights": False},
+           "untie_embeddings_and_output_weights": False, "qk_layernorm": False},
     requires={"tie_word_embeddings": (True,), "scale_attn_weights": (True,),
               "scale_attn_by_inverse_layer_idx": (False,), "add_cross_attention": (False,)},
     # GPT-2's default is gelu_new, the tanh approximation (ArchConfig "gelu_tanh", megatron's openai_gelu);
@@ -350,7 +435,7 @@ GPT2 = Family(
             "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0, "reorder_and_upcast_attn": False},
 )
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, MISTRAL, QWEN2, GPT2)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, NEMOTRON, GPT2)}
 
 
 def family_for_config(config: dict) -> Family:
@@ -372,6 +457,10 @@ def infer_family(arch: ArchConfig) -> Family:
     """The family an architecture fits when no source config names one (a model trained here)."""
     if arch.position_embedding_type == "learned_absolute":
         return GPT2
+    if arch.qk_layernorm:
+        return QWEN3
+    if arch.apply_layernorm_1p or arch.activation == "squared_relu":
+        return NEMOTRON
     return QWEN2 if arch.add_qkv_bias and not arch.add_bias_linear else LLAMA
 
 

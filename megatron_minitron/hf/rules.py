@@ -186,6 +186,8 @@ def megatron_shape(key: str, arch: ArchConfig) -> Shape:
         "decoder.layers.self_attention.linear_qkv.layer_norm_bias": (h,),
         "decoder.layers.self_attention.linear_qkv.weight": (qkv_rows, h),
         "decoder.layers.self_attention.linear_qkv.bias": (qkv_rows,),
+        "decoder.layers.self_attention.q_layernorm.weight": (kv,),
+        "decoder.layers.self_attention.k_layernorm.weight": (kv,),
         "decoder.layers.self_attention.linear_proj.weight": (h, arch.num_attention_heads * kv),
         "decoder.layers.self_attention.linear_proj.bias": (h,),
         "decoder.layers.mlp.linear_fc1.layer_norm_weight": (h,),

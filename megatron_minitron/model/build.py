@@ -56,6 +56,7 @@ def transformer_config(arch: ArchConfig, parallel: ParallelConfig, *, dtype: tor
         activation_func=_activation(arch),
         add_bias_linear=arch.add_bias_linear,
         add_qkv_bias=arch.add_qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
         init_method_std=arch.init_method_std,
         hidden_dropout=hidden_dropout,
         attention_dropout=attention_dropout,
@@ -91,9 +92,14 @@ def layer_spec(config, *, use_te: bool):
     from megatron_minitron.model.norm import LocalNorm
 
     if use_te:
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec()
-    submodules = dataclasses.replace(spec.submodules, input_layernorm=LocalNorm, pre_mlp_layernorm=LocalNorm)
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm)
+    attention = spec.submodules.self_attention
+    if config.qk_layernorm:  # per-head q/k norms: LocalNorm over kv_channels (megatron all-reduces their grads over TP)
+        attention = dataclasses.replace(attention, submodules=dataclasses.replace(
+            attention.submodules, q_layernorm=LocalNorm, k_layernorm=LocalNorm))
+    submodules = dataclasses.replace(spec.submodules, input_layernorm=LocalNorm, pre_mlp_layernorm=LocalNorm,
+                                     self_attention=attention)
     layer = dataclasses.replace(spec, submodules=submodules)
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=LocalNorm)
 

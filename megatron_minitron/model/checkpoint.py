@@ -144,7 +144,6 @@ def _has_per_layer_keys(ckpt: Path) -> bool:
 _UNSUPPORTED_ARGS = {
     "num_experts": "mixture-of-experts models",
     "multi_latent_attention": "multi-latent attention",
-    "qk_layernorm": "QK layer norm",
     "num_layers_per_virtual_pipeline_stage": "virtual pipeline stages",
     "virtual_pipeline_model_parallel_size": "virtual pipeline stages",
 }
@@ -180,7 +179,7 @@ def arch_from_megatron_args(args: Namespace, *, where: str = "checkpoint") -> Ar
         rope_scaling_factor=a.get("rope_scaling_factor", 8.0) if a.get("use_rope_scaling") else None,
         untie_embeddings_and_output_weights=bool(a.get("untie_embeddings_and_output_weights", False)),
         add_bias_linear=bool(a.get("add_bias_linear", True)), add_qkv_bias=bool(a.get("add_qkv_bias", False)),
-        init_method_std=a.get("init_method_std", 0.02),
+        qk_layernorm=bool(a.get("qk_layernorm", False)), init_method_std=a.get("init_method_std", 0.02),
     )
 
 
@@ -200,7 +199,7 @@ def megatron_args_from_arch(arch: ArchConfig, **extra: Any) -> Namespace:
         rotary_percent=arch.rotary_percent, use_rope_scaling=arch.rope_scaling_factor is not None,
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
         untie_embeddings_and_output_weights=arch.untie_embeddings_and_output_weights,
-        add_bias_linear=arch.add_bias_linear, add_qkv_bias=arch.add_qkv_bias,
+        add_bias_linear=arch.add_bias_linear, add_qkv_bias=arch.add_qkv_bias, qk_layernorm=arch.qk_layernorm,
         init_method_std=arch.init_method_std, **extra)
 
 

@@ -19,6 +19,8 @@ reads one contiguous row range of the source):
 - fc1 rows: the kept neurons; GLU models hold [gate; up], and the same neurons are kept in both
   halves. singleton layouts store them as `weight_w` (gate) / `weight_v` (up).
 - linear_fc2 columns: the kept neurons.
+- QK layernorm weights/biases ([kv_channels], shared by every head of a layer): kept whole; a plan never
+  changes kv_channels, so only their layer axis is selected (their size is still checked).
 
 Head merge (optional, `plan.head_merge`, needs head scores): the Minitron paper adds residual
 information of pruned heads to the kept ones, head_i <- head_i + (head_i - head_{2K-i+1}) when L
@@ -66,6 +68,10 @@ LAYER_RULES: dict[str, tuple[Optional[str], ...]] = {
     "self_attention.linear_qkv.bias": ("qkv",),
     "self_attention.linear_proj.weight": ("hidden", "heads"),
     "self_attention.linear_proj.bias": ("hidden",),
+    "self_attention.q_layernorm.weight": ("kv_channels",),
+    "self_attention.q_layernorm.bias": ("kv_channels",),
+    "self_attention.k_layernorm.weight": ("kv_channels",),
+    "self_attention.k_layernorm.bias": ("kv_channels",),
     "mlp.linear_fc1.layer_norm_weight": ("hidden",),
     "mlp.linear_fc1.layer_norm_bias": ("hidden",),
     "pre_mlp_layernorm.weight": ("hidden",),
@@ -106,7 +112,7 @@ class TensorRule:
     layered: bool
     """Stacked layer axis on dim 0 of the stored tensor."""
     axes: tuple[Optional[str], ...]
-    """Axis name of each per-layer dim (hidden, qkv, heads, fc1, ffn or None)."""
+    """Axis name of each per-layer dim (hidden, qkv, heads, fc1, ffn, kv_channels or None)."""
     source_layer: Callable[[int], int]
     index: Callable[[int], tuple[Optional[torch.Tensor], ...]]
     merge: Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]
@@ -189,7 +195,7 @@ class AxisIndices:
         self.head_scores = head_scores
 
     def get(self, axis: Optional[str], j: int) -> Optional[torch.Tensor]:
-        if axis is None:
+        if axis is None or axis == "kv_channels":  # plans keep kv_channels (plan.py refuses changing it)
             return None
         if axis == "hidden":
             return self.hidden
@@ -379,7 +385,7 @@ def rule_for(key: str, shape: Sequence[int], plan: Plan, axes_index: AxisIndices
 def _expected_sizes(plan: Plan) -> dict[str, int]:
     src = plan.source.explicit()
     kv = src.head_dim
-    return {"hidden": src.hidden_size, "ffn": src.ffn_hidden_size,
+    return {"hidden": src.hidden_size, "ffn": src.ffn_hidden_size, "kv_channels": kv,
             "fc1": src.ffn_hidden_size * (2 if src.gated else 1), "heads": src.num_attention_heads * kv,
             "qkv": (src.num_attention_heads + 2 * src.query_groups) * kv}
 

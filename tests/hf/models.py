@@ -36,6 +36,23 @@ CASES: dict[str, tuple[str, dict]] = {
     "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, vocab_size=VOCAB, rms_norm_eps=1e-6, max_position_embeddings=512,
                                   rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False)),
+    # Qwen3: QK norm, head_dim 32 != 64/4, tied embeddings (as the small Qwen3 models), no QKV bias.
+    "qwen3": ("Qwen3Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=32, vocab_size=VOCAB, rms_norm_eps=1e-6,
+                                  max_position_embeddings=512, rope_theta=1000000.0, tie_word_embeddings=True,
+                                  use_sliding_window=False, attention_bias=False)),
+    # Nemotron (Minitron-8B/4B's family): LayerNorm1P with biases, relu2 without a gate, half the head rotated.
+    "nemotron": ("NemotronConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=VOCAB,
+                                        norm_eps=1e-5, max_position_embeddings=256, rope_theta=10000.0,
+                                        partial_rotary_factor=0.5, tie_word_embeddings=False)),
+    # Llama 3.2: tied embeddings, llama3 RoPE scaling with factor 32.
+    "llama3.2": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, rms_norm_eps=1e-5,
+                                     max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
+                                     rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 8192})),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=64, vocab_size=VOCAB,
                                 activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
                                 attn_pdrop=0.0)),

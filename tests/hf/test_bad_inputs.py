@@ -105,6 +105,28 @@ def test_unsupported_family_and_options(copy, tmp_path):
         ("qwen2", {"use_sliding_window": True}, r"use_sliding_window=True is not supported"),
         ("gpt2", {"activation_function": "silu"}, r"activation_function='silu' is not supported.*gelu_new"),
         ("llama2", {"num_key_value_heads": 3}, r"no valid model: num_attention_heads=4 is not divisible by num_query_groups=3"),
+        # Qwen3: sliding windows (the switch, or sliding layers listed), YaRN, attention bias
+        ("qwen3", {"use_sliding_window": True}, r"use_sliding_window=True is not supported for model_type 'qwen3'"),
+        ("qwen3", {"layer_types": ["full_attention", "sliding_attention"]},
+         r"layer_types=\['full_attention', 'sliding_attention'\] is not supported.*no sliding-window layers"),
+        ("qwen3", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                                       "original_max_position_embeddings": 32768}},
+         r"rope_type='yarn' is not supported"),
+        ("qwen3", {"attention_bias": True}, r"attention_bias=True is not supported for model_type 'qwen3'"),
+        # Nemotron: another activation, biases on the linear layers, partial rotary given twice differently
+        ("nemotron", {"hidden_act": "relu"}, r"hidden_act='relu' is not supported.*\['relu2'\]"),
+        ("nemotron", {"mlp_bias": True}, r"mlp_bias=True is not supported for model_type 'nemotron'"),
+        ("nemotron", {"partial_rotary_factor": 0.25}, r"partial_rotary_factor=0.25 and rope_parameters "
+                                                       r"partial_rotary_factor=0.5 disagree"),
+        ("nemotron", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.5}},
+         r"partial_rotary_factor=1.5 must be a number in \(0, 1\]"),
+        # Partial rotary in a family that rotates whole heads
+        ("llama2", {"partial_rotary_factor": 0.5}, r"partial_rotary_factor=0.5 is not supported \(whole heads"),
+        # Llama 3.2 with a llama3 scaling megatron-core cannot build (it hard-codes original 8192)
+        ("llama3.2", {"rope_parameters": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 4096,
+                                          "rope_theta": 500000.0}},
+         r"original_max_position_embeddings=4096 is not supported: megatron-core hard-codes"),
     ]
     for name, change, match in cases:
         src = copy(name)
@@ -159,6 +181,13 @@ def test_export_into_a_family_that_cannot_hold_the_model(hf_cases, tmp_path):
         export_hf(hf_cases["llama2"]["ckpt"], tmp_path / "out", family="gpt2", print_fn=quiet)
     with pytest.raises(HFError, match=r"a llama model has add_qkv_bias=False"):
         export_hf(hf_cases["qwen2"]["ckpt"], tmp_path / "out", family="llama", print_fn=quiet)
+    with pytest.raises(HFError, match=r"a llama model has qk_layernorm=False; this checkpoint has qk_layernorm=True"):
+        export_hf(hf_cases["qwen3"]["ckpt"], tmp_path / "out", family="llama", print_fn=quiet)
+    with pytest.raises(HFError, match=r"a qwen3 model has normalization='RMSNorm'; this checkpoint has "
+                                      r"normalization='LayerNorm'"):
+        export_hf(hf_cases["nemotron"]["ckpt"], tmp_path / "out", family="qwen3", print_fn=quiet)
+    with pytest.raises(HFError, match=r"a nemotron model has normalization='LayerNorm'"):
+        export_hf(hf_cases["llama3.2"]["ckpt"], tmp_path / "out", family="nemotron", print_fn=quiet)
     assert not (tmp_path / "out").exists()
 
 

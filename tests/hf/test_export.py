@@ -56,8 +56,9 @@ def test_round_trip_is_bit_identical(hf_cases, tmp_path, name):
 
 def test_exported_model_loads_in_transformers(hf_cases, tmp_path):
     """`from_pretrained` (no custom code) gives the source's logits for the Mistral-NeMo-style export
-    (explicit head_dim), the Llama-3.1 one (rope scaling) and the GPT-2 one (Conv1D, tied)."""
-    names = ("mistral-nemo", "llama3.1", "gpt2")
+    (explicit head_dim), the Llama-3.1 one (rope scaling), the GPT-2 one (Conv1D, tied), Qwen3 (QK norm),
+    Nemotron (LayerNorm1P, partial rotary) and Llama 3.2 (tied, rope scaling 32)."""
+    names = ("mistral-nemo", "llama3.1", "gpt2", "qwen3", "nemotron", "llama3.2")
     for name in names:
         export_hf(hf_cases[name]["ckpt"], tmp_path / name, print_fn=lambda _: None)
     (tmp_path / "logits").mkdir()
@@ -91,6 +92,33 @@ def test_model_trained_here_exports_as_llama(tmp_path, single_rank_runtime, mega
     export_hf(tmp_path / "run", tmp_path / "hf", print_fn=lambda _: None)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["model_type"], config["num_key_value_heads"], config["head_dim"]) == ("llama", 2, 16)
+    ours, _ = megatron_logits(tmp_path / "run")
+    assert models.rel_error(models.hf_logits(tmp_path / "hf"), ours) <= 1e-4
+
+
+@pytest.mark.parametrize("model_type, changes", [
+    ("qwen3", dict(qk_layernorm=True, kv_channels=24)),
+    ("nemotron", dict(normalization="LayerNorm", apply_layernorm_1p=True, activation="squared_relu",
+                      rotary_percent=0.5)),
+])
+def test_model_trained_here_exports_as_its_family(tmp_path, single_rank_runtime, megatron_logits, model_type, changes):
+    """With no source config, a QK-norm model exports as qwen3 and a zero-centred-LayerNorm, squared-ReLU,
+    half-rotary one as nemotron (partial_rotary_factor written); transformers agrees with megatron."""
+    from megatron_minitron.config import preset
+    from megatron_minitron.model import checkpoint as ckpt
+    from megatron_minitron.model.build import build_model
+
+    arch = preset("tiny", vocab_size=1000, **changes)
+    model = build_model(arch, single_rank_runtime, use_te=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt.save_checkpoint(tmp_path / "run", model=model, arch=arch, runtime=single_rank_runtime, iteration=None)
+    export_hf(tmp_path / "run", tmp_path / "hf", print_fn=lambda _: None)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["model_type"], config["head_dim"]) == (model_type, arch.head_dim)
+    if model_type == "nemotron":
+        assert (config["partial_rotary_factor"], config["hidden_act"]) == (0.5, "relu2")
     ours, _ = megatron_logits(tmp_path / "run")
     assert models.rel_error(models.hf_logits(tmp_path / "hf"), ours) <= 1e-4
 

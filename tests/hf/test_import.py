@@ -33,15 +33,24 @@ def test_architecture_fields(hf_cases):
     gpt2 = ckpt.resolve(hf_cases["gpt2"]["ckpt"]).arch
     assert (gpt2.normalization, gpt2.activation, gpt2.position_embedding_type, gpt2.add_bias_linear) == (
         "LayerNorm", "gelu_tanh", "learned_absolute", True)  # GPT-2's default gelu_new
+    qwen3 = ckpt.resolve(hf_cases["qwen3"]["ckpt"]).arch
+    assert qwen3.qk_layernorm and (qwen3.kv_channels, qwen3.add_qkv_bias) == (32, False)
+    assert not qwen3.untie_embeddings_and_output_weights
+    nemotron = ckpt.resolve(hf_cases["nemotron"]["ckpt"]).arch
+    assert (nemotron.normalization, nemotron.apply_layernorm_1p, nemotron.activation, nemotron.rotary_percent) == (
+        "LayerNorm", True, "squared_relu", 0.5)
+    llama32 = ckpt.resolve(hf_cases["llama3.2"]["ckpt"]).arch
+    assert (llama32.rope_scaling_factor, llama32.untie_embeddings_and_output_weights) == (32.0, False)
     for case in hf_cases.values():
         arch = ckpt.resolve(case["ckpt"]).arch
         assert (arch.vocab_size, arch.padded_vocab_size) == (models.VOCAB, 1024)
 
 
-def test_llama3_rope_scaling_frequencies(hf_cases, megatron_logits):
+@pytest.mark.parametrize("name", ["llama3.1", "llama3.2"])  # rope scaling factor 8 and 32
+def test_llama3_rope_scaling_frequencies(hf_cases, megatron_logits, name):
     """The short test sequence barely feels the scaled low frequencies; compare them directly."""
-    _, model = megatron_logits(hf_cases["llama3.1"]["ckpt"])
-    hf = models.hf_model("llama3.1")
+    _, model = megatron_logits(hf_cases[name]["ckpt"])
+    hf = models.hf_model(name)
     ours, theirs = model.rotary_pos_emb.inv_freq.float(), hf.model.rotary_emb.inv_freq.float()
     plain = 1.0 / (500000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
     assert not torch.allclose(theirs, plain)  # scaling changes some frequencies ...
@@ -81,3 +90,72 @@ def test_bfloat16_import_loads_into_fp32_model(hf_cases, megatron_logits, tmp_pa
     assert torch.bfloat16 in {t.dtype for t in ckpt.read_tensors(ckpt.resolve(tmp_path / "bf16").path).values()}
     logits, _ = megatron_logits(tmp_path / "bf16")
     assert models.rel_error(logits, hf_cases["llama2"]["logits"]) <= 2e-2  # bf16 weights, fp32 compute
+
+
+def test_nemotron_hub_config_form_reads_the_same(hf_cases, tmp_path):
+    """Hub configs of Nemotron carry rope_theta and partial_rotary_factor at top level (transformers 5 writes
+    them inside rope_parameters); both forms import to the same architecture and tensors, and an absent
+    factor is transformers' default for the family (0.5)."""
+    import shutil
+
+    from megatron_minitron.hf.importer import import_hf
+
+    src = tmp_path / "hub"
+    shutil.copytree(hf_cases["nemotron"]["hf"], src)
+    config = json.loads((src / "config.json").read_text())
+    assert config["rope_parameters"]["partial_rotary_factor"] == 0.5
+    config.pop("rope_parameters")
+    config.update(rope_theta=10000.0, partial_rotary_factor=0.5)
+    (src / "config.json").write_text(json.dumps(config))
+    import_hf(src, tmp_path / "ckpt", print_fn=lambda _: None)
+    ours, theirs = ckpt.resolve(tmp_path / "ckpt"), ckpt.resolve(hf_cases["nemotron"]["ckpt"])
+    assert ours.arch == theirs.arch
+    a, b = ckpt.read_tensors(ours.path), ckpt.read_tensors(theirs.path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from megatron_minitron.hf.families import NEMOTRON
+
+    config.pop("partial_rotary_factor")
+    assert NEMOTRON.arch_from_config(config).rotary_percent == 0.5
+    assert NEMOTRON.arch_from_config({**config, "partial_rotary_factor": 0.25}).rotary_percent == 0.25
+
+
+# The Hub's config.json of each preset's model (Qwen/Qwen3-8B, meta-llama/Llama-3.2-1B, nvidia/Minitron-8B-Base),
+# in the form the Hub serves them (top-level rope_theta / rope_scaling / partial_rotary_factor, torch_dtype).
+HUB_CONFIGS = {
+    "qwen3-8b": {
+        "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+        "initializer_range": 0.02, "intermediate_size": 12288, "max_position_embeddings": 40960,
+        "max_window_layers": 36, "model_type": "qwen3", "num_attention_heads": 32, "num_hidden_layers": 36,
+        "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "use_sliding_window": False, "vocab_size": 151936},
+    "llama3.2-1b": {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048,
+        "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False,
+        "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": 128256},
+    "minitron-8b": {
+        "architectures": ["NemotronForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 2, "eos_token_id": 3, "head_dim": 128, "hidden_act": "relu2", "hidden_size": 4096,
+        "initializer_range": 0.0134, "intermediate_size": 16384, "max_position_embeddings": 4096, "mlp_bias": False,
+        "model_type": "nemotron", "norm_eps": 1e-05, "num_attention_heads": 48, "num_hidden_layers": 32,
+        "num_key_value_heads": 8, "partial_rotary_factor": 0.5, "rope_theta": 10000, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "vocab_size": 256000},
+}
+
+
+@pytest.mark.parametrize("name", list(HUB_CONFIGS))
+def test_hub_config_imports_as_the_preset(name):
+    """The family tables read each Hub config.json into exactly the preset's architecture (the preset's
+    published parameter counts are checked in tests/test_config.py)."""
+    from megatron_minitron.config import preset
+    from megatron_minitron.hf.families import family_for_config
+
+    arch = family_for_config(HUB_CONFIGS[name]).arch_from_config(HUB_CONFIGS[name])
+    assert arch.replace(init_method_std=preset(name).init_method_std) == preset(name)

@@ -1,5 +1,6 @@
 """Pruned and distilled students exported to Hugging Face: transformers gives the logits megatron gives
-(width and depth pruning, head_dim no longer hidden/heads, fewer query groups, a Qwen2 student that was
+(width and depth pruning, head_dim no longer hidden/heads, fewer query groups, Qwen3's QK norms and
+Nemotron's zero-centred LayerNorms through head and hidden pruning, a Qwen2 student that was
 distilled for a few steps through `minitron distill`), and a shape GPT-2 cannot express is refused."""
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ TARGETS = {
     "llama3.1": dict(hidden_size=32, num_query_groups=1, ffn_hidden_size=96),
     # Qwen2 (QKV bias, tied embeddings): depth and width.
     "qwen2": dict(num_layers=1, hidden_size=48, ffn_hidden_size=48, num_query_groups=1),
+    # Qwen3 (QK norm carried whole, tied): heads within groups, hidden, ffn.
+    "qwen3": dict(hidden_size=48, num_attention_heads=2, ffn_hidden_size=64),
+    # Nemotron (LayerNorm1P with biases, squared ReLU, partial rotary): hidden, heads and whole groups, ffn.
+    "nemotron": dict(hidden_size=48, num_query_groups=1, ffn_hidden_size=96),
     # GPT-2 (LayerNorm, biases, learned positions): depth and MLP; its head width must stay n_embd / n_head.
     "gpt2": dict(num_layers=1, ffn_hidden_size=64),
 }

@@ -52,6 +52,10 @@ def forward(weights: dict[str, torch.Tensor], arch, tokens: torch.Tensor) -> dic
         q = qkv[:, :, :, :per_group].reshape(b, s, H, kv).transpose(1, 2)
         k = qkv[:, :, :, per_group].repeat_interleave(per_group, dim=2).transpose(1, 2)
         v = qkv[:, :, :, per_group + 1].repeat_interleave(per_group, dim=2).transpose(1, 2)
+        if arch.qk_layernorm:  # one norm over each head's channels, shared by all heads (before RoPE)
+            qk = {n: (w[f"{layer_key}self_attention.{n}_layernorm.weight"][i],
+                      w.get(f"{layer_key}self_attention.{n}_layernorm.bias", [None] * 99)[i]) for n in "qk"}
+            q, k = _norm(q, *qk["q"], arch), _norm(k, *qk["k"], arch)
         if arch.position_embedding_type == "rope":
             q, k = _rope(q, arch.rotary_base), _rope(k, arch.rotary_base)
         att = (q @ k.transpose(-1, -2)) / math.sqrt(kv)

@@ -22,6 +22,8 @@ ARCHS = {
         normalization="LayerNorm", activation="gelu", position_embedding_type="learned_absolute",
         add_bias_linear=True, num_query_groups=None, untie_embeddings_and_output_weights=False,
         apply_layernorm_1p=True),
+    # Qwen3-style per-head QK norms: they are no hook point and leave every score's definition unchanged
+    "qk_layernorm_head_dim": preset("tiny").replace(qk_layernorm=True, kv_channels=24),
 }
 
 

@@ -47,18 +47,29 @@ PUBLISHED = {
                                  num_key_value_heads=8, head_dim=128, num_hidden_layers=40, vocab_size=131072,
                                  hidden_act="silu"),
         8.41, 0.005, "Hugging Face Hub parameter count of Mistral-NeMo-Minitron-8B-Base (8.41B params)"),
+    # From Hugging Face checkpoints (import-hf first, export-hf last):
+    "qwen3-8b-to-6b-depth": (
+        "qwen3-8b", dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=128, num_hidden_layers=24, vocab_size=151936, hidden_act="silu", qk_norm=True),
+        6.0, 0.5, "NVIDIA's Model Optimizer post (Oct 2025): Qwen3 8B depth-pruned from 36 to 24 layers, a 6B model"),
+    "minitron-8b-to-4b": (
+        "minitron-8b", dict(hidden_size=3072, intermediate_size=9216, num_attention_heads=24, num_key_value_heads=8,
+                            head_dim=128, num_hidden_layers=32, vocab_size=256000, hidden_act="relu2"),
+        4.19, 0.005, "Hugging Face Hub parameter count of Minitron-4B-Base (4.19B params)"),
 }
 TP, PP = 8, 1  # the layout the examples' commands use
 
 
 def hf_parameter_count(c: dict) -> int:
-    """Parameters of a Hugging Face Llama/Mistral (silu: RMSNorm, gated MLP) or Nemotron (relu2: LayerNorm1P
-    with bias, plain MLP) checkpoint with these config.json fields, untied embeddings, no linear biases."""
+    """Parameters of a Hugging Face Llama/Mistral/Qwen3 (silu: RMSNorm, gated MLP; Qwen3 adds q_norm and k_norm
+    of head_dim each) or Nemotron (relu2: LayerNorm1P with bias, plain MLP) checkpoint with these config.json
+    fields, untied embeddings, no linear biases."""
     h, ffn, hd, L = c["hidden_size"], c["intermediate_size"], c["head_dim"], c["num_hidden_layers"]
     attn = h * hd * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"])  # q, o; k, v
     mlp = (3 if c["hidden_act"] == "silu" else 2) * h * ffn
     norm = h * (1 if c["hidden_act"] == "silu" else 2)
-    return L * (attn + mlp + 2 * norm) + norm + 2 * c["vocab_size"] * h
+    qk_norms = 2 * hd if c.get("qk_norm") else 0
+    return L * (attn + mlp + 2 * norm + qk_norms) + norm + 2 * c["vocab_size"] * h
 
 
 def test_every_example_has_its_config_commands_and_a_published_size():
@@ -96,6 +107,16 @@ def _commands(markdown: str) -> list[list[str]]:
 def test_example_commands_parse_with_the_real_cli(name):
     commands = _commands((EXAMPLES / f"{name}.md").read_text())
     parser, jobs = build_parser(), []
+    hf_jobs = [argv[1] for argv in commands if argv[0] == "minitron"]
+    assert hf_jobs in ([], ["import-hf", "export-hf"])  # a Hugging Face source: imported first, exported last
+    if hf_jobs:
+        imported = parser.parse_args(commands[0][1:])
+        assert commands[0][1] == "import-hf" and imported.tp == TP
+        exported = parser.parse_args(commands[4][1:])
+        assert commands[4][1] == "export-hf"
+        commands = commands[1:4] + commands[5:]
+        assert imported.save == parser.parse_args(["importance", *commands[0][1:]]).load  # launch/importance.sh
+        assert exported.load == parser.parse_args(["distill", *commands[2][1:]]).save  # launch/distill.sh
     for argv in commands:
         launcher = next(i for i, w in enumerate(argv) if re.fullmatch(r"launch/(\w+\.sh|slurm/\w+\.sbatch)", w)
                         and w != "launch/sbatch.sh")

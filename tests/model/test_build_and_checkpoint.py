@@ -22,6 +22,9 @@ VARIANTS = {
     "qkv-bias-only": dict(add_qkv_bias=True),
     "head-dim-not-hidden-over-heads": dict(kv_channels=24, num_query_groups=4),
     "relu-no-positions": dict(activation="relu", position_embedding_type="none"),
+    "qk-rmsnorm": dict(qk_layernorm=True, kv_channels=24, num_query_groups=4),
+    "qk-layernorm-1p-bias": dict(qk_layernorm=True, normalization="LayerNorm", apply_layernorm_1p=True,
+                                 add_bias_linear=True),
 }
 
 
@@ -40,6 +43,25 @@ def test_zero_centred_gamma_norm_starts_at_identity(single_rank_runtime):
     assert torch.count_nonzero(norm.weight) == 0
     x = torch.randn(3, 64)
     torch.testing.assert_close(norm(x), torch.nn.functional.layer_norm(x, (64,), eps=arch.norm_epsilon))
+
+
+def test_qk_layernorm_normalises_each_head_of_queries_and_keys(single_rank_runtime):
+    """The q/k norms are built over kv_channels with the model's norm kind, under megatron's checkpoint
+    keys, and change the attention output (they are really applied)."""
+    arch = preset("tiny", qk_layernorm=True, kv_channels=24)
+    model = build_model(arch, single_rank_runtime)
+    attention = model.decoder.layers[0].self_attention
+    assert attention.q_layernorm.weight.shape == attention.k_layernorm.weight.shape == (24,)
+    assert attention.q_layernorm.bias is None  # RMSNorm
+    keys = {getattr(t, "key", None) for t in model.sharded_state_dict().values()}  # the stored (global) names
+    assert {"decoder.layers.self_attention.q_layernorm.weight", "decoder.layers.self_attention.k_layernorm.weight"} \
+        <= set(keys)
+    x = torch.randn(5, 2, 64)
+    mask = torch.ones(1, 1, 5, 5, dtype=torch.bool).triu(1)
+    before = attention(x, attention_mask=mask)[0]
+    with torch.no_grad():
+        attention.k_layernorm.weight.mul_(3.0)
+    assert not torch.allclose(attention(x, attention_mask=mask)[0], before)
 
 
 def test_missing_and_empty_checkpoint_dirs(tmp_path):
@@ -136,8 +158,8 @@ def test_megatron_lm_defaults_and_unsupported_args():
 
 
 def test_megatron_args_round_trip():
-    for name in ("tiny", "llama3.1-8b", "nemotron4-15b"):
-        arch = preset(name)
+    for name in ("tiny", "llama3.1-8b", "nemotron4-15b", "qk-norm"):
+        arch = preset("tiny", qk_layernorm=True) if name == "qk-norm" else preset(name)
         assert ckpt.arch_from_megatron_args(ckpt.megatron_args_from_arch(arch)).explicit() == arch.explicit()
 
 

@@ -136,6 +136,27 @@ def test_non_glu_biases_and_separate_norm_names():
     assert torch.equal(out["decoder.layers.self_attention.linear_qkv.bias"], expected)
 
 
+def test_qk_layernorm_is_carried_whole_through_head_and_depth_pruning():
+    """QK norms ([kv_channels], shared by all heads) keep every channel: only the layer axis is selected,
+    whatever heads, groups and hidden channels go (stacked and per-layer layouts alike)."""
+    src = preset("tiny", qk_layernorm=True, normalization="LayerNorm").explicit()
+    plan = make_plan(src, layers=[0, 2, 3], hidden=list(range(0, 64, 2)), heads=[1, 3], groups=[0, 1])
+    tensors = random_tensors(src)
+    names = [f"decoder.layers.self_attention.{n}_layernorm.{p}" for n in "qk" for p in ("weight", "bias")]
+    tensors.update({name: torch.randn(4, 16) for name in names})
+    tensors["decoder.layers.1.self_attention.q_layernorm.weight"] = torch.randn(16)
+    tensors["decoder.layers.2.self_attention.q_layernorm.weight"] = torch.randn(16)
+    out = slice_full(tensors, plan)
+    for name in names:
+        assert torch.equal(out[name], tensors[name][[0, 2, 3]]), name
+    per_layer = sorted(k for k in out if k.startswith("decoder.layers.") and k.split(".")[2].isdigit())
+    assert per_layer == ["decoder.layers.1.self_attention.q_layernorm.weight"]  # source layer 1 is pruned, 2 -> 1
+    assert torch.equal(out["decoder.layers.1.self_attention.q_layernorm.weight"],
+                       tensors["decoder.layers.2.self_attention.q_layernorm.weight"])
+    assert plan.target.qk_layernorm and plan.target.num_parameters() == \
+        plan.target.replace(qk_layernorm=False).num_parameters() + 3 * 4 * 16
+
+
 def test_per_layer_layout_renumbers_layers_and_splits_glu():
     plan = make_plan(layers=[1, 3], ffn=list(range(0, 192, 2)))
     tensors = random_tensors(SRC)
@@ -169,8 +190,10 @@ def test_extra_state_objects_are_renamed_with_the_new_layer_axis():
 def test_unknown_and_mismatched_tensors_are_named():
     plan = make_plan(hidden=list(range(32)))
     axes = AxisIndices(plan)
-    with pytest.raises(PruneError, match="'decoder.layers.self_attention.q_layernorm.weight' is not one"):
-        rule_for("decoder.layers.self_attention.q_layernorm.weight", (4, 16), plan, axes)
+    with pytest.raises(PruneError, match="'decoder.layers.self_attention.q_norm.weight' is not one"):
+        rule_for("decoder.layers.self_attention.q_norm.weight", (4, 16), plan, axes)
+    with pytest.raises(PruneError, match="size 32 on its kv_channels dim.*does not belong"):
+        rule_for("decoder.layers.self_attention.k_layernorm.weight", (4, 32), plan, axes)
     with pytest.raises(PruneError, match="'mtp.something' is not one"):
         rule_for("mtp.something", (64,), plan, axes)
     with pytest.raises(PruneError, match="size 128 on its hidden dim.*does not belong"):
