@@ -452,7 +452,7 @@ class ChunkWriter:
             start = self.f.tell()
         crc, config.save.compute_crc32 = config.save.compute_crc32, False
         try:
-            torch.save(chunk.contiguous(), self.f)
+            torch.save(_own_bytes(chunk), self.f)
         finally:
             config.save.compute_crc32 = crc
         length = self.f.tell() - start
@@ -472,6 +472,19 @@ class ChunkWriter:
         if self.fsync:
             os.fsync(self.f.fileno())
         self.f.close()
+
+
+def _own_bytes(t: torch.Tensor) -> torch.Tensor:
+    """`t` on a storage of exactly its own bytes (shared, not copied): torch.save writes a view's whole
+    storage, and the selections land in reused scratch buffers larger than they are (a Llama-3.1-8B ->
+    4.5B prune wrote 12.3 GB for 9.0 GB of tensors before this)."""
+    t = t.contiguous()
+    nbytes = t.numel() * t.element_size()
+    storage = t.untyped_storage()
+    if t.storage_offset() == 0 and storage.nbytes() == nbytes:
+        return t
+    start = t.storage_offset() * t.element_size()
+    return torch.empty(0, dtype=t.dtype).set_(storage[start:start + nbytes], 0, t.shape)
 
 
 def write_metadata(directory: Path, records: list[Record]) -> None:
