@@ -81,8 +81,8 @@ def test_unknown_preset_and_missing_file():
 
 
 def test_unknown_json_field_is_named():
-    data = preset("tiny").to_json() | {"num_experts": 8}
-    with pytest.raises(ConfigError, match=r"unknown architecture fields \['num_experts'\]"):
+    data = preset("tiny").to_json() | {"num_routed_experts": 8}
+    with pytest.raises(ConfigError, match=r"unknown architecture fields \['num_routed_experts'\]"):
         ArchConfig.from_json(data)
 
 
