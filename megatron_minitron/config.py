@@ -245,6 +245,9 @@ class ArchConfig:
         _check_choice("moe_router_score_function", self.moe_router_score_function, ROUTER_SCORE_FUNCTIONS)
         if self.moe_router_pre_softmax and self.moe_router_score_function != "softmax":
             raise ConfigError("moe_router_pre_softmax=True applies to moe_router_score_function='softmax' only")
+        if self.moe_router_topk == 1 and self.moe_router_score_function == "softmax" and not self.moe_router_pre_softmax:
+            raise ConfigError("moe_router_topk=1 with softmax routing needs moe_router_pre_softmax=True (a softmax "
+                              "over the single chosen logit is 1 and gives the router no gradient)")
         freq = self.moe_layer_freq
         if isinstance(freq, tuple):
             if len(freq) != self.num_layers or any(flag not in (0, 1) or isinstance(flag, bool) for flag in freq):

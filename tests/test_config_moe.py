@@ -55,7 +55,7 @@ def test_moe_fields_round_trip_through_json_and_change_the_fingerprint():
     assert back == arch and back.moe_layer_freq == (1, 0, 1, 0)
     assert back.fingerprint() == arch.fingerprint()
     assert arch.fingerprint() != preset("tiny-moe").fingerprint()
-    assert preset("tiny-moe", moe_router_topk=1).fingerprint() != preset("tiny-moe").fingerprint()
+    assert preset("tiny-moe", moe_router_topk=3).fingerprint() != preset("tiny-moe").fingerprint()
     for name in PRESETS:
         assert ArchConfig.from_json(json.loads(json.dumps(PRESETS[name].to_json()))) == PRESETS[name]
 
@@ -83,6 +83,7 @@ def test_layer_pattern_and_routing_properties():
     (dict(moe_layer_freq=(0, 0, 0, 0)), "moe_layer_freq has no MoE layer"),
     (dict(moe_layer_freq=0), "moe_layer_freq must be a positive integer"),
     (dict(add_bias_linear=True), "add_bias_linear=True with num_experts"),
+    (dict(moe_router_topk=1), "moe_router_topk=1 with softmax routing needs moe_router_pre_softmax=True"),
 ])
 def test_invalid_moe_fields_are_named(changes, message):
     with pytest.raises(ConfigError, match=message):

@@ -12,6 +12,9 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("parallelism (data-parallel size = world size / (TP x PP))")
     group.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     group.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    group.add_argument("--ep", type=int, default=1,
+                       help="expert-parallel size of Mixture-of-Experts layers (divides the experts and the "
+                            "data-parallel size)")
     group.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism (needs --tp > 1)")
     group.add_argument("--first-stage-layers", type=int, default=None, help="layers on the first pipeline stage")
     group.add_argument("--last-stage-layers", type=int, default=None, help="layers on the last pipeline stage")
@@ -21,7 +24,8 @@ def parallel_config(args: argparse.Namespace):
     from megatron_minitron.runtime import ParallelConfig
 
     return ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp, sequence_parallel=args.sequence_parallel,
-                          first_stage_layers=args.first_stage_layers, last_stage_layers=args.last_stage_layers)
+                          first_stage_layers=args.first_stage_layers, last_stage_layers=args.last_stage_layers,
+                          expert_parallel=args.ep)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

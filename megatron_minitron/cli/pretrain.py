@@ -43,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
     check_run_dir(save, resume=args.resume, overwrite=args.overwrite)
     init_info = ckpt.resolve(args.init) if args.init else None
     arch = init_info.arch if init_info else load_arch(args.arch)
-    arch.check_parallel(tensor_parallel=parallel.tensor_parallel, pipeline_parallel=parallel.pipeline_parallel,
-                        first_stage_layers=parallel.first_stage_layers, last_stage_layers=parallel.last_stage_layers)
+    parallel.check_arch(arch)
     env = LaunchEnv.from_environ()
     cfg.num_microbatches(parallel.data_parallel(env.world_size))
     if cfg.seq_length > arch.max_position_embeddings:

@@ -98,7 +98,6 @@ def resolve(path: str | os.PathLike) -> CheckpointInfo:
                               f"or a torch_dist directory with metadata.json")
     if not (ckpt / "metadata.json").is_file():
         raise CheckpointError(f"{ckpt} is not a finished torch_dist checkpoint (no metadata.json)")
-    singleton = _has_per_layer_keys(ckpt)
     meta_file = ckpt / META
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
@@ -107,16 +106,18 @@ def resolve(path: str | os.PathLike) -> CheckpointInfo:
         tokenizer = meta.get("tokenizer")
         if tokenizer is not None:
             tokenizer = {**tokenizer, "path": str((root / tokenizer["path"]).resolve())}
-        return CheckpointInfo(root=root, path=ckpt, iteration=iteration, arch=ArchConfig.from_json(meta["architecture"]),
-                              tokenizer=tokenizer, origin="minitron", metadata=meta, singleton_local_shards=singleton)
+        arch = ArchConfig.from_json(meta["architecture"])
+        return CheckpointInfo(root=root, path=ckpt, iteration=iteration, arch=arch, tokenizer=tokenizer,
+                              origin="minitron", metadata=meta, singleton_local_shards=_singleton_layout(ckpt, arch))
     common = load_common(ckpt)
     if "args" not in common:
         raise CheckpointError(f"{ckpt} has neither {META} nor Megatron-LM 'args' in its common state: its "
                               f"architecture is unknown")
     args = common["args"]
-    return CheckpointInfo(root=root, path=ckpt, iteration=int(common.get("iteration", iteration)),
-                          arch=arch_from_megatron_args(args, where=str(ckpt)), tokenizer=_tokenizer_from_args(args),
-                          origin="megatron-lm", singleton_local_shards=singleton)
+    arch = arch_from_megatron_args(args, where=str(ckpt))
+    return CheckpointInfo(root=root, path=ckpt, iteration=int(common.get("iteration", iteration)), arch=arch,
+                          tokenizer=_tokenizer_from_args(args), origin="megatron-lm",
+                          singleton_local_shards=_singleton_layout(ckpt, arch))
 
 
 def load_common(ckpt: Path) -> dict:
@@ -136,8 +137,16 @@ def tensor_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
             if isinstance(meta, TensorStorageMetadata)}
 
 
-def _has_per_layer_keys(ckpt: Path) -> bool:
-    return any(key.startswith("decoder.layers.") and key.split(".")[2].isdigit() for key in tensor_shapes(ckpt))
+def _singleton_layout(ckpt: Path, arch: ArchConfig) -> bool:
+    """Whether a checkpoint was saved with `singleton_local_shards` (per-layer keys, GLU fc1 split into
+    weight_w/weight_v). megatron-core also writes per-layer keys, unsplit, for any stack that mixes
+    dense and MoE layers (transformer_block.py: non_homogeneous_layers): that is its normal layout."""
+    keys = tensor_shapes(ckpt)
+    if not any(key.startswith("decoder.layers.") and key.split(".")[2].isdigit() for key in keys):
+        return False
+    if any(key.endswith(".weight_w") for key in keys):
+        return True
+    return all(arch.moe_layers) or not arch.is_moe
 
 
 # ------------------------------------------------------------------------------ Megatron-LM args
@@ -201,7 +210,19 @@ def megatron_args_from_arch(arch: ArchConfig, **extra: Any) -> Namespace:
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
         untie_embeddings_and_output_weights=arch.untie_embeddings_and_output_weights,
         add_bias_linear=arch.add_bias_linear, add_qkv_bias=arch.add_qkv_bias,
-        init_method_std=arch.init_method_std, **extra)
+        init_method_std=arch.init_method_std, **_megatron_moe_args(arch), **extra)
+
+
+def _megatron_moe_args(arch: ArchConfig) -> dict:
+    """Megatron-LM's names for the MoE fields (none for a dense model); experts saved as SequentialMLP."""
+    if not arch.is_moe:
+        return {}
+    return dict(num_experts=arch.num_experts, moe_router_topk=arch.moe_router_topk,
+                moe_ffn_hidden_size=arch.expert_ffn_hidden_size,
+                moe_shared_expert_intermediate_size=arch.moe_shared_expert_ffn_hidden_size,
+                moe_router_score_function=arch.moe_router_score_function,
+                moe_router_pre_softmax=arch.moe_router_pre_softmax,
+                moe_layer_freq=[int(flag) for flag in arch.moe_layers], moe_grouped_gemm=False)
 
 
 def _tokenizer_from_args(args: Namespace) -> Optional[dict]:
@@ -308,7 +329,8 @@ def save_checkpoint(root: str | os.PathLike, *, model, arch: ArchConfig, runtime
     model_sd = model_sharded_state_dict(model)
     state = {"model": model_sd, "checkpoint_version": 3.0, "iteration": iteration or 0,
              "args": megatron_args_from_arch(arch, tensor_model_parallel_size=runtime.parallel.tensor_parallel,
-                                             pipeline_model_parallel_size=runtime.parallel.pipeline_parallel),
+                                             pipeline_model_parallel_size=runtime.parallel.pipeline_parallel,
+                                             expert_model_parallel_size=runtime.parallel.expert_parallel),
              "rng_state": _rng_sharded_object(runtime, rng_state())}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
@@ -322,10 +344,8 @@ def save_checkpoint(root: str | os.PathLike, *, model, arch: ArchConfig, runtime
 
     if runtime.rank == 0:
         meta = {"format": FORMAT, "architecture": arch.explicit().to_json(), "iteration": iteration or 0,
-                "num_parameters": arch.num_parameters(), "saved_with": {
-                    "tensor_parallel": runtime.parallel.tensor_parallel,
-                    "pipeline_parallel": runtime.parallel.pipeline_parallel,
-                    "data_parallel": runtime.data_parallel}, "provenance": provenance or {}}
+                "num_parameters": arch.num_parameters(), "num_active_parameters": arch.num_active_parameters(),
+                "saved_with": saved_layout(runtime), "provenance": provenance or {}}
         if tokenizer is not None:
             meta["tokenizer"] = _copy_tokenizer(root, tokenizer)
         (partial / META).write_text(json.dumps(meta, indent=2) + "\n")
@@ -337,6 +357,12 @@ def save_checkpoint(root: str | os.PathLike, *, model, arch: ArchConfig, runtime
         os.replace(tmp, root / TRACKER)
     runtime.barrier()
     return final
+
+
+def saved_layout(runtime) -> dict:
+    """The layout a checkpoint is written at, as minitron.json records it ("saved_with")."""
+    return {"tensor_parallel": runtime.parallel.tensor_parallel, "pipeline_parallel": runtime.parallel.pipeline_parallel,
+            "data_parallel": runtime.data_parallel, "expert_parallel": runtime.parallel.expert_parallel}
 
 
 def _copy_tokenizer(root: Path, tokenizer: dict) -> dict:

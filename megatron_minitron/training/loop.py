@@ -302,11 +302,9 @@ def resume(trainer: Trainer, root: Path, task: Optional[Task] = None) -> bool:
         return False
     info = ckpt.resolve(root)
     ckpt.check_architecture(trainer.arch, info.arch, where=str(info.path))
-    saved = info.metadata.get("saved_with", {})
+    saved = {"expert_parallel": 1, **info.metadata.get("saved_with", {})}  # older checkpoints: no EP
     runtime = trainer.runtime
-    same_layout = saved == {"tensor_parallel": runtime.parallel.tensor_parallel,
-                            "pipeline_parallel": runtime.parallel.pipeline_parallel,
-                            "data_parallel": runtime.data_parallel}
+    same_layout = saved == ckpt.saved_layout(runtime)
     state = ckpt.load_checkpoint(info, model=trainer.model[0], runtime=runtime, optimizer=trainer.optimizer,
                                  scheduler=trainer.scheduler, load_rng=same_layout)
     trainer.iteration = int(state.get("iteration", info.iteration))
