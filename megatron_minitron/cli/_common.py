@@ -81,6 +81,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--save-interval", type=int, default=0)
     t.add_argument("--exit-interval", type=int, default=None)
     t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--moe-aux-loss-coeff", type=float, default=0.01,
+                   help="weight of the routers' load-balancing loss of a Mixture-of-Experts model (0: off; "
+                        "dense models ignore it)")
 
 
 def train_config(args: argparse.Namespace):
@@ -92,7 +95,7 @@ def train_config(args: argparse.Namespace):
         lr_decay_style=args.lr_decay_style, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
         use_distributed_optimizer=args.use_distributed_optimizer, bf16=args.bf16, log_interval=args.log_interval,
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, save_interval=args.save_interval,
-        exit_interval=args.exit_interval, seed=args.seed)
+        exit_interval=args.exit_interval, seed=args.seed, moe_aux_loss_coeff=args.moe_aux_loss_coeff)
 
 
 def check_run_dir(save: Path, *, resume: bool, overwrite: bool) -> None:
