@@ -71,3 +71,14 @@ def test_arch_file_with_more_experts_per_token_than_experts(tmp_path, capsys):
     (tmp_path / "arch.json").write_text(json.dumps(arch))
     assert main(["pretrain", "--arch", str(tmp_path / "arch.json"), "--save", str(tmp_path / "new")]) == 2
     assert "moe_router_topk=5 is larger than num_experts=4" in capsys.readouterr().err
+
+
+def test_evaluate_at_ep1_gives_the_validation_loss_of_training_at_ep2(run_dir, data_cache, tmp_path):
+    """The checkpoint written at DP2 x EP2 evaluated in one process (EP1) on the same validation batch."""
+    save, _ = run_dir
+    valid = [r for r in map(json.loads, (save / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "valid"]
+    torchrun("-m", "megatron_minitron", "evaluate", "--load", save, "--cache-dir", data_cache, "--seq-length", "64",
+             "--micro-batch-size", "4", "--global-batch-size", "8", "--eval-iters", "1", "--out",
+             tmp_path / "eval.json", nproc=1, timeout=600)
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["val lm loss"] == pytest.approx(valid[-1]["val lm loss"], rel=1e-6)
