@@ -130,11 +130,15 @@ class ArchConfig:
     moe_layer_freq: int | tuple[int, ...] = 1
     """Which layers are MoE, as megatron's moe_layer_freq: an integer k makes layer i MoE when i % k == 0
     (1: every layer); a tuple of num_layers 0/1 flags gives the pattern layer by layer (1 = MoE, 0 = dense
-    MLP of ffn_hidden_size). JSON lists are read as tuples."""
+    MLP of ffn_hidden_size). JSON lists are read as tuples; a pattern that is every k-th layer is stored
+    as k, so one model has one form."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.moe_layer_freq, list):
-            object.__setattr__(self, "moe_layer_freq", tuple(self.moe_layer_freq))
+        if isinstance(self.moe_layer_freq, (list, tuple)):
+            pattern = tuple(self.moe_layer_freq)
+            if len(pattern) == self.num_layers:  # else validate() names the wrong length
+                pattern = _canonical_layer_freq(pattern)
+            object.__setattr__(self, "moe_layer_freq", pattern)
         self.validate()
 
     # ----------------------------------------------------------------------------- derived sizes
@@ -367,6 +371,14 @@ class ArchConfig:
 def unknown_fields(cls: type, data: dict[str, Any]) -> list[str]:
     """Keys of data that are not fields of the dataclass cls (sorted), for from_json errors."""
     return sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+
+
+def _canonical_layer_freq(pattern: tuple) -> int | tuple:
+    """A per-layer 0/1 pattern that is "every k-th layer" as the integer k (one model, one form)."""
+    for k in range(1, len(pattern) + 1):
+        if pattern == tuple(int(i % k == 0) for i in range(len(pattern))):
+            return k
+    return pattern
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

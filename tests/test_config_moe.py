@@ -49,10 +49,13 @@ def test_dense_models_have_equal_total_and_active_counts_and_unchanged_fingerpri
 
 
 def test_moe_fields_round_trip_through_json_and_change_the_fingerprint():
-    arch = preset("tiny-moe", moe_layer_freq=(1, 0, 1, 0), moe_shared_expert_ffn_hidden_size=32,
+    arch = preset("tiny-moe", moe_layer_freq=(0, 1, 1, 0), moe_shared_expert_ffn_hidden_size=32,
                   moe_router_score_function="sigmoid")
     back = ArchConfig.from_json(json.loads(json.dumps(arch.to_json())))
-    assert back == arch and back.moe_layer_freq == (1, 0, 1, 0)
+    assert back == arch and back.moe_layer_freq == (0, 1, 1, 0)
+    # A pattern that is "every k-th layer" is that k: one model, one form (and one fingerprint).
+    assert preset("tiny-moe", moe_layer_freq=[1, 0, 1, 0]) == preset("tiny-moe", moe_layer_freq=2)
+    assert preset("tiny-moe", moe_layer_freq=(1, 1, 1, 1)).moe_layer_freq == 1
     assert back.fingerprint() == arch.fingerprint()
     assert arch.fingerprint() != preset("tiny-moe").fingerprint()
     assert preset("tiny-moe", moe_router_topk=3).fingerprint() != preset("tiny-moe").fingerprint()

@@ -151,8 +151,13 @@ def _singleton_layout(ckpt: Path, arch: ArchConfig) -> bool:
 
 # ------------------------------------------------------------------------------ Megatron-LM args
 _UNSUPPORTED_ARGS = {
-    "num_experts": "mixture-of-experts models",
     "multi_latent_attention": "multi-latent attention",
+    "moe_shared_expert_gate": "a gated shared expert",
+    "moe_router_topk_scaling_factor": "scaled top-k routing probabilities",
+    "moe_router_num_groups": "group-limited routing",
+    "moe_router_enable_expert_bias": "expert-bias (aux-loss-free) routing",
+    "moe_expert_capacity_factor": "token dropping (expert capacity)",
+    "mtp_num_layers": "multi-token prediction layers",
     "qk_layernorm": "QK layer norm",
     "num_layers_per_virtual_pipeline_stage": "virtual pipeline stages",
     "virtual_pipeline_model_parallel_size": "virtual pipeline stages",
@@ -189,8 +194,29 @@ def arch_from_megatron_args(args: Namespace, *, where: str = "checkpoint") -> Ar
         rope_scaling_factor=a.get("rope_scaling_factor", 8.0) if a.get("use_rope_scaling") else None,
         untie_embeddings_and_output_weights=bool(a.get("untie_embeddings_and_output_weights", False)),
         add_bias_linear=bool(a.get("add_bias_linear", True)), add_qkv_bias=bool(a.get("add_qkv_bias", False)),
-        init_method_std=a.get("init_method_std", 0.02),
+        init_method_std=a.get("init_method_std", 0.02), **_moe_fields_from_args(a, where),
     )
+
+
+def _moe_fields_from_args(a: dict, where: str) -> dict:
+    """ArchConfig's MoE fields from Megatron-LM's args (none for a dense model). Experts are stored
+    under the same keys whether Megatron-LM ran them as SequentialMLP or with grouped GEMM, so
+    moe_grouped_gemm does not matter here."""
+    if not a.get("num_experts"):
+        return {}
+    if a.get("moe_router_load_balancing_type", "aux_loss") == "sinkhorn":
+        raise CheckpointError(f"{where}: args.moe_router_load_balancing_type='sinkhorn' (Sinkhorn routing) is not "
+                              f"supported")
+    freq = a.get("moe_layer_freq", 1)
+    if isinstance(freq, str):
+        raise CheckpointError(f"{where}: args.moe_layer_freq={freq!r} is an unparsed pattern; expected an integer "
+                              f"or a list of 0/1 flags")
+    ffn = a.get("moe_ffn_hidden_size")
+    return dict(num_experts=a["num_experts"], moe_router_topk=a.get("moe_router_topk", 2),
+                moe_ffn_hidden_size=ffn, moe_shared_expert_ffn_hidden_size=a.get("moe_shared_expert_intermediate_size"),
+                moe_router_score_function=a.get("moe_router_score_function", "softmax"),
+                moe_router_pre_softmax=bool(a.get("moe_router_pre_softmax", False)),
+                moe_layer_freq=tuple(freq) if isinstance(freq, list) else freq)
 
 
 def megatron_args_from_arch(arch: ArchConfig, **extra: Any) -> Namespace:
@@ -210,7 +236,7 @@ def megatron_args_from_arch(arch: ArchConfig, **extra: Any) -> Namespace:
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
         untie_embeddings_and_output_weights=arch.untie_embeddings_and_output_weights,
         add_bias_linear=arch.add_bias_linear, add_qkv_bias=arch.add_qkv_bias,
-        init_method_std=arch.init_method_std, **_megatron_moe_args(arch), **extra)
+        init_method_std=arch.init_method_std, **{**_megatron_moe_args(arch), **extra})
 
 
 def _megatron_moe_args(arch: ArchConfig) -> dict:
@@ -222,7 +248,8 @@ def _megatron_moe_args(arch: ArchConfig) -> dict:
                 moe_shared_expert_intermediate_size=arch.moe_shared_expert_ffn_hidden_size,
                 moe_router_score_function=arch.moe_router_score_function,
                 moe_router_pre_softmax=arch.moe_router_pre_softmax,
-                moe_layer_freq=[int(flag) for flag in arch.moe_layers], moe_grouped_gemm=False)
+                moe_layer_freq=(arch.moe_layer_freq if isinstance(arch.moe_layer_freq, int)
+                                else list(arch.moe_layer_freq)), moe_grouped_gemm=False)
 
 
 def _tokenizer_from_args(args: Namespace) -> Optional[dict]:

@@ -101,3 +101,116 @@ def test_layout_errors_before_any_process(parallel, world, message):
     with pytest.raises(ConfigError, match=message):
         parallel.data_parallel(world)
         parallel.check_arch(preset("tiny-moe"))
+
+
+# ------------------------------------------------------------------ Megatron-LM MoE checkpoints
+def _megatron_lm_checkpoint(root, model, arch, *, singleton: bool = False):
+    """What Megatron-LM writes: megatron's own dist_checkpointing save of the model with `args` in the
+    common state, in release/, and no minitron.json."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_minitron.model.build import unwrap
+
+    metadata = {"singleton_local_shards": True} if singleton else None
+    (root / "release").mkdir(parents=True)
+    state = {"model": unwrap(model).sharded_state_dict(metadata=metadata), "checkpoint_version": 3.0,
+             "iteration": 0, "args": ckpt.megatron_args_from_arch(arch, moe_grouped_gemm=True)}
+    dist_checkpointing.save(state, str(root / "release"), sharded_strategy=("torch_dist", 1))
+    (root / ckpt.TRACKER).write_text("release")
+    return root
+
+
+def _grouped_gemm_twin(sequential, arch, runtime):
+    """The same weights in megatron's legacy grouped-GEMM experts (GroupedMLP: one [H, E*2F] and one
+    [E*F, H] matrix per layer). Only its real sharded_state_dict is used; its forward needs the
+    grouped_gemm kernels, so their availability check is lifted to construct it on a CPU."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    from megatron_minitron.model.build import _with_local_norms
+    from megatron_minitron.model.norm import LocalNorm
+
+    config = transformer_config(arch, ParallelConfig())
+    config.moe_grouped_gemm, config.moe_use_legacy_grouped_gemm = True, True
+    spec = _with_local_norms(get_gpt_layer_local_spec(num_experts=arch.num_experts, moe_grouped_gemm=True,
+                                                      moe_use_legacy_grouped_gemm=True), LocalNorm)
+    check, grouped_gemm_util.assert_grouped_gemm_is_available = grouped_gemm_util.assert_grouped_gemm_is_available, (
+        lambda: None)
+    try:
+        twin = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=arch.padded_vocab,
+                        max_sequence_length=arch.max_position_embeddings, position_embedding_type="rope",
+                        rotary_base=arch.rotary_base, share_embeddings_and_output_weights=False)
+    finally:
+        grouped_gemm_util.assert_grouped_gemm_is_available = check
+    source = sequential.state_dict()
+    with torch.no_grad():
+        for name, param in twin.named_parameters():
+            if name.endswith("experts.weight1"):  # memory of [E, H, 2F]: each expert's fc1 transposed
+                fc1 = [source[name.replace("weight1", f"local_experts.{e}.linear_fc1.weight")].t()
+                       for e in range(arch.num_experts)]
+                param.copy_(torch.stack(fc1).reshape(param.shape))
+            elif name.endswith("experts.weight2"):  # memory of [E, F, H]: each expert's fc2 transposed
+                fc2 = [source[name.replace("weight2", f"local_experts.{e}.linear_fc2.weight")].t()
+                       for e in range(arch.num_experts)]
+                param.copy_(torch.stack(fc2).reshape(param.shape))
+            else:
+                param.copy_(source[name])
+    return twin
+
+
+@pytest.mark.parametrize("layout", ["sequential-singleton", "grouped-gemm"])
+def test_megatron_lm_moe_checkpoint_is_read_from_its_args(single_rank_runtime, tmp_path, layout):
+    arch = preset("tiny-moe")
+    torch.manual_seed(11)
+    source = build_model(arch, single_rank_runtime)
+    if layout == "grouped-gemm":
+        _megatron_lm_checkpoint(tmp_path, _grouped_gemm_twin(source, arch, single_rank_runtime), arch)
+    else:
+        _megatron_lm_checkpoint(tmp_path, source, arch, singleton=True)
+    info = ckpt.resolve(tmp_path)
+    assert info.origin == "megatron-lm" and info.arch.explicit() == arch.explicit()
+    assert info.singleton_local_shards == (layout == "sequential-singleton")
+    loaded = build_model(info.arch, single_rank_runtime)
+    ckpt.load_checkpoint(info, model=loaded)
+    tokens = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(16).expand(2, 16)
+    with torch.no_grad():
+        source.eval(), loaded.eval()
+        assert torch.equal(loaded(tokens, positions, None), source(tokens, positions, None))
+    with pytest.raises(ckpt.CheckpointError, match="num_experts: expected 8, checkpoint has 4"):
+        ckpt.check_architecture(preset("tiny-moe", num_experts=8), info.arch, where=str(info.path))
+
+
+def test_megatron_lm_args_with_another_expert_count_than_the_tensors(single_rank_runtime, tmp_path):
+    """args say 2 experts, the tensors hold 4: refused before any tensor is read, naming the key."""
+    from megatron.core import dist_checkpointing
+
+    arch = preset("tiny-moe")
+    model = build_model(arch, single_rank_runtime)
+    (tmp_path / "release").mkdir()
+    state = {"model": model.sharded_state_dict(), "checkpoint_version": 3.0, "iteration": 0,
+             "args": ckpt.megatron_args_from_arch(arch.replace(num_experts=2))}
+    dist_checkpointing.save(state, str(tmp_path / "release"), sharded_strategy=("torch_dist", 1))
+    (tmp_path / ckpt.TRACKER).write_text("release")
+    info = ckpt.resolve(tmp_path)
+    assert info.arch.num_experts == 2
+    with pytest.raises(ckpt.CheckpointError, match=r"decoder.layers.mlp.router.weight has global shape \(4, 4, 64\), "
+                                                   r"but the model expects \(4, 2, 64\)"):
+        ckpt.load_checkpoint(info, model=build_model(info.arch, single_rank_runtime))
+
+
+def test_megatron_lm_moe_features_we_cannot_build_are_named():
+    from argparse import Namespace
+
+    args = ckpt.megatron_args_from_arch(preset("tiny-moe"))
+    for name, value, what in [("moe_shared_expert_gate", True, "a gated shared expert"),
+                              ("moe_expert_capacity_factor", 1.25, "token dropping"),
+                              ("moe_router_enable_expert_bias", True, "expert-bias")]:
+        with pytest.raises(ckpt.CheckpointError, match=f"args.{name}={value!r} \\({what}"):
+            ckpt.arch_from_megatron_args(Namespace(**{**vars(args), name: value}))
+    with pytest.raises(ckpt.CheckpointError, match="Sinkhorn routing"):
+        ckpt.arch_from_megatron_args(Namespace(**{**vars(args), "moe_router_load_balancing_type": "sinkhorn"}))
+    assert ckpt.arch_from_megatron_args(args).explicit() == preset("tiny-moe").explicit()
+    mixed = preset("tiny-moe", moe_layer_freq=(0, 1, 1, 1), moe_shared_expert_ffn_hidden_size=32)
+    assert ckpt.arch_from_megatron_args(ckpt.megatron_args_from_arch(mixed)).explicit() == mixed.explicit()
