@@ -3,8 +3,8 @@
 megatron-core adds the routers' load-balancing loss to the gradient through an autograd hook, not to
 the loss a forward step returns, and keeps its value in a module-level tracker (per layer, summed over
 micro-batches). `RouterStats` reads that tracker once per step and counts, with forward hooks on the
-routers, how many tokens each expert received. Both are reduced over this step's ranks with the groups
-the runtime names, so every rank gets the same numbers:
+routers, how many tokens each expert received. Both are reduced over all ranks in one collective, so
+every rank gets the same numbers:
 
 - `moe aux loss`: what the routers added to the objective, per micro-batch: sum over MoE layers of
   coefficient x load-balancing loss (megatron's Switch-Transformer loss, E * sum_i f_i * P_i);
@@ -54,37 +54,34 @@ class RouterStats:
         moe_utils.clear_aux_losses_tracker()
 
     def reduce(self, num_microbatches: int) -> dict:
-        """This step's statistics, identical on every rank; resets for the next step."""
-        rt = self.runtime
-        tokens = self.tokens.to(rt.device)
-        # Router inputs are split over sequence (SP: TP ranks), data (DP) and layers (PP): sum all three.
-        for group in (rt.tp_group, rt.dp_group, rt.pp_group):
-            torch.distributed.all_reduce(tokens, group=group)
-        out: dict = {}
-        moe_layers = [i for i, is_moe in enumerate(self.arch.moe_layers) if is_moe]
-        load = tokens[moe_layers] / tokens[moe_layers].sum(dim=1, keepdim=True).clamp(min=1)
-        out["moe expert load"] = {str(layer): [round(float(x), 6) for x in row] for layer, row in zip(moe_layers, load)}
-        out["moe load imbalance"] = float(load.max() * self.arch.num_experts)
-        if self.aux_loss_coeff > 0:
-            out.update(self._aux_loss(num_microbatches, moe_layers))
-        self.reset()
-        return out
+        """This step's statistics, identical on every rank; resets for the next step.
 
-    def _aux_loss(self, num_microbatches: int, moe_layers: list[int]) -> dict:
+        Router inputs are split over sequence (SP: TP ranks), data (DP) and layers (PP), and the world is
+        exactly TP x DP x PP ranks (expert-parallel ranks are TP x DP ranks), so one all-reduce over the
+        world sums every rank's token counts and aux-loss values once: the same as summing over the TP,
+        DP and PP groups in turn, in one collective instead of six. Under SP each TP rank's aux loss
+        covers its share of the tokens (megatron reduces over its TP x CP group the same way); the
+        data-parallel ranks' losses are averaged."""
         from megatron.core.transformer.moe import moe_utils
 
-        rt = self.runtime
+        rt, layers = self.runtime, self.arch.num_layers
         entry = moe_utils.get_moe_layer_wise_logging_tracker().get(TRACKER_NAME)
-        values = (entry["values"].detach().clone() if entry is not None
-                  else torch.zeros(self.arch.num_layers, device=rt.device)).to(torch.float64)
-        # Each layer lives on one stage; under SP each TP rank's loss covers its share of the tokens
-        # (megatron reduces over its TP x CP group the same way); data-parallel ranks are averaged.
-        torch.distributed.all_reduce(values, group=rt.pp_group)
-        torch.distributed.all_reduce(values, group=rt.tp_group)
-        torch.distributed.all_reduce(values, group=rt.dp_group)
-        per_layer = values[moe_layers] / (rt.data_parallel * num_microbatches)
-        return {"moe aux loss": float(self.aux_loss_coeff * per_layer.sum()),
-                "moe load-balancing loss": float(per_layer.mean())}
+        aux = entry["values"].detach() if entry is not None and self.aux_loss_coeff > 0 else None
+        both = torch.cat([self.tokens.flatten(), torch.zeros(layers, dtype=torch.float64) if aux is None
+                          else aux.to("cpu", torch.float64)]).to(rt.device)
+        torch.distributed.all_reduce(both, group=torch.distributed.group.WORLD)
+        tokens, aux_sum = both[:-layers].view(layers, -1), both[-layers:]
+        moe_layers = [i for i, is_moe in enumerate(self.arch.moe_layers) if is_moe]
+        load = tokens[moe_layers] / tokens[moe_layers].sum(dim=1, keepdim=True).clamp(min=1)
+        out: dict = {"moe expert load": {str(layer): [round(float(x), 6) for x in row]
+                                         for layer, row in zip(moe_layers, load.tolist())},
+                     "moe load imbalance": float(load.max() * self.arch.num_experts)}
+        if aux is not None:
+            per_layer = aux_sum[moe_layers] / (rt.data_parallel * num_microbatches)
+            out["moe aux loss"] = float(self.aux_loss_coeff * per_layer.sum())
+            out["moe load-balancing loss"] = float(per_layer.mean())
+        self.reset()
+        return out
 
     def remove(self) -> None:
         """Detach the hooks."""
