@@ -123,25 +123,21 @@ def layer_spec(config, *, use_te: bool, moe_layers: tuple[bool, ...] = ()):
 
     from megatron_minitron.model.norm import LocalNorm
 
+    if use_te and not any(moe_layers):
+        return get_gpt_layer_with_transformer_engine_spec()
     experts = config.num_moe_experts
-    if use_te:
-        dense = get_gpt_layer_with_transformer_engine_spec()
-        moe = get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=True) if experts else None
-        norm = None
-    else:
-        dense = _with_local_norms(get_gpt_layer_local_spec(), LocalNorm)
-        moe = _with_local_norms(get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False),
-                                LocalNorm) if experts else None
-        norm = LocalNorm
-    if not any(moe_layers) and use_te:
-        return dense
-    offset, count = get_transformer_layer_offset(config), get_num_layers_to_build(config)
-    flags = moe_layers or (False,) * config.num_layers
-    layers = [moe if flags[offset + i] else dense for i in range(count)]
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm
 
-        norm = TENorm
+        dense, norm = get_gpt_layer_with_transformer_engine_spec(), TENorm
+        moe = get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=True)
+    else:
+        dense, norm = _with_local_norms(get_gpt_layer_local_spec(), LocalNorm), LocalNorm
+        moe = _with_local_norms(get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False),
+                                LocalNorm) if experts else None
+    offset, count = get_transformer_layer_offset(config), get_num_layers_to_build(config)
+    flags = moe_layers or (False,) * config.num_layers
+    layers = [moe if flags[offset + i] else dense for i in range(count)]
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm)
 
 
@@ -179,7 +175,7 @@ def build_model(arch: ArchConfig, runtime: Runtime, *, dtype: Optional[torch.dty
                                 moe_aux_loss_coeff=moe_aux_loss_coeff, use_te=use_te)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config, use_te=use_te, moe_layers=arch.moe_layers if arch.is_moe else ()),
+        transformer_layer_spec=layer_spec(config, use_te=use_te, moe_layers=arch.moe_layers),
         vocab_size=arch.padded_vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=runtime.is_first_stage,
