@@ -84,10 +84,13 @@ def test_evaluate_at_ep1_gives_the_validation_loss_of_training_at_ep2(run_dir, d
     assert result["val lm loss"] == pytest.approx(valid[-1]["val lm loss"], rel=1e-6)
 
 
-def test_scoring_and_pruning_refuse_a_moe_checkpoint_by_name(run_dir, tmp_path, capsys):
+def test_scoring_pruning_and_export_refuse_a_moe_checkpoint_by_name(run_dir, tmp_path, capsys):
     save, _ = run_dir
     assert main(["importance", "--load", str(save), "--out", str(tmp_path / "scores")]) == 2
     assert "is a Mixture-of-Experts model (4 experts); importance scoring" in capsys.readouterr().err
     assert main(["prune", "--load", str(save), "--save", str(tmp_path / "pruned"), "--plan", "plan.json"]) == 2
     assert "is a Mixture-of-Experts model (4 experts); pruning experts" in capsys.readouterr().err
+    assert main(["export-hf", "--load", str(save), "--save", str(tmp_path / "hf")]) == 2
+    assert "is a Mixture-of-Experts model (4 experts); exporting MoE families" in capsys.readouterr().err
     assert not (tmp_path / "scores").exists() and not (tmp_path / "pruned").exists()
+    assert not (tmp_path / "hf").exists()
