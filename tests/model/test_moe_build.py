@@ -120,7 +120,7 @@ def _megatron_lm_checkpoint(root, model, arch, *, singleton: bool = False):
     return root
 
 
-def _grouped_gemm_twin(sequential, arch, runtime):
+def _grouped_gemm_twin(sequential, arch):
     """The same weights in megatron's legacy grouped-GEMM experts (GroupedMLP: one [H, E*2F] and one
     [E*F, H] matrix per layer). Only its real sharded_state_dict is used; its forward needs the
     grouped_gemm kernels, so their availability check is lifted to construct it on a CPU."""
@@ -165,7 +165,7 @@ def test_megatron_lm_moe_checkpoint_is_read_from_its_args(single_rank_runtime, t
     torch.manual_seed(11)
     source = build_model(arch, single_rank_runtime)
     if layout == "grouped-gemm":
-        _megatron_lm_checkpoint(tmp_path, _grouped_gemm_twin(source, arch, single_rank_runtime), arch)
+        _megatron_lm_checkpoint(tmp_path, _grouped_gemm_twin(source, arch), arch)
     else:
         _megatron_lm_checkpoint(tmp_path, source, arch, singleton=True)
     info = ckpt.resolve(tmp_path)
