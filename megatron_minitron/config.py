@@ -16,6 +16,12 @@ from typing import Any, Optional
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "squared_relu", "relu")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
+ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+# Mixture-of-Experts fields: a dense model keeps them at their defaults and leaves them out of its
+# fingerprint, so the fingerprints of dense models (stored in scores and plans) did not change when
+# they were added.
+MOE_FIELDS = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_ffn_hidden_size",
+              "moe_router_score_function", "moe_router_pre_softmax", "moe_layer_freq")
 
 
 LATER_FIELDS = ("qk_layernorm",)
@@ -107,7 +113,43 @@ class ArchConfig:
     init_method_std: float = 0.02
     """Standard deviation of the normal weight initialisation of a model trained from scratch."""
 
+    # ---------------------------------------------------------------------- mixture of experts
+    num_experts: Optional[int] = None
+    """Routed experts in each MoE layer (megatron's num_moe_experts). None: a dense model, and every
+    other moe_* field must keep its default."""
+
+    moe_router_topk: int = 2
+    """Experts each token is routed to (top-k); at most num_experts."""
+
+    moe_ffn_hidden_size: Optional[int] = None
+    """Intermediate width of one routed expert's MLP (per branch for SwiGLU). None means
+    ffn_hidden_size. Dense layers of a mixed model keep ffn_hidden_size."""
+
+    moe_shared_expert_ffn_hidden_size: Optional[int] = None
+    """Intermediate width of the shared expert that every token passes through besides its routed
+    experts (megatron's moe_shared_expert_intermediate_size; DeepSeek, Qwen2-MoE). None: no shared expert."""
+
+    moe_router_score_function: str = "softmax"
+    """How router logits become scores: "softmax" (Mixtral, Qwen3-MoE) or "sigmoid" (DeepSeek-V3). With
+    sigmoid, megatron-core always renormalises the top-k scores to sum to 1 (when top-k > 1)."""
+
+    moe_router_pre_softmax: bool = False
+    """Softmax routing only. False: top-k of the logits, then softmax over those k, so each token's k
+    probabilities are renormalised to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob=True). True: softmax
+    over all experts, then top-k, not renormalised (Qwen2-MoE's norm_topk_prob=False)."""
+
+    moe_layer_freq: int | tuple[int, ...] = 1
+    """Which layers are MoE, as megatron's moe_layer_freq: an integer k makes layer i MoE when i % k == 0
+    (1: every layer); a tuple of num_layers 0/1 flags gives the pattern layer by layer (1 = MoE, 0 = dense
+    MLP of ffn_hidden_size). JSON lists are read as tuples; a pattern that is every k-th layer is stored
+    as k, so one model has one form."""
+
     def __post_init__(self) -> None:
+        if isinstance(self.moe_layer_freq, (list, tuple)):
+            pattern = tuple(self.moe_layer_freq)
+            if len(pattern) == self.num_layers:  # else validate() names the wrong length
+                pattern = _canonical_layer_freq(pattern)
+            object.__setattr__(self, "moe_layer_freq", pattern)
         self.validate()
 
     # ----------------------------------------------------------------------------- derived sizes
@@ -139,6 +181,32 @@ class ArchConfig:
         """LayerNorm has a bias; RMSNorm does not."""
         return self.normalization == "LayerNorm"
 
+    @property
+    def is_moe(self) -> bool:
+        """Whether the model has Mixture-of-Experts layers."""
+        return self.num_experts is not None
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        """Intermediate width of one routed expert."""
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
+
+    @property
+    def moe_layers(self) -> tuple[bool, ...]:
+        """For each layer, whether it is a MoE layer (all False for a dense model)."""
+        if not self.is_moe:
+            return (False,) * self.num_layers
+        if isinstance(self.moe_layer_freq, int):
+            return tuple(i % self.moe_layer_freq == 0 for i in range(self.num_layers))
+        return tuple(bool(flag) for flag in self.moe_layer_freq)
+
+    @property
+    def moe_topk_renormalized(self) -> bool:
+        """Whether each token's top-k routing probabilities sum to 1 (see moe_router_pre_softmax)."""
+        if self.moe_router_score_function == "sigmoid":
+            return self.moe_router_topk > 1
+        return not self.moe_router_pre_softmax
+
     # ------------------------------------------------------------------------------- validation
     def validate(self) -> None:
         """Raise ConfigError naming the first field that cannot describe a real model."""
@@ -168,25 +236,96 @@ class ArchConfig:
             raise ConfigError("apply_layernorm_1p needs normalization='LayerNorm'")
         if self.norm_epsilon <= 0:
             raise ConfigError(f"norm_epsilon must be positive, got {self.norm_epsilon}")
+        self._validate_moe()
 
-    def check_parallel(self, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+    def _validate_moe(self) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in MOE_FIELDS}
+        if self.num_experts is None:
+            changed = [name for name, default in defaults.items() if getattr(self, name) != default]
+            if changed:
+                raise ConfigError(f"{changed[0]}={getattr(self, changed[0])!r} is a Mixture-of-Experts field, but "
+                                  f"num_experts is None (a dense model); set num_experts or drop {changed[0]}")
+            return
+        for name in ("num_experts", "moe_router_topk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("moe_ffn_hidden_size", "moe_shared_expert_ffn_hidden_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.moe_router_topk > self.num_experts:
+            raise ConfigError(f"moe_router_topk={self.moe_router_topk} is larger than num_experts={self.num_experts}: "
+                              f"a token cannot be routed to more experts than there are")
+        _check_choice("moe_router_score_function", self.moe_router_score_function, ROUTER_SCORE_FUNCTIONS)
+        if self.moe_router_pre_softmax and self.moe_router_score_function != "softmax":
+            raise ConfigError("moe_router_pre_softmax=True applies to moe_router_score_function='softmax' only")
+        if self.moe_router_topk == 1 and self.moe_router_score_function == "softmax" and not self.moe_router_pre_softmax:
+            raise ConfigError("moe_router_topk=1 with softmax routing needs moe_router_pre_softmax=True (a softmax "
+                              "over the single chosen logit is 1 and gives the router no gradient)")
+        freq = self.moe_layer_freq
+        if isinstance(freq, tuple):
+            if len(freq) != self.num_layers or any(flag not in (0, 1) or isinstance(flag, bool) for flag in freq):
+                raise ConfigError(f"moe_layer_freq={list(freq)} must hold num_layers={self.num_layers} flags, each "
+                                  f"0 (dense) or 1 (MoE)")
+            if not any(freq):
+                raise ConfigError("moe_layer_freq has no MoE layer (no 1); a dense model has num_experts=None")
+        elif not isinstance(freq, int) or isinstance(freq, bool) or freq <= 0:
+            raise ConfigError(f"moe_layer_freq must be a positive integer or a list of 0/1 per layer, got {freq!r}")
+        if self.add_bias_linear:
+            raise ConfigError("add_bias_linear=True with num_experts: megatron-core's experts carry no biases "
+                              "(grouped GEMM); use add_bias_linear=False for a MoE model")
+
+    def check_parallel(self, *, tensor_parallel: int = 1, pipeline_parallel: int = 1, expert_parallel: int = 1,
                        first_stage_layers: Optional[int] = None, last_stage_layers: Optional[int] = None) -> None:
-        """Raise ConfigError if this model cannot be split over the given tensor/pipeline sizes."""
-        tp, pp = tensor_parallel, pipeline_parallel
-        if tp < 1 or pp < 1:
-            raise ConfigError(f"tensor/pipeline parallel sizes must be >= 1, got TP={tp}, PP={pp}")
-        for name, value in (("num_attention_heads", self.num_attention_heads),
-                            ("num_query_groups", self.query_groups),
-                            ("ffn_hidden_size", self.ffn_hidden_size),
-                            ("padded_vocab_size", self.padded_vocab)):
+        """Raise ConfigError if this model cannot be split over the given tensor/pipeline/expert sizes.
+        Experts are split over tensor-parallel ranks too (megatron's expert TP = TP)."""
+        tp, pp, ep = tensor_parallel, pipeline_parallel, expert_parallel
+        if tp < 1 or pp < 1 or ep < 1:
+            raise ConfigError(f"tensor/pipeline/expert parallel sizes must be >= 1, got TP={tp}, PP={pp}, EP={ep}")
+        sizes = [("num_attention_heads", self.num_attention_heads), ("num_query_groups", self.query_groups),
+                 ("padded_vocab_size", self.padded_vocab)]
+        if not all(self.moe_layers):
+            sizes.append(("ffn_hidden_size", self.ffn_hidden_size))
+        if self.is_moe:
+            sizes.append(("moe_ffn_hidden_size", self.expert_ffn_hidden_size))
+            if self.moe_shared_expert_ffn_hidden_size is not None:
+                sizes.append(("moe_shared_expert_ffn_hidden_size", self.moe_shared_expert_ffn_hidden_size))
+        for name, value in sizes:
             if value % tp:
                 raise ConfigError(f"tensor-parallel size {tp} does not divide {name}={value}")
+        if ep > 1 and not self.is_moe:
+            raise ConfigError(f"expert-parallel size {ep} needs a Mixture-of-Experts model; this one is dense "
+                              f"(num_experts is None): use --ep 1")
+        if self.is_moe and self.num_experts % ep:
+            raise ConfigError(f"expert-parallel size {ep} does not divide num_experts={self.num_experts}")
         stage_layers(self.num_layers, pp, first_stage_layers, last_stage_layers)
 
     # ---------------------------------------------------------------------------- parameter count
     def num_parameters(self, *, include_embeddings: bool = True) -> int:
         """Exact number of parameters of the model megatron-core builds (padded vocabulary included)."""
-        h, ffn, kv = self.hidden_size, self.ffn_hidden_size, self.head_dim
+        return self._count(include_embeddings=include_embeddings, active=False)
+
+    def num_active_parameters(self, *, include_embeddings: bool = True) -> int:
+        """Parameters one token passes through: as num_parameters, but each MoE layer counts only
+        moe_router_topk of its routed experts (plus its router and shared expert). Equal to
+        num_parameters for a dense model."""
+        return self._count(include_embeddings=include_embeddings, active=True)
+
+    def _mlp_parameters(self, width: int) -> int:
+        fc1_rows = width * (2 if self.gated else 1)
+        return self.hidden_size * fc1_rows + width * self.hidden_size + (
+            (fc1_rows + self.hidden_size) if self.add_bias_linear else 0)
+
+    def _moe_parameters(self, *, active: bool) -> int:
+        experts = self.moe_router_topk if active else self.num_experts
+        shared = self.moe_shared_expert_ffn_hidden_size
+        return (self.num_experts * self.hidden_size  # router
+                + experts * self._mlp_parameters(self.expert_ffn_hidden_size)
+                + (self._mlp_parameters(shared) if shared else 0))
+
+    def _count(self, *, include_embeddings: bool, active: bool) -> int:
+        h, kv = self.hidden_size, self.head_dim
         norm = h * (2 if self.has_norm_bias else 1)
         qk_norms = 2 * kv * (2 if self.has_norm_bias else 1) if self.qk_layernorm else 0
         qkv_rows = kv * (self.num_attention_heads + 2 * self.query_groups)
@@ -195,9 +334,11 @@ class ArchConfig:
             attn += qkv_rows
         if self.add_bias_linear:
             attn += h
-        fc1_rows = ffn * (2 if self.gated else 1)
-        mlp = h * fc1_rows + ffn * h + ((fc1_rows + h) if self.add_bias_linear else 0)
-        total = self.num_layers * (2 * norm + attn + mlp) + norm  # + final norm
+        moe_layers = sum(self.moe_layers)
+        mlps = (self.num_layers - moe_layers) * self._mlp_parameters(self.ffn_hidden_size)
+        if moe_layers:
+            mlps += moe_layers * self._moe_parameters(active=active)
+        total = self.num_layers * (2 * norm + attn) + mlps + norm  # + final norm
         if include_embeddings:
             total += self.padded_vocab * h
             if self.position_embedding_type == "learned_absolute":
@@ -222,10 +363,11 @@ class ArchConfig:
 
     def fingerprint(self) -> str:
         """Short stable hash of the architecture (identifies which model scores and plans belong to).
-        Fields added after the first release are left out while at their default, so scores and plans
-        written before they existed keep matching their checkpoints."""
+        Fields added after the first release are left out while at their default (the MoE fields for every
+        dense model), so scores and plans written before they existed keep matching their checkpoints."""
+        later = LATER_FIELDS + (() if self.is_moe else MOE_FIELDS)
         data = {k: v for k, v in self.to_json().items()
-                if not (k in LATER_FIELDS and v == self.__dataclass_fields__[k].default)}
+                if not (k in later and v == self.__dataclass_fields__[k].default)}
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -243,6 +385,14 @@ class ArchConfig:
 def unknown_fields(cls: type, data: dict[str, Any]) -> list[str]:
     """Keys of data that are not fields of the dataclass cls (sorted), for from_json errors."""
     return sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+
+
+def _canonical_layer_freq(pattern: tuple) -> int | tuple:
+    """A per-layer 0/1 pattern that is "every k-th layer" as the integer k (one model, one form)."""
+    for k in range(1, len(pattern) + 1):
+        if pattern == tuple(int(i % k == 0) for i in range(len(pattern))):
+            return k
+    return pattern
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -335,6 +485,33 @@ PRESETS: dict[str, ArchConfig] = {
     "small": ArchConfig(
         num_layers=8, hidden_size=256, ffn_hidden_size=768, num_attention_heads=8, num_query_groups=4,
         vocab_size=8192, max_position_embeddings=512, normalization="RMSNorm", activation="swiglu"),
+    # ---- Mixture-of-Experts presets ----
+    # Qwen/Qwen3-30B-A3B config.json: 48 layers, hidden 2048, 32 heads, 4 kv heads, head_dim 128, 128 experts,
+    # top-8, moe_intermediate_size 768, norm_topk_prob true, rms_norm_eps 1e-6, rope_theta 1e6, untied;
+    # 30.5B total / 3.3B active; QK layernorm (q_norm/k_norm of head_dim in every layer) as every Qwen3.
+    "qwen3-30b-a3b": ArchConfig(
+        num_layers=48, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=32, num_query_groups=4,
+        kv_channels=128, vocab_size=151936, padded_vocab_size=151936, max_position_embeddings=40960,
+        normalization="RMSNorm", norm_epsilon=1e-6, activation="swiglu", position_embedding_type="rope",
+        rotary_base=1000000, untie_embeddings_and_output_weights=True, qk_layernorm=True,
+        num_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768),
+    # mistralai/Mixtral-8x7B-v0.1 config.json: 32 layers, hidden 4096, 32 heads, 8 kv heads, 8 experts, top-2,
+    # intermediate 14336, rope_theta 1e6, vocab 32000, untied; 46.7B total / 12.9B active.
+    "mixtral-8x7b": ArchConfig(
+        num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8,
+        kv_channels=128, vocab_size=32000, padded_vocab_size=32000, max_position_embeddings=32768,
+        normalization="RMSNorm", norm_epsilon=1e-5, activation="swiglu", position_embedding_type="rope",
+        rotary_base=1000000, untie_embeddings_and_output_weights=True,
+        num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=14336),
+    # Small CPU MoE models: "tiny-moe" for tests, "small-moe" (~20M total) for CPU runs.
+    "tiny-moe": ArchConfig(
+        num_layers=4, hidden_size=64, ffn_hidden_size=192, num_attention_heads=4, num_query_groups=2,
+        vocab_size=1000, max_position_embeddings=256, normalization="RMSNorm", activation="swiglu",
+        num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=64),
+    "small-moe": ArchConfig(
+        num_layers=8, hidden_size=256, ffn_hidden_size=768, num_attention_heads=8, num_query_groups=4,
+        vocab_size=8192, max_position_embeddings=512, normalization="RMSNorm", activation="swiglu",
+        num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=256),
 }
 
 

@@ -105,17 +105,20 @@ def test_unknown_preset_and_missing_file():
 
 
 def test_unknown_json_field_is_named():
-    data = preset("tiny").to_json() | {"num_experts": 8}
-    with pytest.raises(ConfigError, match=r"unknown architecture fields \['num_experts'\]"):
+    data = preset("tiny").to_json() | {"num_routed_experts": 8}
+    with pytest.raises(ConfigError, match=r"unknown architecture fields \['num_routed_experts'\]"):
         ArchConfig.from_json(data)
 
 
 def test_fingerprint_of_older_architectures_is_unchanged_by_later_fields():
-    """Scores and plans written before qk_layernorm existed keep matching: its default is left out."""
+    """Scores and plans written before qk_layernorm and the MoE fields existed keep matching: a dense
+    model's defaults are left out."""
     import hashlib
 
+    from megatron_minitron.config import MOE_FIELDS
+
     arch = preset("tiny")
-    before = {k: v for k, v in arch.to_json().items() if k != "qk_layernorm"}  # to_json as it was
+    before = {k: v for k, v in arch.to_json().items() if k not in ("qk_layernorm", *MOE_FIELDS)}  # as it was
     assert arch.fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert arch.replace(qk_layernorm=True).fingerprint() != arch.fingerprint()
 

@@ -12,6 +12,9 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("parallelism (data-parallel size = world size / (TP x PP))")
     group.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     group.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    group.add_argument("--ep", type=int, default=1,
+                       help="expert-parallel size of Mixture-of-Experts layers (divides the experts and the "
+                            "data-parallel size)")
     group.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism (needs --tp > 1)")
     group.add_argument("--first-stage-layers", type=int, default=None, help="layers on the first pipeline stage")
     group.add_argument("--last-stage-layers", type=int, default=None, help="layers on the last pipeline stage")
@@ -21,7 +24,8 @@ def parallel_config(args: argparse.Namespace):
     from megatron_minitron.runtime import ParallelConfig
 
     return ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp, sequence_parallel=args.sequence_parallel,
-                          first_stage_layers=args.first_stage_layers, last_stage_layers=args.last_stage_layers)
+                          first_stage_layers=args.first_stage_layers, last_stage_layers=args.last_stage_layers,
+                          expert_parallel=args.ep)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +62,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--save-interval", type=int, default=0)
     t.add_argument("--exit-interval", type=int, default=None)
     t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--moe-aux-loss-coeff", type=float, default=0.01,
+                   help="weight of the routers' load-balancing loss of a Mixture-of-Experts model (0: off; "
+                        "dense models ignore it)")
 
 
 def train_config(args: argparse.Namespace):
@@ -69,7 +76,7 @@ def train_config(args: argparse.Namespace):
         lr_decay_style=args.lr_decay_style, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
         use_distributed_optimizer=args.use_distributed_optimizer, bf16=args.bf16, log_interval=args.log_interval,
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, save_interval=args.save_interval,
-        exit_interval=args.exit_interval, seed=args.seed)
+        exit_interval=args.exit_interval, seed=args.seed, moe_aux_loss_coeff=args.moe_aux_loss_coeff)
 
 
 def check_run_dir(save: Path, *, resume: bool, overwrite: bool) -> None:

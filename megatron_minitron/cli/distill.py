@@ -91,9 +91,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--save {save} is inside {name} {info.root}; write the run elsewhere")
     check_models(teacher.arch, student.arch, seq_length=cfg.seq_length,
                  truncate_teacher_vocab=dcfg.truncate_teacher_vocab)
-    student.arch.check_parallel(tensor_parallel=parallel.tensor_parallel, pipeline_parallel=parallel.pipeline_parallel,
-                                first_stage_layers=parallel.first_stage_layers,
-                                last_stage_layers=parallel.last_stage_layers)
+    parallel.check_arch(student.arch)
     t_parallel = teacher_parallel(parallel, teacher.arch, dcfg)
     pairs = parse_layer_pairs(dcfg.intermediate_layers, teacher_layers=teacher.arch.num_layers,
                               student_layers=student.arch.num_layers)

@@ -40,9 +40,7 @@ def run(args: argparse.Namespace) -> int:
     # ---- checks that need no process
     parallel = parallel_config(args)
     info = ckpt.resolve(args.load)
-    info.arch.check_parallel(tensor_parallel=parallel.tensor_parallel, pipeline_parallel=parallel.pipeline_parallel,
-                             first_stage_layers=parallel.first_stage_layers,
-                             last_stage_layers=parallel.last_stage_layers)
+    parallel.check_arch(info.arch)
     if args.seq_length > info.arch.max_position_embeddings:
         raise ConfigError(f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings="
                           f"{info.arch.max_position_embeddings}")

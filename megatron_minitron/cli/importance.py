@@ -64,8 +64,10 @@ def run(args: argparse.Namespace) -> int:
     parallel = parallel_config(args)
     info = ckpt.resolve(args.load)
     arch = info.arch
-    arch.check_parallel(tensor_parallel=parallel.tensor_parallel, pipeline_parallel=parallel.pipeline_parallel,
-                        first_stage_layers=parallel.first_stage_layers, last_stage_layers=parallel.last_stage_layers)
+    parallel.check_arch(arch)
+    if arch.is_moe:
+        raise ConfigError(f"--load {args.load} is a Mixture-of-Experts model ({arch.num_experts} experts); importance "
+                          f"scoring of experts and routers is not implemented yet, only dense models are scored")
     check_new_scores_dir(args.out, overwrite=args.overwrite)
     if Path(args.out).resolve().is_relative_to(info.root.resolve()):
         raise ConfigError(f"--out {args.out} is inside the checkpoint {info.root}; write scores elsewhere")

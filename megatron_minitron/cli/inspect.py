@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     report = {"path": str(info.path), "origin": info.origin, "iteration": info.iteration,
               "architecture": arch.explicit().to_json(), "num_parameters": arch.num_parameters(),
               "num_parameters_without_embeddings": arch.num_parameters(include_embeddings=False),
+              "num_active_parameters": arch.num_active_parameters(),
               "tokenizer": info.tokenizer, "saved_with": info.metadata.get("saved_with"),
               "provenance": info.metadata.get("provenance"), "plan": info.metadata.get("plan")}
     if args.tensors:
@@ -34,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{info.path}  ({info.origin} checkpoint, iteration {info.iteration})")
     print(f"parameters: {report['num_parameters']:,} ({report['num_parameters_without_embeddings']:,} without "
           f"embeddings)")
+    if arch.is_moe:
+        print(f"active per token: {report['num_active_parameters']:,} ({arch.num_experts} experts, "
+              f"top-{arch.moe_router_topk})")
     for key, value in report["architecture"].items():
         print(f"  {key:36s} {value}")
     for key in ("tokenizer", "saved_with", "provenance"):

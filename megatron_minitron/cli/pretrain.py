@@ -43,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
     check_run_dir(save, resume=args.resume, overwrite=args.overwrite)
     init_info = ckpt.resolve(args.init) if args.init else None
     arch = init_info.arch if init_info else load_arch(args.arch)
-    arch.check_parallel(tensor_parallel=parallel.tensor_parallel, pipeline_parallel=parallel.pipeline_parallel,
-                        first_stage_layers=parallel.first_stage_layers, last_stage_layers=parallel.last_stage_layers)
+    parallel.check_arch(arch)
     env = LaunchEnv.from_environ()
     cfg.num_microbatches(parallel.data_parallel(env.world_size))
     if cfg.seq_length > arch.max_position_embeddings:
@@ -77,6 +76,7 @@ def _train(args, parallel, cfg, env, save: Path, arch, init_info, data_cfg) -> i
     from megatron_minitron.data.loader import load_tokenizer, run_batches, tokenizer_json
     from megatron_minitron.model.checkpoint import latest_iteration
     from megatron_minitron.runtime import initialize, shutdown
+    from megatron_minitron.runtime.dist import moe_token_dispatcher
     from megatron_minitron.training.loop import RunPaths, build_trainer, init_from, lm_task, train
 
     runtime = initialize(parallel, seed=cfg.seed, env=env)
@@ -101,6 +101,11 @@ def _train(args, parallel, cfg, env, save: Path, arch, init_info, data_cfg) -> i
             print(f"training {arch.num_parameters() / 1e6:.2f}M parameters at TP={parallel.tensor_parallel} "
                   f"PP={parallel.pipeline_parallel} DP={runtime.data_parallel} on {runtime.device.type} "
                   f"({runtime.backend}); vocabulary {tokenizer.vocab_size}", flush=True)
+            if arch.is_moe:
+                print(f"mixture of experts: {arch.num_experts} experts, top-{arch.moe_router_topk}, "
+                      f"{arch.num_active_parameters() / 1e6:.2f}M parameters active per token, EP="
+                      f"{parallel.expert_parallel}, token dispatcher {moe_token_dispatcher(runtime.backend)!r} "
+                      f"({runtime.backend}), aux-loss coefficient {cfg.moe_aux_loss_coeff}", flush=True)
         train(trainer, task=lm_task(runtime.device), **batches, paths=RunPaths(save=save, metrics=save / "metrics.jsonl"),
               tokenizer=tokenizer_json(data_cfg, tokenizer),
               provenance={"command": "pretrain", "init": str(init_info.root) if init_info else None})

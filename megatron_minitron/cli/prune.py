@@ -61,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
     from megatron_minitron.runtime.dist import host_group
 
     info = resolve_source(args.load)
+    if info.arch.is_moe:
+        from megatron_minitron.config import ConfigError
+
+        raise ConfigError(f"--load {args.load} is a Mixture-of-Experts model ({info.arch.num_experts} experts); "
+                          f"pruning experts and routers is not implemented yet, only dense models are pruned")
     plan = _plan(args, info.arch)
     head_scores = None
     if plan.head_merge:

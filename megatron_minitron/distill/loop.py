@@ -115,8 +115,7 @@ def teacher_parallel(runtime_parallel, teacher: ArchConfig, cfg: DistillConfig):
     """The teacher's layout: the same TP/PP/SP, its own split of its layers over the stages."""
     parallel = dataclasses.replace(runtime_parallel, first_stage_layers=cfg.teacher_first_stage_layers,
                                    last_stage_layers=cfg.teacher_last_stage_layers)
-    teacher.check_parallel(tensor_parallel=parallel.tensor_parallel, pipeline_parallel=parallel.pipeline_parallel,
-                           first_stage_layers=parallel.first_stage_layers, last_stage_layers=parallel.last_stage_layers)
+    parallel.check_arch(teacher)
     return parallel
 
 

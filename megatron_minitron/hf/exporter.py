@@ -161,6 +161,9 @@ def plan_export(load: str | os.PathLike, *, family: Optional[str] = None, dtype:
     metadata = storage.read_dcp_metadata(info.path)
     storage.check_storage_files(info.path, metadata)
     arch = info.arch.explicit()
+    if arch.is_moe:
+        raise HFError(f"{info.path} is a Mixture-of-Experts model ({arch.num_experts} experts); exporting MoE "
+                      f"families to Hugging Face is not implemented yet")
     source = find_hf_source(info)
     base = files.read_json(source / files.CONFIG, "the source model's configuration") if source else None
     if family is not None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_minitron.config import ArchConfig, ConfigError
-from megatron_minitron.runtime.dist import ParallelConfig, Runtime
+from megatron_minitron.runtime.dist import ParallelConfig, Runtime, moe_token_dispatcher
 
 
 def transformer_engine_available() -> bool:
@@ -33,13 +33,43 @@ def _activation(arch: ArchConfig):
             "relu": F.relu}[arch.activation]
 
 
+def moe_config(arch: ArchConfig, parallel: ParallelConfig, *, backend: str, aux_loss_coeff: float,
+               grouped_gemm: bool) -> dict:
+    """The MoE fields of megatron's TransformerConfig (empty for a dense model). The router's auxiliary
+    load-balancing loss (Switch Transformer style) is a training option, so its coefficient comes from
+    the caller; 0 turns it off."""
+    if not arch.is_moe:
+        return {}
+    if aux_loss_coeff < 0:
+        raise ConfigError(f"MoE auxiliary-loss coefficient must be >= 0, got {aux_loss_coeff}")
+    # megatron keys the checkpoint per layer (decoder.layers.{i}.…) whenever moe_layer_freq is a list or
+    # an integer > 1; a model whose layers are all MoE passes 1 and keeps the stacked layout.
+    layers = arch.moe_layers
+    freq = 1 if all(layers) else [int(flag) for flag in layers]
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.moe_router_topk,
+        moe_ffn_hidden_size=arch.expert_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=arch.moe_shared_expert_ffn_hidden_size,
+        moe_router_score_function=arch.moe_router_score_function,
+        moe_router_pre_softmax=arch.moe_router_pre_softmax,
+        moe_layer_freq=freq,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=aux_loss_coeff,
+        moe_token_dispatcher_type=moe_token_dispatcher(backend),
+        moe_grouped_gemm=grouped_gemm,
+        expert_model_parallel_size=parallel.expert_parallel,
+    )
+
+
 def transformer_config(arch: ArchConfig, parallel: ParallelConfig, *, dtype: torch.dtype = torch.float32,
-                       hidden_dropout: float = 0.0, attention_dropout: float = 0.0):
-    """megatron-core TransformerConfig for an architecture split over a parallel layout."""
+                       hidden_dropout: float = 0.0, attention_dropout: float = 0.0, backend: str = "gloo",
+                       moe_aux_loss_coeff: float = 0.0, use_te: bool = False):
+    """megatron-core TransformerConfig for an architecture split over a parallel layout. `backend`
+    chooses the MoE token dispatcher; with `use_te` MoE experts use grouped GEMM."""
     from megatron.core.transformer import TransformerConfig
 
-    arch.check_parallel(tensor_parallel=parallel.tensor_parallel, pipeline_parallel=parallel.pipeline_parallel,
-                        first_stage_layers=parallel.first_stage_layers, last_stage_layers=parallel.last_stage_layers)
+    parallel.check_arch(arch)
     if dtype not in (torch.float32, torch.bfloat16):
         raise ConfigError(f"dtype {dtype} is not supported; use float32 or bfloat16")
     return TransformerConfig(
@@ -79,35 +109,55 @@ def transformer_config(arch: ArchConfig, parallel: ParallelConfig, *, dtype: tor
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        **moe_config(arch, parallel, backend=backend, aux_loss_coeff=moe_aux_loss_coeff, grouped_gemm=use_te),
     )
 
 
-def layer_spec(config, *, use_te: bool):
+def layer_spec(config, *, use_te: bool, moe_layers: tuple[bool, ...] = ()):
     """Transformer-Engine spec when asked, else megatron's local spec with our LocalNorm; both cover
-    every layer of this rank's stage plus the final norm."""
+    every layer of this rank's stage plus the final norm. `moe_layers` flags the model's MoE layers
+    (global indices): those get megatron's MoE layer (SequentialMLP experts locally, grouped GEMM with TE)."""
     from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                           get_gpt_layer_with_transformer_engine_spec)
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     from megatron_minitron.model.norm import LocalNorm
 
+    qk = config.qk_layernorm
+    if use_te and not any(moe_layers):
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk)
+    experts = config.num_moe_experts
     if use_te:
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm)
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        dense, norm = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk), TENorm
+        moe = get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=True, qk_layernorm=qk)
+    else:
+        dense, norm = _with_local_norms(get_gpt_layer_local_spec(qk_layernorm=qk), LocalNorm, qk), LocalNorm
+        moe = _with_local_norms(get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False, qk_layernorm=qk),
+                                LocalNorm, qk) if experts else None
+    offset, count = get_transformer_layer_offset(config), get_num_layers_to_build(config)
+    flags = moe_layers or (False,) * config.num_layers
+    layers = [moe if flags[offset + i] else dense for i in range(count)]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm)
+
+
+def _with_local_norms(spec, norm, qk_layernorm: bool = False):
     attention = spec.submodules.self_attention
-    if config.qk_layernorm:  # per-head q/k norms: LocalNorm over kv_channels (megatron all-reduces their grads over TP)
+    if qk_layernorm:  # per-head q/k norms over kv_channels (megatron all-reduces their grads over TP)
         attention = dataclasses.replace(attention, submodules=dataclasses.replace(
-            attention.submodules, q_layernorm=LocalNorm, k_layernorm=LocalNorm))
-    submodules = dataclasses.replace(spec.submodules, input_layernorm=LocalNorm, pre_mlp_layernorm=LocalNorm,
+            attention.submodules, q_layernorm=norm, k_layernorm=norm))
+    submodules = dataclasses.replace(spec.submodules, input_layernorm=norm, pre_mlp_layernorm=norm,
                                      self_attention=attention)
-    layer = dataclasses.replace(spec, submodules=submodules)
-    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=LocalNorm)
+    return dataclasses.replace(spec, submodules=submodules)
 
 
 def build_model(arch: ArchConfig, runtime: Runtime, *, dtype: Optional[torch.dtype] = None,
                 use_te: Optional[bool] = None, hidden_dropout: float = 0.0, attention_dropout: float = 0.0,
-                parallel: Optional[ParallelConfig] = None):
+                parallel: Optional[ParallelConfig] = None, moe_aux_loss_coeff: float = 0.0):
     """This rank's stage of the model, on its device (bf16 on GPU, fp32 on CPU unless dtype is given).
+    `moe_aux_loss_coeff` weighs the routers' load-balancing loss of a MoE model in training.
 
     `parallel` overrides the runtime's layout for this model only; its TP/PP sizes must be the
     runtime's, but its first/last stage layer counts may differ (a distillation teacher deeper than
@@ -123,14 +173,16 @@ def build_model(arch: ArchConfig, runtime: Runtime, *, dtype: Optional[torch.dty
                           "importable or CUDA is absent; use the local spec")
     if parallel is None:
         parallel = runtime.parallel
-    elif (parallel.tensor_parallel, parallel.pipeline_parallel, parallel.sequence_parallel) != (
-            runtime.parallel.tensor_parallel, runtime.parallel.pipeline_parallel, runtime.parallel.sequence_parallel):
-        raise ConfigError(f"a model's layout {parallel} must keep the runtime's TP, PP and SP ({runtime.parallel})")
+    elif (parallel.tensor_parallel, parallel.pipeline_parallel, parallel.sequence_parallel,
+          parallel.expert_parallel) != (runtime.parallel.tensor_parallel, runtime.parallel.pipeline_parallel,
+                                        runtime.parallel.sequence_parallel, runtime.parallel.expert_parallel):
+        raise ConfigError(f"a model's layout {parallel} must keep the runtime's TP, PP, SP and EP ({runtime.parallel})")
     config = transformer_config(arch, parallel, dtype=dtype, hidden_dropout=hidden_dropout,
-                                attention_dropout=attention_dropout)
+                                attention_dropout=attention_dropout, backend=runtime.backend,
+                                moe_aux_loss_coeff=moe_aux_loss_coeff, use_te=use_te)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config, use_te=use_te),
+        transformer_layer_spec=layer_spec(config, use_te=use_te, moe_layers=arch.moe_layers),
         vocab_size=arch.padded_vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=runtime.is_first_stage,

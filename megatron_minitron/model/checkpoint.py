@@ -98,7 +98,6 @@ def resolve(path: str | os.PathLike) -> CheckpointInfo:
                               f"or a torch_dist directory with metadata.json")
     if not (ckpt / "metadata.json").is_file():
         raise CheckpointError(f"{ckpt} is not a finished torch_dist checkpoint (no metadata.json)")
-    singleton = _has_per_layer_keys(ckpt)
     meta_file = ckpt / META
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
@@ -107,16 +106,18 @@ def resolve(path: str | os.PathLike) -> CheckpointInfo:
         tokenizer = meta.get("tokenizer")
         if tokenizer is not None:
             tokenizer = {**tokenizer, "path": str((root / tokenizer["path"]).resolve())}
-        return CheckpointInfo(root=root, path=ckpt, iteration=iteration, arch=ArchConfig.from_json(meta["architecture"]),
-                              tokenizer=tokenizer, origin="minitron", metadata=meta, singleton_local_shards=singleton)
+        arch = ArchConfig.from_json(meta["architecture"])
+        return CheckpointInfo(root=root, path=ckpt, iteration=iteration, arch=arch, tokenizer=tokenizer,
+                              origin="minitron", metadata=meta, singleton_local_shards=_singleton_layout(ckpt, arch))
     common = load_common(ckpt)
     if "args" not in common:
         raise CheckpointError(f"{ckpt} has neither {META} nor Megatron-LM 'args' in its common state: its "
                               f"architecture is unknown")
     args = common["args"]
-    return CheckpointInfo(root=root, path=ckpt, iteration=int(common.get("iteration", iteration)),
-                          arch=arch_from_megatron_args(args, where=str(ckpt)), tokenizer=_tokenizer_from_args(args),
-                          origin="megatron-lm", singleton_local_shards=singleton)
+    arch = arch_from_megatron_args(args, where=str(ckpt))
+    return CheckpointInfo(root=root, path=ckpt, iteration=int(common.get("iteration", iteration)), arch=arch,
+                          tokenizer=_tokenizer_from_args(args), origin="megatron-lm",
+                          singleton_local_shards=_singleton_layout(ckpt, arch))
 
 
 def load_common(ckpt: Path) -> dict:
@@ -136,14 +137,27 @@ def tensor_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
             if isinstance(meta, TensorStorageMetadata)}
 
 
-def _has_per_layer_keys(ckpt: Path) -> bool:
-    return any(key.startswith("decoder.layers.") and key.split(".")[2].isdigit() for key in tensor_shapes(ckpt))
+def _singleton_layout(ckpt: Path, arch: ArchConfig) -> bool:
+    """Whether a checkpoint was saved with `singleton_local_shards` (per-layer keys, GLU fc1 split into
+    weight_w/weight_v). megatron-core also writes per-layer keys, unsplit, for any stack that mixes
+    dense and MoE layers (transformer_block.py: non_homogeneous_layers): that is its normal layout."""
+    keys = tensor_shapes(ckpt)
+    if not any(key.startswith("decoder.layers.") and key.split(".")[2].isdigit() for key in keys):
+        return False
+    if any(key.endswith(".weight_w") for key in keys):
+        return True
+    return all(arch.moe_layers) or not arch.is_moe
 
 
 # ------------------------------------------------------------------------------ Megatron-LM args
 _UNSUPPORTED_ARGS = {
-    "num_experts": "mixture-of-experts models",
     "multi_latent_attention": "multi-latent attention",
+    "moe_shared_expert_gate": "a gated shared expert",
+    "moe_router_topk_scaling_factor": "scaled top-k routing probabilities",
+    "moe_router_num_groups": "group-limited routing",
+    "moe_router_enable_expert_bias": "expert-bias (aux-loss-free) routing",
+    "moe_expert_capacity_factor": "token dropping (expert capacity)",
+    "mtp_num_layers": "multi-token prediction layers",
     "num_layers_per_virtual_pipeline_stage": "virtual pipeline stages",
     "virtual_pipeline_model_parallel_size": "virtual pipeline stages",
 }
@@ -180,7 +194,29 @@ def arch_from_megatron_args(args: Namespace, *, where: str = "checkpoint") -> Ar
         untie_embeddings_and_output_weights=bool(a.get("untie_embeddings_and_output_weights", False)),
         add_bias_linear=bool(a.get("add_bias_linear", True)), add_qkv_bias=bool(a.get("add_qkv_bias", False)),
         qk_layernorm=bool(a.get("qk_layernorm", False)), init_method_std=a.get("init_method_std", 0.02),
+        **_moe_fields_from_args(a, where),
     )
+
+
+def _moe_fields_from_args(a: dict, where: str) -> dict:
+    """ArchConfig's MoE fields from Megatron-LM's args (none for a dense model). Experts are stored
+    under the same keys whether Megatron-LM ran them as SequentialMLP or with grouped GEMM, so
+    moe_grouped_gemm does not matter here."""
+    if not a.get("num_experts"):
+        return {}
+    if a.get("moe_router_load_balancing_type", "aux_loss") == "sinkhorn":
+        raise CheckpointError(f"{where}: args.moe_router_load_balancing_type='sinkhorn' (Sinkhorn routing) is not "
+                              f"supported")
+    freq = a.get("moe_layer_freq", 1)
+    if isinstance(freq, str):
+        raise CheckpointError(f"{where}: args.moe_layer_freq={freq!r} is an unparsed pattern; expected an integer "
+                              f"or a list of 0/1 flags")
+    ffn = a.get("moe_ffn_hidden_size")
+    return dict(num_experts=a["num_experts"], moe_router_topk=a.get("moe_router_topk", 2),
+                moe_ffn_hidden_size=ffn, moe_shared_expert_ffn_hidden_size=a.get("moe_shared_expert_intermediate_size"),
+                moe_router_score_function=a.get("moe_router_score_function", "softmax"),
+                moe_router_pre_softmax=bool(a.get("moe_router_pre_softmax", False)),
+                moe_layer_freq=tuple(freq) if isinstance(freq, list) else freq)
 
 
 def megatron_args_from_arch(arch: ArchConfig, **extra: Any) -> Namespace:
@@ -200,7 +236,20 @@ def megatron_args_from_arch(arch: ArchConfig, **extra: Any) -> Namespace:
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
         untie_embeddings_and_output_weights=arch.untie_embeddings_and_output_weights,
         add_bias_linear=arch.add_bias_linear, add_qkv_bias=arch.add_qkv_bias, qk_layernorm=arch.qk_layernorm,
-        init_method_std=arch.init_method_std, **extra)
+        init_method_std=arch.init_method_std, **{**_megatron_moe_args(arch), **extra})
+
+
+def _megatron_moe_args(arch: ArchConfig) -> dict:
+    """Megatron-LM's names for the MoE fields (none for a dense model); experts saved as SequentialMLP."""
+    if not arch.is_moe:
+        return {}
+    return dict(num_experts=arch.num_experts, moe_router_topk=arch.moe_router_topk,
+                moe_ffn_hidden_size=arch.expert_ffn_hidden_size,
+                moe_shared_expert_intermediate_size=arch.moe_shared_expert_ffn_hidden_size,
+                moe_router_score_function=arch.moe_router_score_function,
+                moe_router_pre_softmax=arch.moe_router_pre_softmax,
+                moe_layer_freq=(arch.moe_layer_freq if isinstance(arch.moe_layer_freq, int)
+                                else list(arch.moe_layer_freq)), moe_grouped_gemm=False)
 
 
 def _tokenizer_from_args(args: Namespace) -> Optional[dict]:
@@ -307,7 +356,8 @@ def save_checkpoint(root: str | os.PathLike, *, model, arch: ArchConfig, runtime
     model_sd = model_sharded_state_dict(model)
     state = {"model": model_sd, "checkpoint_version": 3.0, "iteration": iteration or 0,
              "args": megatron_args_from_arch(arch, tensor_model_parallel_size=runtime.parallel.tensor_parallel,
-                                             pipeline_model_parallel_size=runtime.parallel.pipeline_parallel),
+                                             pipeline_model_parallel_size=runtime.parallel.pipeline_parallel,
+                                             expert_model_parallel_size=runtime.parallel.expert_parallel),
              "rng_state": _rng_sharded_object(runtime, rng_state())}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
@@ -321,10 +371,8 @@ def save_checkpoint(root: str | os.PathLike, *, model, arch: ArchConfig, runtime
 
     if runtime.rank == 0:
         meta = {"format": FORMAT, "architecture": arch.explicit().to_json(), "iteration": iteration or 0,
-                "num_parameters": arch.num_parameters(), "saved_with": {
-                    "tensor_parallel": runtime.parallel.tensor_parallel,
-                    "pipeline_parallel": runtime.parallel.pipeline_parallel,
-                    "data_parallel": runtime.data_parallel}, "provenance": provenance or {}}
+                "num_parameters": arch.num_parameters(), "num_active_parameters": arch.num_active_parameters(),
+                "saved_with": saved_layout(runtime), "provenance": provenance or {}}
         if tokenizer is not None:
             meta["tokenizer"] = copy_tokenizer(root, tokenizer)
         (partial / META).write_text(json.dumps(meta, indent=2) + "\n")
@@ -336,6 +384,12 @@ def save_checkpoint(root: str | os.PathLike, *, model, arch: ArchConfig, runtime
         os.replace(tmp, root / TRACKER)
     runtime.barrier()
     return final
+
+
+def saved_layout(runtime) -> dict:
+    """The layout a checkpoint is written at, as minitron.json records it ("saved_with")."""
+    return {"tensor_parallel": runtime.parallel.tensor_parallel, "pipeline_parallel": runtime.parallel.pipeline_parallel,
+            "data_parallel": runtime.data_parallel, "expert_parallel": runtime.parallel.expert_parallel}
 
 
 def copy_tokenizer(root: Path, tokenizer: dict) -> dict:

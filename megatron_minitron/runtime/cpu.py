@@ -14,7 +14,13 @@ megatron-core assumes CUDA in a handful of places (see DESIGN.md §2). On a mach
                     forks CPU generator states;
 6. `distopt_ckpt` - distributed-optimizer checkpoints with the torch Adam fallback: building the load
                     state dict on an optimizer with empty state asserts, and loading leaves one `step`
-                    tensor shared by all parameters (Adam then drifts after resume), so it is cloned.
+                    tensor shared by all parameters (Adam then drifts after resume), so it is cloned;
+7. `cuda_streams` - `torch.cuda.Stream`, `current_stream` and `stream`: MoE's all-to-all token dispatcher
+                    and shared-expert overlap create side streams and wait on events recorded on them
+                    (`record_event().synchronize()`); on a CPU every operation is already in order,
+                    so streams and events are stubs that do nothing;
+8. `moe_te_gemm`  - `moe_utils.te_general_gemm` is only defined when Transformer Engine imports, but the
+                    router's GEMM tests it for None: without TE it is set to None (the torch matmul path).
 
 WrappedTorchNorm's refusal of sequence parallelism is not patched: our local layer spec uses its own
 norm module instead (`model/norm.py`). On a machine with CUDA nothing is patched. The patches were
@@ -30,7 +36,8 @@ from typing import Any, Callable
 import torch
 
 SUPPORTED_MEGATRON_CORE = ("0.16.1",)
-PATCHES = ("cuda_api", "factories", "tensor_cuda", "tensor_type", "rng_tracker", "distopt_ckpt")
+PATCHES = ("cuda_api", "factories", "tensor_cuda", "tensor_type", "rng_tracker", "distopt_ckpt", "cuda_streams",
+           "moe_te_gemm")
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "as_tensor", "zeros_like", "ones_like",
               "empty_like", "full_like", "rand", "randn", "randint")
 
@@ -77,6 +84,8 @@ def install() -> tuple[str, ...]:
     _patch_tensor_type()
     _patch_rng_tracker()
     _patch_distopt_checkpoint()
+    _patch_cuda_streams()
+    _patch_moe_te_gemm()
     _installed.extend(PATCHES)
     return tuple(_installed)
 
@@ -176,3 +185,52 @@ def _patch_distopt_checkpoint() -> None:
     DistributedOptimizer.sharded_state_dict = sharded_state_dict
     DistributedOptimizer.load_state_dict = load_state_dict
     DistributedOptimizer._set_main_param_and_optimizer_states = set_main_param_and_optimizer_states
+
+
+class CPUEvent:
+    """A recorded point on a CPU "stream": everything before it has already happened."""
+
+    def synchronize(self) -> None:
+        return None
+
+    def wait(self, stream: Any = None) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+class CPUStream:
+    """Stands in for torch.cuda.Stream: CPU operations run in program order, so there is nothing to
+    order between streams."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        return None
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+    def record_event(self, event: Any = None) -> CPUEvent:
+        return event if event is not None else CPUEvent()
+
+    def synchronize(self) -> None:
+        return None
+
+
+_DEFAULT_STREAM = CPUStream()
+
+
+def _patch_cuda_streams() -> None:
+    torch.cuda.Stream = CPUStream
+    torch.cuda.current_stream = lambda *args, **kwargs: _DEFAULT_STREAM
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+
+
+def _patch_moe_te_gemm() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    if not moe_utils.HAVE_TE:
+        moe_utils.te_general_gemm = None

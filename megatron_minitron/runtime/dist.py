@@ -40,10 +40,15 @@ class ParallelConfig:
     last_stage_layers: Optional[int] = None
     """Layers on the last pipeline stage, for an uneven layout (None: even split)."""
 
+    expert_parallel: int = 1
+    """Expert-parallel size: MoE layers split their routed experts over this many ranks, taken from the
+    tensor x data-parallel ranks of a pipeline stage (experts are also split over TP: expert TP = TP),
+    so it must divide the data-parallel size and the number of experts."""
+
     def __post_init__(self) -> None:
-        if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
-            raise ConfigError(f"tensor/pipeline parallel sizes must be >= 1, got TP={self.tensor_parallel}, "
-                              f"PP={self.pipeline_parallel}")
+        if self.tensor_parallel < 1 or self.pipeline_parallel < 1 or self.expert_parallel < 1:
+            raise ConfigError(f"tensor/pipeline/expert parallel sizes must be >= 1, got TP={self.tensor_parallel}, "
+                              f"PP={self.pipeline_parallel}, EP={self.expert_parallel}")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("sequence_parallel needs tensor_parallel > 1")
 
@@ -57,7 +62,24 @@ class ParallelConfig:
         if world_size % self.model_parallel:
             raise ConfigError(f"world size {world_size} is not divisible by TP x PP = {self.tensor_parallel} x "
                               f"{self.pipeline_parallel}; launch a multiple of {self.model_parallel} processes")
-        return world_size // self.model_parallel
+        dp = world_size // self.model_parallel
+        if dp % self.expert_parallel:
+            raise ConfigError(f"expert-parallel size {self.expert_parallel} does not divide the data-parallel size "
+                              f"{dp} (world size {world_size} / (TP x PP)): expert-parallel ranks are data-parallel "
+                              f"ranks of each stage; launch a multiple of "
+                              f"{self.model_parallel * self.expert_parallel} processes or lower --ep")
+        return dp
+
+    def check_arch(self, arch) -> None:
+        """Raise ConfigError if this layout cannot hold the model (sizes that must divide, and
+        megatron-core's rule that MoE layers under tensor parallelism need sequence parallelism)."""
+        arch.check_parallel(tensor_parallel=self.tensor_parallel, pipeline_parallel=self.pipeline_parallel,
+                            expert_parallel=self.expert_parallel, first_stage_layers=self.first_stage_layers,
+                            last_stage_layers=self.last_stage_layers)
+        if arch.is_moe and self.tensor_parallel > 1 and not self.sequence_parallel:
+            raise ConfigError(f"a Mixture-of-Experts model at tensor-parallel size {self.tensor_parallel} needs "
+                              f"sequence parallelism (megatron-core requires it for MoE layers): add "
+                              f"--sequence-parallel")
 
     def layers_per_stage(self, num_layers: int) -> list[int]:
         """Layers on each pipeline stage for a model of num_layers."""
@@ -158,6 +180,14 @@ class Runtime:
         return _ps().get_data_parallel_group()
 
     @property
+    def ep_group(self):
+        return _ps().get_expert_model_parallel_group()
+
+    @property
+    def ep_rank(self) -> int:
+        return _ps().get_expert_model_parallel_rank()
+
+    @property
     def tp_rank(self) -> int:
         return _ps().get_tensor_model_parallel_rank()
 
@@ -203,6 +233,12 @@ def use_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def moe_token_dispatcher(backend: str) -> str:
+    """megatron's MoE token dispatcher for a backend, chosen here only: "alltoall" on NCCL (GPUs),
+    "allgather" on gloo, whose all_to_all_single megatron's all-to-all dispatcher cannot use."""
+    return "alltoall" if backend == "nccl" else "allgather"
+
+
 def init_process_group(env: LaunchEnv, timeout_minutes: int = 30) -> tuple[torch.device, str, tuple[str, ...]]:
     """torch.distributed from the environment: NCCL on GPU, gloo (and the CPU runtime) on CPU."""
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
@@ -235,7 +271,8 @@ def initialize(parallel: ParallelConfig, *, seed: int = 1234, env: Optional[Laun
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor_parallel,
-                                 pipeline_model_parallel_size=parallel.pipeline_parallel)
+                                 pipeline_model_parallel_size=parallel.pipeline_parallel,
+                                 expert_model_parallel_size=parallel.expert_parallel)
     runtime = Runtime(env=env, parallel=parallel, device=device, backend=backend, cpu_patches=patches)
     set_seed(seed)
     return runtime

@@ -25,6 +25,7 @@ from megatron_minitron.model import checkpoint as ckpt
 from megatron_minitron.model.build import build_model
 from megatron_minitron.runtime.dist import Runtime
 from megatron_minitron.training.losses import masked_sum
+from megatron_minitron.training.moe_stats import RouterStats, router_stats
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +74,9 @@ class TrainConfig:
     """Save and stop once this iteration is reached (to split a run into jobs)."""
     seed: int = 1234
     """Seed of every RNG (weights of a model trained from scratch, dropout)."""
+    moe_aux_loss_coeff: float = 0.01
+    """Weight of the routers' load-balancing loss of a Mixture-of-Experts model (Switch Transformer's
+    auxiliary loss, summed over MoE layers; 0 turns it off; ignored for dense models)."""
 
     def __post_init__(self) -> None:
         for name in ("train_iters", "micro_batch_size", "global_batch_size", "seq_length", "log_interval",
@@ -87,6 +91,8 @@ class TrainConfig:
                               f"train_iters={self.train_iters}")
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
             raise ConfigError(f"lr_decay_style={self.lr_decay_style!r} is not one of cosine, linear, constant")
+        if not self.moe_aux_loss_coeff >= 0:
+            raise ConfigError(f"moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
 
     def num_microbatches(self, data_parallel: int) -> int:
         """Micro-batches per step on each data-parallel rank."""
@@ -115,6 +121,8 @@ class Trainer:
     chunks: Optional[list] = None
     """What megatron's schedule runs, when it is not `model` itself (distillation wraps the student
     and the teacher of each stage in one chunk); the optimizer and checkpoints still see `model`."""
+    moe_stats: Optional[RouterStats] = None
+    """Router statistics (aux loss, expert load) of a Mixture-of-Experts model; None when dense."""
 
     @property
     def schedule_chunks(self) -> list:
@@ -132,7 +140,7 @@ def build_trainer(arch: ArchConfig, runtime: Runtime, cfg: TrainConfig,
     cfg.num_microbatches(runtime.data_parallel)
     bf16 = cfg.bf16 if cfg.bf16 is not None else runtime.device.type == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    module = build_model(arch, runtime, dtype=dtype)
+    module = build_model(arch, runtime, dtype=dtype, moe_aux_loss_coeff=cfg.moe_aux_loss_coeff)
     if attach is not None:
         attach(module.module if hasattr(module, "module") else module)
     config = module.config
@@ -151,7 +159,8 @@ def build_trainer(arch: ArchConfig, runtime: Runtime, cfg: TrainConfig,
     config.no_sync_func = model[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
-    return Trainer(arch=arch, runtime=runtime, cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler)
+    return Trainer(arch=arch, runtime=runtime, cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler,
+                   moe_stats=router_stats([module], arch, runtime, cfg.moe_aux_loss_coeff))
 
 
 # ----------------------------------------------------------------------------------------- tasks
@@ -221,6 +230,8 @@ def train_step(trainer: Trainer, task: Task, data_iterator: Iterator[dict]) -> d
     for chunk in trainer.model:
         chunk.zero_grad_buffer()
     trainer.optimizer.zero_grad()
+    if trainer.moe_stats is not None:
+        trainer.moe_stats.reset()
     reports = get_forward_backward_func()(
         forward_step_func=task.forward_step, data_iterator=data_iterator, model=trainer.schedule_chunks,
         num_microbatches=cfg.num_microbatches(runtime.data_parallel), seq_length=cfg.seq_length,
@@ -236,6 +247,8 @@ def train_step(trainer: Trainer, task: Task, data_iterator: Iterator[dict]) -> d
         out.pop(name)
     if task.stage_losses is not None:
         out.update(task.stage_losses(out, True))
+    if trainer.moe_stats is not None:
+        out.update(trainer.moe_stats.reduce(cfg.num_microbatches(runtime.data_parallel)))
     out.update(grad_norm=float(grad_norm or 0.0), lr=trainer.optimizer.param_groups[0]["lr"])
     return out
 
@@ -298,11 +311,9 @@ def resume(trainer: Trainer, root: Path, task: Optional[Task] = None) -> bool:
         return False
     info = ckpt.resolve(root)
     ckpt.check_architecture(trainer.arch, info.arch, where=str(info.path))
-    saved = info.metadata.get("saved_with", {})
+    saved = {"expert_parallel": 1, **info.metadata.get("saved_with", {})}  # older checkpoints: no EP
     runtime = trainer.runtime
-    same_layout = saved == {"tensor_parallel": runtime.parallel.tensor_parallel,
-                            "pipeline_parallel": runtime.parallel.pipeline_parallel,
-                            "data_parallel": runtime.data_parallel}
+    same_layout = saved == ckpt.saved_layout(runtime)
     state = ckpt.load_checkpoint(info, model=trainer.model[0], runtime=runtime, optimizer=trainer.optimizer,
                                  scheduler=trainer.scheduler, load_rng=same_layout)
     trainer.iteration = int(state.get("iteration", info.iteration))

@@ -153,8 +153,8 @@ def test_megatron_lm_defaults_and_unsupported_args():
     assert (arch.normalization, arch.activation, arch.ffn_hidden_size, arch.position_embedding_type) == \
         ("LayerNorm", "gelu", 256, "learned_absolute")
     assert not arch.untie_embeddings_and_output_weights and arch.add_bias_linear
-    with pytest.raises(ckpt.CheckpointError, match=r"args.num_experts=8 \(mixture-of-experts models\)"):
-        ckpt.arch_from_megatron_args(Namespace(**vars(args), num_experts=8))
+    with pytest.raises(ckpt.CheckpointError, match=r"args.multi_latent_attention=True \(multi-latent attention\)"):
+        ckpt.arch_from_megatron_args(Namespace(**vars(args), multi_latent_attention=True))
 
 
 def test_megatron_args_round_trip():

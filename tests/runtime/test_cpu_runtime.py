@@ -83,3 +83,30 @@ def test_unknown_megatron_version_is_refused_with_the_fix():
     with pytest.raises(cpu.UnsupportedMegatronVersion, match=r"megatron-core 0\.15\.0 is installed.*0\.16\.1"):
         cpu.check_version("0.15.0")
     cpu.check_version(cpu.megatron_core_version())  # the installed one is supported
+
+
+def test_cuda_streams_are_ordered_stubs():
+    """What megatron's all-to-all dispatcher does with its device-to-host stream (token_dispatcher.py,
+    _maybe_dtoh_and_synchronize): each call raises "requires CUDA support" unpatched."""
+    side = torch.cuda.Stream()
+    on_side = torch.cuda.current_stream() != side
+    assert on_side
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        moved = torch.ones(3, device="cuda").to("cpu", non_blocking=True)
+    side.record_event().synchronize()
+    assert moved.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_moe_router_gemm_runs_without_transformer_engine():
+    """The router's GEMM reads moe_utils.te_general_gemm, which megatron defines only when TE imports
+    (NameError otherwise); with the patch it takes the torch path and matches a plain matmul."""
+    from megatron.core.transformer.moe import moe_utils
+
+    assert not moe_utils.HAVE_TE and moe_utils.te_general_gemm is None
+    inp = torch.randn(5, 8, requires_grad=True)
+    weight = torch.randn(4, 8, requires_grad=True)
+    out = moe_utils.router_gating_linear(inp, weight, None, torch.float32)
+    torch.testing.assert_close(out, inp @ weight.t())
+    out.sum().backward()
+    torch.testing.assert_close(weight.grad, torch.ones(5, 4).t() @ inp.detach())

@@ -1,0 +1,96 @@
+"""`minitron pretrain` of a Mixture-of-Experts model: end to end at DP2 x EP2 under torchrun (router
+statistics in metrics.jsonl, a self-describing checkpoint), and its input errors before any process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_minitron.cli import main
+from megatron_minitron.config import preset
+from tests.conftest import torchrun
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_cache):
+    save = tmp_path_factory.mktemp("pretrain-moe") / "run"
+    output = torchrun("-m", "megatron_minitron", "pretrain", "--arch", "tiny-moe", "--ep", "2", "--save", save,
+                      "--cache-dir", data_cache, "--train-iters", "30", "--seq-length", "64", "--micro-batch-size",
+                      "4", "--global-batch-size", "8", "--lr", "3e-3", "--lr-warmup-iters", "3", "--eval-interval",
+                      "30", "--eval-iters", "1", "--log-interval", "10", "--moe-aux-loss-coeff", "0.02",
+                      nproc=2, timeout=900)
+    return save, output
+
+
+def test_moe_model_trains_and_logs_router_statistics(run_dir):
+    save, output = run_dir
+    assert "token dispatcher 'allgather' (gloo)" in output and "EP=2" in output
+    train = [r for r in map(json.loads, (save / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert len(train) == 30
+    first = sum(r["lm loss"] for r in train[:5]) / 5
+    last = sum(r["lm loss"] for r in train[-5:]) / 5
+    assert last < first - 0.5, f"training loss fell only from {first:.3f} to {last:.3f}"
+    for r in train:
+        # aux loss = coefficient x sum over the 4 MoE layers; the logged load-balancing loss is their mean
+        assert r["moe aux loss"] == pytest.approx(0.02 * 4 * r["moe load-balancing loss"], rel=1e-9)
+        assert r["moe load-balancing loss"] > 0
+        assert sorted(r["moe expert load"]) == ["0", "1", "2", "3"]
+        assert all(sum(load) == pytest.approx(1.0, abs=1e-5) and len(load) == 4 for load in r["moe expert load"].values())
+        assert 1.0 <= r["moe load imbalance"] <= 4.0
+
+
+def test_checkpoint_describes_the_experts_and_its_layout(run_dir, capsys):
+    from megatron_minitron.model.checkpoint import resolve
+
+    save, _ = run_dir
+    info = resolve(save)
+    assert info.arch.num_experts == 4 and info.arch.moe_router_topk == 2
+    assert info.metadata["saved_with"]["expert_parallel"] == 2
+    assert info.metadata["num_active_parameters"] == info.arch.num_active_parameters()
+    assert main(["inspect", str(save)]) == 0
+    assert f"active per token: {info.arch.num_active_parameters():,} (4 experts, top-2)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch, argv, message", [
+    ("tiny", ["--ep", "2"], "expert-parallel size 2 needs a Mixture-of-Experts model"),
+    ("tiny-moe", ["--ep", "3"], "expert-parallel size 3 does not divide num_experts=4"),
+    ("tiny-moe", ["--ep", "2"], "expert-parallel size 2 does not divide the data-parallel size 1"),
+    ("tiny-moe", ["--tp", "2"], "needs sequence parallelism (megatron-core requires it for MoE layers): add "
+                                "--sequence-parallel"),
+    ("tiny-moe", ["--moe-aux-loss-coeff", "-1"], "moe_aux_loss_coeff must be >= 0, got -1.0"),
+])
+def test_bad_moe_input_fails_fast_with_a_clear_error(tmp_path, capsys, arch, argv, message):
+    assert main(["pretrain", "--arch", arch, "--save", str(tmp_path / "new"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_arch_file_with_more_experts_per_token_than_experts(tmp_path, capsys):
+    arch = preset("tiny-moe").to_json() | {"moe_router_topk": 5}
+    (tmp_path / "arch.json").write_text(json.dumps(arch))
+    assert main(["pretrain", "--arch", str(tmp_path / "arch.json"), "--save", str(tmp_path / "new")]) == 2
+    assert "moe_router_topk=5 is larger than num_experts=4" in capsys.readouterr().err
+
+
+def test_evaluate_at_ep1_gives_the_validation_loss_of_training_at_ep2(run_dir, data_cache, tmp_path):
+    """The checkpoint written at DP2 x EP2 evaluated in one process (EP1) on the same validation batch."""
+    save, _ = run_dir
+    valid = [r for r in map(json.loads, (save / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "valid"]
+    torchrun("-m", "megatron_minitron", "evaluate", "--load", save, "--cache-dir", data_cache, "--seq-length", "64",
+             "--micro-batch-size", "4", "--global-batch-size", "8", "--eval-iters", "1", "--out",
+             tmp_path / "eval.json", nproc=1, timeout=600)
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["val lm loss"] == pytest.approx(valid[-1]["val lm loss"], rel=1e-6)
+
+
+def test_scoring_pruning_and_export_refuse_a_moe_checkpoint_by_name(run_dir, tmp_path, capsys):
+    save, _ = run_dir
+    assert main(["importance", "--load", str(save), "--out", str(tmp_path / "scores")]) == 2
+    assert "is a Mixture-of-Experts model (4 experts); importance scoring" in capsys.readouterr().err
+    assert main(["prune", "--load", str(save), "--save", str(tmp_path / "pruned"), "--plan", "plan.json"]) == 2
+    assert "is a Mixture-of-Experts model (4 experts); pruning experts" in capsys.readouterr().err
+    assert main(["export-hf", "--load", str(save), "--save", str(tmp_path / "hf")]) == 2
+    assert "is a Mixture-of-Experts model (4 experts); exporting MoE families" in capsys.readouterr().err
+    assert not (tmp_path / "scores").exists() and not (tmp_path / "pruned").exists()
+    assert not (tmp_path / "hf").exists()
