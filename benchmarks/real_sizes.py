@@ -256,6 +256,11 @@ def torchrun(*args: str, nproc: int = 2) -> dict:
 def distributed(root: Path, config: dict, student: dict, samples: int, seq: int, steps: int) -> dict:
     hf, teacher, pruned, scores, run = (root / n for n in ("hf1b", "teacher1b", "student1b", "scores1b", "distill1b"))
     write_hf(config, hf, "float32")
+    # the embedded corpus's SentencePiece tokenizer (8,192 ids, within the model's vocabulary) travels with the
+    # model, so importance and distillation read the corpus with it
+    from megatron_minitron.data.tokenizer import default_tokenizer
+
+    shutil.copyfile(default_tokenizer(str(root / "data-cache")).path, hf / "tokenizer.model")
     measure("import", hf, teacher)
     shutil.rmtree(hf)
     out = {}
