@@ -20,6 +20,7 @@ from pathlib import Path
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
                                            check_run_dir, parallel_config, parse_blend, run_batches, tokenizer_json,
                                            train_config)
+from megatron_minitron.flags import field_argument, non_negative, positive
 from megatron_minitron.config import ConfigError
 
 
@@ -30,32 +31,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run already in --save")
     parser.add_argument("--overwrite", action="store_true", help="delete a previous run in --save first")
     add_parallel_arguments(parser)
-    parser.add_argument("--teacher-first-stage-layers", type=int, default=None,
-                        help="teacher layers on the first pipeline stage (default: even split of its depth)")
-    parser.add_argument("--teacher-last-stage-layers", type=int, default=None)
+    field_argument(parser, *DISTILL, "teacher_first_stage_layers", type=positive())
+    field_argument(parser, *DISTILL, "teacher_last_stage_layers", type=positive())
     add_data_arguments(parser)
     add_training_arguments(parser)
     add_loss_arguments(parser)
 
 
+DISTILL = ("megatron_minitron.distill.loop", "DistillConfig")
+"""Where the distillation flags' fields are declared."""
+
+
 def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per DistillConfig field (default and help from the field)."""
     k = parser.add_argument_group("distillation losses")
-    k.add_argument("--kd-loss", default="forward", choices=["forward", "reverse"], help="KL direction on logits")
-    k.add_argument("--kd-temperature", type=float, default=1.0)
-    k.add_argument("--kd-temperature-squared", action="store_true", help="multiply the KL by temperature^2")
-    k.add_argument("--kd-top-k", type=int, default=None, help="KL over the teacher's top-k tokens only")
-    k.add_argument("--kd-weight", type=float, default=1.0)
-    k.add_argument("--lm-loss-weight", type=float, default=0.0, help="weight of the student's LM loss (default 0)")
-    k.add_argument("--intermediate-layers", nargs="+", default=(), metavar="T:S",
-                   help="match teacher layer T's hidden state to student layer S's (0-based), e.g. 11:5")
-    k.add_argument("--intermediate-loss", default="cosine", choices=["cosine", "mse"])
-    k.add_argument("--intermediate-weight", type=float, default=1.0)
+    field_argument(k, *DISTILL, "kd_loss", choices=["forward", "reverse"])
+    field_argument(k, *DISTILL, "temperature", flag="--kd-temperature", type=positive(float))
+    field_argument(k, *DISTILL, "temperature_squared", flag="--kd-temperature-squared")
+    field_argument(k, *DISTILL, "top_k", flag="--kd-top-k", type=positive())
+    field_argument(k, *DISTILL, "kd_weight", type=non_negative(float))
+    field_argument(k, *DISTILL, "lm_weight", flag="--lm-loss-weight", type=non_negative(float))
+    field_argument(k, *DISTILL, "intermediate_layers", nargs="+", metavar="T:S")
+    field_argument(k, *DISTILL, "intermediate_loss", choices=["cosine", "mse"])
+    field_argument(k, *DISTILL, "intermediate_weight", type=non_negative(float))
     k.add_argument("--no-rescale-intermediate", action="store_true",
-                   help="do not rescale intermediate losses to the KD loss's magnitude")
-    k.add_argument("--truncate-teacher-vocab", action="store_true",
-                   help="drop the teacher's vocabulary padding rows beyond the student's (same tokenizer)")
+                   help="do not rescale intermediate losses to the KD loss's magnitude (the default rescales "
+                        "each pair's loss to the KD loss's, by the previous step's ratio)")
+    field_argument(k, *DISTILL, "truncate_teacher_vocab")
     k.add_argument("--skip-teacher-check", action="store_true",
-                   help="distill even from a teacher whose validation loss is near ln(vocab)")
+                   help="distill even from a teacher whose validation loss is near ln(vocab) (the default refuses "
+                        "an untrained teacher)")
 
 
 def distill_config(args: argparse.Namespace):

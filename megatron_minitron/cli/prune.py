@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from megatron_minitron.flags import positive
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megatron_minitron.plan.target import add_target_arguments
@@ -23,12 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", default=None, metavar="PLAN.json", help="apply this plan instead of computing one")
     parser.add_argument("--save", required=True, help="output checkpoint directory (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --save")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (ignored under torchrun: the ranks "
+    parser.add_argument("--workers", type=positive(), default=1, help="worker processes (ignored under torchrun: the ranks "
                                                                "share the work)")
-    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size the pruned model must load at "
+    parser.add_argument("--tp", type=positive(), default=None, help="tensor-parallel size the pruned model must load at "
                                                              "(divisibility checks)")
-    parser.add_argument("--pp", type=int, default=None, help="pipeline-parallel size the pruned model must load at")
-    parser.add_argument("--chunk-mb", type=float, default=64, help="largest source region a worker reads at once")
+    parser.add_argument("--pp", type=positive(), default=None, help="pipeline-parallel size the pruned model must load at")
+    parser.add_argument("--chunk-mb", type=positive(float), default=64, help="largest source region a worker reads at once")
     parser.add_argument("--save-plan", default=None, metavar="PLAN.json", help="also write the plan to this file")
     add_target_arguments(parser)
 
