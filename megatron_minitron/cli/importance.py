@@ -103,10 +103,15 @@ def run(args: argparse.Namespace) -> int:
 
     check_vocab_fits(tokenizer, arch.vocab_size)
     env = LaunchEnv.from_environ()
-    return _score(args, parallel, env, info, calibration, cfg, tokenizer)
+    from megatron_minitron.model.integrity import check_complete, fingerprint
+
+    check_complete(info.path)
+    return _score(args, parallel, env, info, calibration, cfg, tokenizer, fingerprint(info.path))
 
 
-def _score(args, parallel, env, info, calibration, cfg, tokenizer) -> int:
+def _score(args, parallel, env, info, calibration, cfg, tokenizer, checkpoint_fingerprint: str) -> int:
+    import dataclasses
+
     import torch
 
     from megatron_minitron.importance.calibration import build_calibration_dataset, micro_batches
@@ -141,6 +146,8 @@ def _score(args, parallel, env, info, calibration, cfg, tokenizer) -> int:
                                    use_te=use_te, log=log)
         scores = make_scores(tensors, arch=arch, info=info, calibration=calibration, num_samples=num_samples,
                              cfg=cfg, use_te=use_te, runtime=runtime, lm_loss=lm_loss)
+        scores = dataclasses.replace(scores, manifest=dataclasses.replace(
+            scores.manifest, checkpoint_fingerprint=checkpoint_fingerprint))
         if runtime.rank == 0:
             out = Path(args.out)
             if out.exists() and args.overwrite:

@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--load", required=True, help="the unpruned model (the teacher of every candidate)")
     parser.add_argument("--scores", required=True, help="its scores directory (`minitron importance`)")
+    parser.add_argument("--allow-foreign-scores", action="store_true",
+                        help="use --scores computed on another checkpoint than --load (warns; by default refused)")
     parser.add_argument("--out", required=True, help="search directory")
     parser.add_argument("--resume", action="store_true", help="continue the search in --out")
     parser.add_argument("--overwrite", action="store_true", help="delete a previous search in --out first")
@@ -97,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     source = ckpt.resolve(args.load)
     scores = load_scores(args.scores)
     scores.check_belongs_to(source.arch, what=f"--load {args.load}")
+    scores.check_computed_on(source.path, what=f"--load {args.load}", allow_foreign=args.allow_foreign_scores)
     space = search_space(args, source.arch)
     candidates, removed = enumerate_candidates(source.arch, space, budget=args.budget, tolerance=args.tolerance,
                                                tensor_parallel=parallel.tensor_parallel,

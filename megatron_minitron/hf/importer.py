@@ -42,6 +42,7 @@ from megatron_minitron.hf.families import Family, TensorMap, family_for_config, 
 from megatron_minitron.hf.files import HFError, TensorEntry
 from megatron_minitron.hf.rules import EXTRA_STATE_MODULES, Copy, Vocab, megatron_shape
 from megatron_minitron.model import checkpoint as ckpt
+from megatron_minitron.model.integrity import write_checksums
 from megatron_minitron.prune.rewrite import peak_rss_mb
 
 HF_DIR = "hf"
@@ -326,4 +327,5 @@ def _write_metadata(plan: ImportPlan, partial: Path, release: Path, tp: int, pp:
         meta["tokenizer"] = plan.tokenizer
     (release / ckpt.META).write_text(json.dumps(meta, indent=2) + "\n")
     (release / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))  # the finished marker: last
+    write_checksums(release)
     (partial / ckpt.TRACKER).write_text("release")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from megatron_minitron.config import ArchConfig, ConfigError
+from megatron_minitron.model.integrity import write_checksums
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "minitron.json"
@@ -101,7 +102,7 @@ def resolve(path: str | os.PathLike) -> CheckpointInfo:
     singleton = _has_per_layer_keys(ckpt)
     meta_file = ckpt / META
     if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
+        meta = _read_meta(meta_file)
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{meta_file} has format {meta.get('format')!r}; this version reads {FORMAT!r}")
         tokenizer = meta.get("tokenizer")
@@ -117,6 +118,18 @@ def resolve(path: str | os.PathLike) -> CheckpointInfo:
     return CheckpointInfo(root=root, path=ckpt, iteration=int(common.get("iteration", iteration)),
                           arch=arch_from_megatron_args(args, where=str(ckpt)), tokenizer=_tokenizer_from_args(args),
                           origin="megatron-lm", singleton_local_shards=singleton)
+
+
+def _read_meta(meta_file: Path) -> dict:
+    """minitron.json, with one clear error for damaged JSON or a missing architecture."""
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{meta_file} is not valid JSON ({error}); the checkpoint's metadata is damaged") \
+            from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("architecture"), dict):
+        raise CheckpointError(f"{meta_file} holds no 'architecture' object; the checkpoint's metadata is damaged")
+    return meta
 
 
 def load_common(ckpt: Path) -> dict:
@@ -321,6 +334,7 @@ def save_checkpoint(root: str | os.PathLike, *, model, arch: ArchConfig, runtime
     runtime.barrier()
 
     if runtime.rank == 0:
+        write_checksums(partial)  # of the files just written (from the page cache), before minitron.json
         meta = {"format": FORMAT, "architecture": arch.explicit().to_json(), "iteration": iteration or 0,
                 "num_parameters": arch.num_parameters(), "saved_with": {
                     "tensor_parallel": runtime.parallel.tensor_parallel,

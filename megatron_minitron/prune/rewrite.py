@@ -49,6 +49,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_minitron.model import checkpoint as ckpt
+from megatron_minitron.model.integrity import write_checksums
 from megatron_minitron.plan.plan import Plan
 from megatron_minitron.prune import storage
 from megatron_minitron.prune.slicing import AxisIndices, PruneError, Scratch, is_dropped, rename_object, rule_for
@@ -510,6 +511,7 @@ def _finalize(partial: Path, out: Path, prepared: _Prepared, records: list[stora
     (release / ckpt.META).write_text(json.dumps(meta, indent=2) + "\n")
     # megatron's marker of a finished torch_dist directory, then the tracker: both last.
     (release / "metadata.json").write_text(json.dumps(prepared.megatron_meta))
+    write_checksums(release)
     (partial / ckpt.TRACKER).write_text("release")
     ckpt.move_into_place(partial, out, overwrite=overwrite, error=PruneError)
 

@@ -3,6 +3,7 @@ inspect printout, every bad input refused before anything is written, and a SIGK
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from megatron_minitron.cli import main
 from megatron_minitron.config import preset
 from megatron_minitron.importance.scores import save_scores
 from megatron_minitron.model import checkpoint as ckpt
+from megatron_minitron.model.integrity import fingerprint
 from megatron_minitron.prune.slicing import slice_full
 from tests.conftest import REPO
 from tests.plan.conftest import scores_for
@@ -40,7 +42,9 @@ def source(tmp_path_factory, single_rank_runtime):
     tok.write_bytes(b"tokenizer")
     ckpt.save_checkpoint(root / "src", model=model, arch=ARCH, runtime=single_rank_runtime, iteration=2,
                          tokenizer={"kind": "sentencepiece", "path": str(tok)})
-    save_scores(scores_for(ARCH, seed=3), root / "scores")
+    scores = scores_for(ARCH, seed=3)
+    save_scores(dataclasses.replace(scores, manifest=dataclasses.replace(  # scores of this very checkpoint
+        scores.manifest, checkpoint_fingerprint=fingerprint(ckpt.resolve(root / "src").path))), root / "scores")
     save_scores(scores_for(ARCH.replace(hidden_size=128), seed=3), root / "other_scores")
     return root
 
@@ -148,11 +152,11 @@ def test_bad_arguments_are_refused_before_writing(source, tmp_path, capsys):
         (["--plan", good, "--save", tmp_path / "exists"], "already exists and is not empty"),
         (["--plan", good, "--save", source / "src" / "inside"], "inside the source checkpoint"),
         (["--plan", good, "--save", source], "contains the source checkpoint"),
-        (["--plan", good, "--workers", 0], "--workers must be >= 1"),
+        (["--plan", good, "--workers", 0], "argument --workers: must be >= 1"),
         (["--plan", good, "--head-merge"], "--head-merge needs --scores"),
         (["--plan", other], "differen"),
         (["--scores", source / "other_scores", "--target-ffn-hidden-size", 96], "computed on architecture"),
-        (["--scores", source / "scores", "--target-ffn-hidden-size", 0], "ffn_hidden_size"),
+        (["--scores", source / "scores", "--target-ffn-hidden-size", 0], "argument --target-ffn-hidden-size: must be"),
         (["--scores", source / "scores", "--target-hidden-size", 128], "hidden_size"),
         (["--scores", source / "scores", "--target-num-attention-heads", 2, "--tp", 4], "tensor-parallel|divid"),
         (["--target-ffn-hidden-size", 96], "--scores DIR is needed"),
@@ -162,7 +166,11 @@ def test_bad_arguments_are_refused_before_writing(source, tmp_path, capsys):
         args = ["prune", "--load", str(source / "src")]
         if "--save" not in extra:
             args += ["--save", str(tmp_path / "new")]
-        assert main(args + [str(x) for x in extra]) == 2, extra
+        try:
+            status = main(args + [str(x) for x in extra])
+        except SystemExit as parse_error:  # refused while the flags are parsed
+            status = parse_error.code
+        assert status == 2, extra
         err = capsys.readouterr().err
         import re
 
