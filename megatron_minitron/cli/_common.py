@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from megatron_minitron.flags import field_argument, non_negative, positive, short_run_warmup
@@ -93,10 +94,24 @@ def warmup_iters(args: argparse.Namespace) -> int:
     return short_run_warmup(args.lr_warmup_iters, args.train_iters, flag="lr_warmup_iters", iters_flag="train_iters")
 
 
+def check_writable_dir(path: Path, flag: str) -> None:
+    """A directory we will write into (it may not exist yet): not a file, and writable (checked on the
+    nearest existing directory), so that a run does not train for hours and then fail to save."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a directory; give a directory path")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: {existing} is a file, not a directory; give a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {existing} is not writable; choose a directory you can write to")
+
+
 def check_run_dir(save: Path, *, resume: bool, overwrite: bool) -> None:
     """No silent overwrite: an existing run needs --resume (continue) or --overwrite (start again)."""
     from megatron_minitron.model.checkpoint import TRACKER
 
+    check_writable_dir(save, "--save")
     if not save.exists() or not any(save.iterdir()):
         if resume:
             raise ConfigError(f"--resume: {save} holds no run to continue")

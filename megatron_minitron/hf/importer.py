@@ -215,16 +215,19 @@ def _hf_tokenizer_vocab(path: Path) -> tuple[int, Callable[[int], Optional[str]]
     return (max(pairs) + 1 if pairs else 0), pairs.get
 
 
-def check_output(out: Path, overwrite: bool, source: Path) -> None:
-    """The output may not exist (unless overwrite) and may not be inside or around the source."""
+def check_output(out: Path, overwrite: bool, source: Path, *, previous=ckpt.is_checkpoint_dir,
+                 what: str = "checkpoint") -> None:
+    """The output may not exist (unless overwrite and it is a previous output of the same kind:
+    `previous(out)`) and may not be inside or around the source."""
     src, dst = source.resolve(), out.resolve()
     if dst == src or src in dst.parents or dst in src.parents:
         raise HFError(f"output {out} overlaps the source {source}; choose a path outside it")
     if out.exists() and not out.is_dir():
         raise HFError(f"output {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise HFError(f"output directory {out} already exists and is not empty; choose a new path, or pass "
-                      f"--overwrite to replace it")
+    try:
+        ckpt.check_new_output(out, overwrite=overwrite, previous=previous, what=what)
+    except ConfigError as error:
+        raise HFError(str(error)) from None
 
 
 # ------------------------------------------------------------------------------------------ writes

@@ -21,7 +21,7 @@ import shutil
 from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -412,10 +412,24 @@ def _top_level_keys(ckpt: Path) -> set[str]:
     return keys | set(load_common(ckpt))
 
 
-def check_new_output(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Refuse an existing, non-empty output directory unless overwrite is given."""
+def is_checkpoint_dir(path: Path) -> bool:
+    """A checkpoint root (tracker file) or a torch_dist directory (megatron's metadata.json)."""
+    return (path / TRACKER).is_file() or (path / "metadata.json").is_file()
+
+
+def check_new_output(path: str | os.PathLike, *, overwrite: bool = False,
+                     previous: Callable[[Path], bool] = is_checkpoint_dir, what: str = "checkpoint") -> Path:
+    """Refuse a file, and an existing, non-empty output directory unless overwrite is given and
+    `previous(path)` recognises it as an earlier output of the same kind (`what`): --overwrite never
+    deletes a directory of other files."""
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output {path} is a file, not a directory; choose a new path")
+    if path.is_dir() and any(path.iterdir()):
+        if not previous(path):
+            raise ConfigError(f"output directory {path} already exists, is not empty and is not a {what}"
+                              f"{' (--overwrite replaces only a ' + what + ')' if overwrite else ''}; nothing was "
+                              f"deleted: choose a new path")
         if not overwrite:
             raise ConfigError(f"output directory {path} already exists and is not empty; choose a new path, "
                               f"or pass --overwrite to replace it")
