@@ -110,7 +110,17 @@ def run(args: argparse.Namespace) -> int:
     data_cfg = DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
                           split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
                           tokenizer=tokenizer)
-    return _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save)
+    check = None
+    if args.resume:
+        from megatron_minitron.training.resume import check_resume
+
+        check = check_resume(save, {"train": cfg.to_json(), "distill": dcfg.to_json(), "data": data_cfg.to_json()},
+                             train_iters=cfg.train_iters, exit_interval=cfg.exit_interval)
+        if check.done:
+            print(f"the run in {save} is already at iteration {check.iteration} (--train-iters); nothing to do, "
+                  f"nothing was changed", flush=True)
+            return 0
+    return _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save, check)
 
 
 def shared_tokenizer(tokenizer_path, teacher, student):
@@ -131,9 +141,10 @@ def shared_tokenizer(tokenizer_path, teacher, student):
     return ref
 
 
-def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: Path) -> int:
+def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: Path, check) -> int:
     from megatron_minitron.data.loader import load_tokenizer
     from megatron_minitron.distill.loop import distill
+    from megatron_minitron.training.resume import run_record
     from megatron_minitron.runtime import initialize, shutdown
 
     runtime = initialize(parallel, seed=cfg.seed, env=env)
@@ -145,11 +156,11 @@ def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: P
         batches = run_batches(data_cfg, tokenizer, cfg, runtime, model_vocab_size=student.arch.vocab_size)
         if runtime.rank == 0:
             save.mkdir(parents=True, exist_ok=True)
-            (save / "run.json").write_text(json.dumps({
-                "teacher": str(teacher.root), "student": str(student.root), "arch": student.arch.to_json(),
-                "teacher_arch": teacher.arch.to_json(), "train": cfg.to_json(), "distill": dcfg.to_json(),
-                "data": data_cfg.to_json(), "world_size": env.world_size, "parallel": vars(parallel)},
-                indent=2, default=str) + "\n")
+            record = run_record({"train": cfg.to_json(), "distill": dcfg.to_json(), "data": data_cfg.to_json()},
+                                save=save, check=check, teacher=str(teacher.root), student=str(student.root),
+                                arch=student.arch.to_json(), teacher_arch=teacher.arch.to_json(),
+                                world_size=env.world_size, parallel=vars(parallel))
+            (save / "run.json").write_text(json.dumps(record, indent=2) + "\n")
         if runtime.is_logging_rank:
             print(f"distilling {teacher.arch.num_parameters() / 1e6:.2f}M -> {student.arch.num_parameters() / 1e6:.2f}M "
                   f"parameters at TP={parallel.tensor_parallel} PP={parallel.pipeline_parallel} "
