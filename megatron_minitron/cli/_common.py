@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from megatron_minitron.flags import field_argument, non_negative, positive, short_run_warmup
+from megatron_minitron.flags import FieldDefault, field_argument, non_negative, positive, short_run_warmup
 from megatron_minitron.config import ConfigError
 
 
@@ -90,7 +90,16 @@ def train_config(args: argparse.Namespace):
 
 
 def warmup_iters(args: argparse.Namespace) -> int:
-    """--lr-warmup-iters, its default cut for a run shorter than it (see short_run_warmup)."""
+    """--lr-warmup-iters, its default cut for a run shorter than it (see short_run_warmup); a resumed
+    run left at the default keeps the warm-up it started with (its saved schedule is restored)."""
+    import json
+
+    saved = Path(getattr(args, "save", None) or "") / "run.json"
+    if getattr(args, "resume", False) and isinstance(args.lr_warmup_iters, FieldDefault) and saved.is_file():
+        try:
+            return int(json.loads(saved.read_text())["train"]["lr_warmup_iters"])
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged run.json is reported by the resume check
     return short_run_warmup(args.lr_warmup_iters, args.train_iters, flag="lr_warmup_iters", iters_flag="train_iters")
 
 

@@ -187,3 +187,18 @@ def test_cli_reports_one_line(hf_cases, tmp_path, capsys):
     assert main(["export-hf", "--load", str(tmp_path / "ok"), "--save", str(tmp_path / "ok-hf"),
                  "--max-shard-size", "100KB"]) == 0
     assert len(list((tmp_path / "ok-hf").glob("model-*.safetensors"))) > 1
+
+
+def test_non_finite_weight_is_refused_naming_tensor_and_file(hf_cases, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_cases["llama2"]["hf"], hf)
+    weights = hf / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(k for k in sorted(tensors) if k.endswith("mlp.down_proj.weight"))
+    tensors[name][0, 0] = float("inf")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(HFError, match=rf"model.safetensors: tensor '{name}' holds NaN or infinite values"):
+        import_hf(hf, tmp_path / "out", print_fn=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

@@ -273,3 +273,26 @@ def test_reader_selects_rows_from_the_mapped_file_without_writing_to_it(source, 
         assert misaligned if path != out else not misaligned  # DCP's archives start anywhere, ours aligned
         reader.close()
         assert {p.name: p.read_bytes() for p in path.glob("*.distcp")} == before
+
+
+def test_non_finite_weights_are_refused_naming_tensor_and_file(tmp_path, single_rank_runtime, capsys):
+    """A NaN in a stored weight: prune and export-hf stop with the tensor's name and file, write nothing."""
+    from megatron_minitron.model.build import build_model
+    from megatron_minitron.plan import make_plan
+    from megatron_minitron.plan.target import Target
+
+    model = build_model(ARCH, single_rank_runtime)
+    with torch.no_grad():
+        model.embedding.word_embeddings.weight[3, 5] = float("nan")
+    ckpt.save_checkpoint(tmp_path / "src", model=model, arch=ARCH, runtime=single_rank_runtime, iteration=1)
+    make_plan(scores_for(ARCH), Target(ffn_hidden_size=96)).save(tmp_path / "plan.json")
+    before = digest(tmp_path / "src")
+    for argv in (["prune", "--load", str(tmp_path / "src"), "--plan", str(tmp_path / "plan.json"),
+                  "--save", str(tmp_path / "out")],
+                 ["export-hf", "--load", str(tmp_path / "src"), "--save", str(tmp_path / "out")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert "'embedding.word_embeddings.weight' holds NaN or infinite values" in err and "__0_0.distcp" in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "src"]
+    assert digest(tmp_path / "src") == before
