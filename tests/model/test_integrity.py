@@ -117,3 +117,12 @@ def test_scores_of_another_checkpoint_are_refused(copy, tiny_scores, tmp_path, c
     assert main(["search", "--load", str(copy), "--scores", str(tiny_scores), "--budget", "1M",
                  "--out", str(tmp_path / "search")]) == 2
     assert "--allow-foreign-scores" in capsys.readouterr().err and not (tmp_path / "search").exists()
+
+
+def test_importance_refuses_an_incomplete_checkpoint(copy, tmp_path, capsys):
+    (ckpt.resolve(copy).path / "common.pt").unlink()
+    before = digest(copy)
+    assert main(["importance", "--load", str(copy), "--out", str(tmp_path / "scores")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "common.pt is missing" in err, err
+    assert digest(copy) == before and not (tmp_path / "scores").exists()
