@@ -151,6 +151,14 @@ def run_batches(data_cfg, tokenizer, cfg, runtime, *, model_vocab_size: int, tra
             "valid_batches": (lambda: batch_iterator(valid_ds, **dp)) if valid_ds is not None else None}
 
 
+def check_data_files(data_cfg) -> None:
+    """The indexed datasets of --data-path/--valid-data-path exist and are whole, before any process."""
+    from megatron_minitron.data.loader import check_blend_paths
+
+    check_blend_paths(data_cfg.blend or ())
+    check_blend_paths(data_cfg.valid_blend or ())
+
+
 def tokenizer_json(data_cfg, tokenizer) -> dict:
     """The tokenizer reference stored in checkpoints (keeps an explicit HF eod token)."""
     return (data_cfg.tokenizer or tokenizer.ref).to_json()

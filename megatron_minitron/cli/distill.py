@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
-                                           check_run_dir, parallel_config, parse_blend, run_batches, tokenizer_json,
-                                           train_config)
+                                           check_data_files, check_run_dir, parallel_config, parse_blend, run_batches,
+                                           tokenizer_json, train_config)
 from megatron_minitron.flags import field_argument, non_negative, positive
 from megatron_minitron.config import ConfigError
 
@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     data_cfg = DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
                           split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
                           tokenizer=tokenizer)
+    check_data_files(data_cfg)
     check = None
     if args.resume:
         from megatron_minitron.training.resume import check_resume

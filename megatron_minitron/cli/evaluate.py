@@ -12,8 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from megatron_minitron.cli._common import (TRAIN, add_data_arguments, add_parallel_arguments, parallel_config,
-                                           parse_blend)
+from megatron_minitron.cli._common import (TRAIN, add_data_arguments, add_parallel_arguments, check_data_files,
+                                           parallel_config, parse_blend)
 from megatron_minitron.flags import field_argument, non_negative, positive
 
 
@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     data_cfg = DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
                           split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
                           tokenizer=tokenizer)
+    check_data_files(data_cfg)
     return _evaluate(args, parallel, env, info, cfg, data_cfg)
 
 

@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
-                                           check_run_dir, parallel_config, parse_blend, run_batches, tokenizer_json,
-                                           train_config)
+                                           check_data_files, check_run_dir, parallel_config, parse_blend, run_batches,
+                                           tokenizer_json, train_config)
 from megatron_minitron.config import ConfigError
 
 
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seq-length {cfg.seq_length} exceeds the model's max_position_embeddings="
                           f"{arch.max_position_embeddings}")
     data_cfg = _data_config(args, init_info)
+    check_data_files(data_cfg)
     if data_cfg.tokenizer is not None and (init_info is not None or Path(args.arch).is_file()):
         from megatron_minitron.data.loader import check_vocab_fits
 
