@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from megatron_minitron.config import ArchConfig, ConfigError
-from megatron_minitron.model.integrity import write_checksums
+from megatron_minitron.model.integrity import check_complete, write_checksums
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "minitron.json"
@@ -99,6 +99,7 @@ def resolve(path: str | os.PathLike) -> CheckpointInfo:
                               f"or a torch_dist directory with metadata.json")
     if not (ckpt / "metadata.json").is_file():
         raise CheckpointError(f"{ckpt} is not a finished torch_dist checkpoint (no metadata.json)")
+    check_complete(ckpt)  # every file there, .metadata readable, shards long enough: one line naming the file
     singleton = _has_per_layer_keys(ckpt)
     meta_file = ckpt / META
     if meta_file.is_file():

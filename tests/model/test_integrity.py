@@ -119,10 +119,15 @@ def test_scores_of_another_checkpoint_are_refused(copy, tiny_scores, tmp_path, c
     assert "--allow-foreign-scores" in capsys.readouterr().err and not (tmp_path / "search").exists()
 
 
-def test_importance_refuses_an_incomplete_checkpoint(copy, tmp_path, capsys):
-    (ckpt.resolve(copy).path / "common.pt").unlink()
+def test_every_reader_refuses_an_incomplete_checkpoint(copy, tmp_path, capsys):
+    release = ckpt.resolve(copy).path
+    (release / ".metadata").write_bytes((release / ".metadata").read_bytes()[:100])  # truncated
     before = digest(copy)
-    assert main(["importance", "--load", str(copy), "--out", str(tmp_path / "scores")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "common.pt is missing" in err, err
-    assert digest(copy) == before and not (tmp_path / "scores").exists()
+    c, out = str(copy), str(tmp_path / "out")
+    for argv in (["importance", "--load", c, "--out", out], ["evaluate", "--load", c],
+                 ["distill", "--teacher", c, "--student", c, "--save", out],
+                 ["pretrain", "--init", c, "--save", out], ["export-hf", "--load", c, "--save", out]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{release / '.metadata'} is truncated or corrupted" in err, (argv, err)
+        assert digest(copy) == before and not (tmp_path / "out").exists()

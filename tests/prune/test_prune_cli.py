@@ -149,7 +149,7 @@ def test_bad_arguments_are_refused_before_writing(source, tmp_path, capsys):
     good = tmp_path / "good_plan.json"
     make_plan(scores_for(ARCH), Target(ffn_hidden_size=96)).save(good)
     cases = [
-        (["--plan", good, "--save", tmp_path / "exists"], "already exists and is not empty"),
+        (["--plan", good, "--save", tmp_path / "exists"], "already exists, is not empty and is not a checkpoint"),
         (["--plan", good, "--save", source / "src" / "inside"], "inside the source checkpoint"),
         (["--plan", good, "--save", source], "contains the source checkpoint"),
         (["--plan", good, "--workers", 0], "argument --workers: must be >= 1"),
