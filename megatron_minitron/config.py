@@ -527,9 +527,15 @@ def load_arch(spec: str) -> ArchConfig:
     if spec in PRESETS:
         return PRESETS[spec]
     try:
-        with open(spec) as f:
+        with open(spec, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"--arch {spec!r} is neither a preset ({sorted(PRESETS)}) nor an existing JSON file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--arch {spec} is a directory; give a preset name or an architecture JSON file") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"--arch {spec} is not valid JSON ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("architecture", data), dict):
+        raise ConfigError(f"--arch {spec} holds no JSON object of architecture fields")
     return ArchConfig.from_json(data.get("architecture", data))
 

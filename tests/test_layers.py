@@ -61,7 +61,7 @@ def _calls(name: str) -> list[str]:
 def _package(module: str) -> str:
     """The first-level package of a module of ours ('megatron_minitron.hf.files' -> 'hf')."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 2 else ""
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and (REPO / PACKAGE / parts[1]).is_dir()) else ""
 
 
 IMPORTS = _imports()
@@ -112,5 +112,5 @@ def test_algorithms_run_without_megatron(module):
 def test_the_checks_see_the_imports_they_judge():
     """The rules above are only as good as the import reader: it must see lazy imports inside functions."""
     lazy = [i for i in IMPORTS if i.module == f"{PACKAGE}.cli.prune" and i.target == f"{PACKAGE}.prune.rewrite"]
-    assert lazy and "prune_checkpoint" in lazy[0].names
+    assert any("prune_checkpoint" in i.names for i in lazy)
     assert any(c.startswith(f"{PACKAGE}.runtime.dist:") for c in _calls("init_process_group"))

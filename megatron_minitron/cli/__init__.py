@@ -40,6 +40,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     module = importlib.import_module(args._module)
     try:
+        if getattr(args, "cache_dir", None):  # every subcommand with a cache writes there
+            from megatron_minitron.cli._common import check_writable_dir
+
+            check_writable_dir(args.cache_dir, "--cache-dir")
         return int(module.run(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as error:
         # Bad input: one clear line, no traceback (every rank prints the same line).

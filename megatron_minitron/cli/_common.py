@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
+from megatron_minitron.flags import FieldDefault, field_argument, non_negative, positive, short_run_warmup
 from megatron_minitron.config import ConfigError
 
 
 def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("parallelism (data-parallel size = world size / (TP x PP))")
-    group.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    group.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    group.add_argument("--ep", type=int, default=1,
+    group.add_argument("--tp", type=positive(), default=1, help="tensor-parallel size")
+    group.add_argument("--pp", type=positive(), default=1, help="pipeline-parallel size")
+    group.add_argument("--ep", type=positive(), default=1,
                        help="expert-parallel size of Mixture-of-Experts layers (divides the experts and the "
                             "data-parallel size)")
     group.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism (needs --tp > 1)")
-    group.add_argument("--first-stage-layers", type=int, default=None, help="layers on the first pipeline stage")
-    group.add_argument("--last-stage-layers", type=int, default=None, help="layers on the last pipeline stage")
+    group.add_argument("--first-stage-layers", type=positive(), default=None,
+                       help="layers on the first pipeline stage")
+    group.add_argument("--last-stage-layers", type=positive(), default=None, help="layers on the last pipeline stage")
 
 
 def parallel_config(args: argparse.Namespace):
@@ -41,30 +44,23 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                        help="tokenizer, tokenized corpus and dataset index caches (shared by all ranks)")
 
 
+TRAIN = ("megatron_minitron.training.loop", "TrainConfig")
+"""Where the training flags' fields are declared."""
+
+
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field a user sets (default and help from the field)."""
     t = parser.add_argument_group("training")
-    t.add_argument("--train-iters", type=int, default=300)
-    t.add_argument("--seq-length", type=int, default=256)
-    t.add_argument("--micro-batch-size", type=int, default=4)
-    t.add_argument("--global-batch-size", type=int, default=16)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--min-lr", type=float, default=1e-4)
-    t.add_argument("--lr-warmup-iters", type=int, default=20)
-    t.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "linear", "constant"])
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--clip-grad", type=float, default=1.0)
-    t.add_argument("--use-distributed-optimizer", action="store_true")
-    t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 weights with fp32 main weights (default: on GPU only)")
-    t.add_argument("--log-interval", type=int, default=10)
-    t.add_argument("--eval-interval", type=int, default=100)
-    t.add_argument("--eval-iters", type=int, default=10)
-    t.add_argument("--save-interval", type=int, default=0)
-    t.add_argument("--exit-interval", type=int, default=None)
-    t.add_argument("--seed", type=int, default=1234)
-    t.add_argument("--moe-aux-loss-coeff", type=float, default=0.01,
-                   help="weight of the routers' load-balancing loss of a Mixture-of-Experts model (0: off; "
-                        "dense models ignore it)")
+    for name, kind in (("train_iters", positive()), ("seq_length", positive()), ("micro_batch_size", positive()),
+                       ("global_batch_size", positive()), ("lr", positive(float)), ("min_lr", non_negative(float)),
+                       ("lr_warmup_iters", non_negative()), ("lr_decay_style", None),
+                       ("weight_decay", non_negative(float)), ("clip_grad", non_negative(float)),
+                       ("use_distributed_optimizer", None), ("bf16", None), ("log_interval", positive()),
+                       ("eval_interval", non_negative()), ("eval_iters", positive()),
+                       ("save_interval", non_negative()), ("exit_interval", positive()), ("seed", non_negative()),
+                       ("moe_aux_loss_coeff", non_negative(float))):
+        field_argument(t, *TRAIN, name, type=kind,
+                       choices=["cosine", "linear", "constant"] if name == "lr_decay_style" else None)
 
 
 def train_config(args: argparse.Namespace):
@@ -72,17 +68,45 @@ def train_config(args: argparse.Namespace):
 
     return TrainConfig(
         train_iters=args.train_iters, micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
-        seq_length=args.seq_length, lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters,
+        seq_length=args.seq_length, lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=warmup_iters(args),
         lr_decay_style=args.lr_decay_style, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
         use_distributed_optimizer=args.use_distributed_optimizer, bf16=args.bf16, log_interval=args.log_interval,
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, save_interval=args.save_interval,
         exit_interval=args.exit_interval, seed=args.seed, moe_aux_loss_coeff=args.moe_aux_loss_coeff)
 
 
+def warmup_iters(args: argparse.Namespace) -> int:
+    """--lr-warmup-iters, its default cut for a run shorter than it (see short_run_warmup); a resumed
+    run left at the default keeps the warm-up it started with (its saved schedule is restored)."""
+    import json
+
+    saved = Path(getattr(args, "save", None) or "") / "run.json"
+    if getattr(args, "resume", False) and isinstance(args.lr_warmup_iters, FieldDefault) and saved.is_file():
+        try:
+            return int(json.loads(saved.read_text())["train"]["lr_warmup_iters"])
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged run.json is reported by the resume check
+    return short_run_warmup(args.lr_warmup_iters, args.train_iters, flag="lr_warmup_iters", iters_flag="train_iters")
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """A directory we will write into (it may not exist yet): not a file, and writable (checked on the
+    nearest existing directory), so that a run does not train for hours and then fail to save."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a directory; give a directory path")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: {existing} is a file, not a directory; give a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {existing} is not writable; choose a directory you can write to")
+
+
 def check_run_dir(save: Path, *, resume: bool, overwrite: bool) -> None:
     """No silent overwrite: an existing run needs --resume (continue) or --overwrite (start again)."""
     from megatron_minitron.model.checkpoint import TRACKER
 
+    check_writable_dir(save, "--save")
     if not save.exists() or not any(save.iterdir()):
         if resume:
             raise ConfigError(f"--resume: {save} holds no run to continue")
@@ -96,3 +120,11 @@ def check_run_dir(save: Path, *, resume: bool, overwrite: bool) -> None:
         raise ConfigError(f"--save {save} exists and is not a megatron-minitron run directory; choose a new path")
     raise ConfigError(f"--save {save} already holds a run; pass --resume to continue it or --overwrite to "
                       f"start it again")
+
+
+def check_data_files(data_cfg) -> None:
+    """The indexed datasets of --data-path/--valid-data-path exist and are whole, before any process."""
+    from megatron_minitron.data.loader import check_blend_paths
+
+    check_blend_paths(data_cfg.blend or ())
+    check_blend_paths(data_cfg.valid_blend or ())

@@ -23,57 +23,41 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_minitron.flags import field_argument, non_negative, positive, short_run_warmup
 from megatron_minitron.config import ConfigError
 from megatron_minitron.demo.config import MARKER
 """Written first into --out: marks a directory the demo may replace on its next run."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from megatron_minitron.demo.config import DemoConfig
+DEMO = ("megatron_minitron.demo.config", "DemoConfig")
+"""Where the demo's flags' fields are declared."""
 
-    d = {f.name: f.default for f in dataclasses.fields(DemoConfig)}
-    parser.add_argument("--out", default=d["out"], help="run directory (a previous demo run there is replaced)")
-    parser.add_argument("--arch", default=d["arch"], help="teacher architecture: preset or JSON file (default: small)")
-    parser.add_argument("--teacher", default=None, help="prune this trained checkpoint instead of training a teacher")
-    parser.add_argument("--teacher-cache", default=d["teacher_cache"],
-                        help="trained teachers, one per configuration (a second run reuses its teacher)")
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per DemoConfig field (default and help from the field)."""
+    field_argument(parser, *DEMO, "out", note="A previous demo run there is replaced.")
+    for name in ("arch", "teacher", "teacher_cache"):
+        field_argument(parser, *DEMO, name, type=str)
     p = parser.add_argument_group("processes and layout (every stage runs at this TP x PP)")
-    p.add_argument("--tp", type=int, default=d["tensor_parallel"], help="tensor-parallel size (default 2)")
-    p.add_argument("--pp", type=int, default=d["pipeline_parallel"], help="pipeline-parallel size")
-    p.add_argument("--nproc", type=int, default=None,
+    field_argument(p, *DEMO, "tensor_parallel", flag="--tp", dest="tensor_parallel", metavar="N", type=positive())
+    field_argument(p, *DEMO, "pipeline_parallel", flag="--pp", dest="pipeline_parallel", metavar="N", type=positive())
+    p.add_argument("--nproc", type=positive(), default=None,
                    help="processes to launch on this machine (default TP x PP; the rest is data parallel); "
                         "ignored under torchrun/srun")
     t = parser.add_argument_group("steps and sizes")
-    for name, kind, help_text in (
-            ("teacher_iters", int, "teacher training steps"),
-            ("retrain_iters", int, "steps of every retraining arm (equal tokens)"),
-            ("teacher_lr", float, "teacher peak learning rate"),
-            ("retrain_lr", float, "peak learning rate of every arm"),
-            ("warmup_iters", int, "linear warm-up steps of the teacher"),
-            ("retrain_warmup_iters", int, "linear warm-up steps of every arm"),
-            ("seq_length", int, "tokens per sample"),
-            ("micro_batch_size", int, "samples per micro-batch"),
-            ("global_batch_size", int, "samples per step"),
-            ("eval_interval", int, "validate the arms every N steps (their loss-vs-tokens curves)"),
-            ("eval_iters", int, "validation batches per evaluation"),
-            ("calib_samples", int, "calibration samples for importance"),
-            ("lm_loss_samples", int, "samples of each layer/block-removed LM-loss pass"),
-            ("width_hidden_size", int, "hidden size of the width-pruned model (default 3/4)"),
-            ("width_ffn_hidden_size", int, "MLP size of the width-pruned model (default 1/2)"),
-            ("width_num_attention_heads", int, "query heads of the width-pruned model (default 1/2)"),
-            ("depth_num_layers", int, "layers of the depth-pruned model (default: equal parameters to width)"),
-            ("random_seed", int, "seed of the random-ranking baseline"),
-            ("seed", int, "seed of weights and data order")):
-        default = d[name]
-        t.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
-                       help=help_text + (f" (default {default})" if default is not None else ""))
+    for name in ("teacher_iters", "retrain_iters", "seq_length", "micro_batch_size", "global_batch_size",
+                 "eval_iters", "calib_samples", "lm_loss_samples", "width_hidden_size", "width_ffn_hidden_size",
+                 "width_num_attention_heads", "depth_num_layers"):
+        field_argument(t, *DEMO, name, type=positive())
+    for name in ("teacher_lr", "retrain_lr"):
+        field_argument(t, *DEMO, name, type=positive(float))
+    for name in ("warmup_iters", "retrain_warmup_iters", "eval_interval", "random_seed", "seed"):
+        field_argument(t, *DEMO, name, type=non_negative())
     g = parser.add_argument_group("data (default: the embedded CPython-docs corpus)")
-    g.add_argument("--data-path", nargs="+", default=None, metavar="[WEIGHT] PREFIX",
-                   help="indexed dataset prefixes, as Megatron-LM's --data-path")
-    g.add_argument("--valid-data-path", nargs="+", default=None, metavar="[WEIGHT] PREFIX")
-    g.add_argument("--split", default=d["split"])
-    g.add_argument("--tokenizer", default=None, help="SentencePiece .model or HF tokenizer.json")
-    g.add_argument("--cache-dir", default=d["cache_dir"])
+    for name in ("data_path", "valid_data_path"):
+        field_argument(g, *DEMO, name, type=str, nargs="+", metavar="[WEIGHT] PREFIX")
+    for name in ("split", "tokenizer", "cache_dir"):
+        field_argument(g, *DEMO, name, type=str)
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
 
 
@@ -82,7 +66,9 @@ def config_from_args(args: argparse.Namespace):
 
     fields = {f.name for f in dataclasses.fields(DemoConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
-    return DemoConfig(**values, tensor_parallel=args.tp, pipeline_parallel=args.pp, started_at=time.time())
+    for warmup, iters in (("warmup_iters", "teacher_iters"), ("retrain_warmup_iters", "retrain_iters")):
+        values[warmup] = short_run_warmup(values[warmup], values[iters], flag=warmup, iters_flag=iters)
+    return DemoConfig(**values, started_at=time.time())
 
 
 def check_out_dir(out: Path) -> None:

@@ -18,7 +18,8 @@ import shutil
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
-                                           check_run_dir, parallel_config, train_config)
+                                           check_data_files, check_run_dir, parallel_config, train_config)
+from megatron_minitron.flags import field_argument, non_negative, positive
 from megatron_minitron.config import ConfigError
 from megatron_minitron.data.blend import parse_blend
 
@@ -30,32 +31,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run already in --save")
     parser.add_argument("--overwrite", action="store_true", help="delete a previous run in --save first")
     add_parallel_arguments(parser)
-    parser.add_argument("--teacher-first-stage-layers", type=int, default=None,
-                        help="teacher layers on the first pipeline stage (default: even split of its depth)")
-    parser.add_argument("--teacher-last-stage-layers", type=int, default=None)
+    field_argument(parser, *DISTILL, "teacher_first_stage_layers", type=positive())
+    field_argument(parser, *DISTILL, "teacher_last_stage_layers", type=positive())
     add_data_arguments(parser)
     add_training_arguments(parser)
     add_loss_arguments(parser)
 
 
+DISTILL = ("megatron_minitron.distill.loop", "DistillConfig")
+"""Where the distillation flags' fields are declared."""
+
+
 def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per DistillConfig field (default and help from the field)."""
     k = parser.add_argument_group("distillation losses")
-    k.add_argument("--kd-loss", default="forward", choices=["forward", "reverse"], help="KL direction on logits")
-    k.add_argument("--kd-temperature", type=float, default=1.0)
-    k.add_argument("--kd-temperature-squared", action="store_true", help="multiply the KL by temperature^2")
-    k.add_argument("--kd-top-k", type=int, default=None, help="KL over the teacher's top-k tokens only")
-    k.add_argument("--kd-weight", type=float, default=1.0)
-    k.add_argument("--lm-loss-weight", type=float, default=0.0, help="weight of the student's LM loss (default 0)")
-    k.add_argument("--intermediate-layers", nargs="+", default=(), metavar="T:S",
-                   help="match teacher layer T's hidden state to student layer S's (0-based), e.g. 11:5")
-    k.add_argument("--intermediate-loss", default="cosine", choices=["cosine", "mse"])
-    k.add_argument("--intermediate-weight", type=float, default=1.0)
+    field_argument(k, *DISTILL, "kd_loss", choices=["forward", "reverse"])
+    field_argument(k, *DISTILL, "temperature", flag="--kd-temperature", type=positive(float))
+    field_argument(k, *DISTILL, "temperature_squared", flag="--kd-temperature-squared")
+    field_argument(k, *DISTILL, "top_k", flag="--kd-top-k", type=positive())
+    field_argument(k, *DISTILL, "kd_weight", type=non_negative(float))
+    field_argument(k, *DISTILL, "lm_weight", flag="--lm-loss-weight", type=non_negative(float))
+    field_argument(k, *DISTILL, "intermediate_layers", nargs="+", metavar="T:S")
+    field_argument(k, *DISTILL, "intermediate_loss", choices=["cosine", "mse"])
+    field_argument(k, *DISTILL, "intermediate_weight", type=non_negative(float))
     k.add_argument("--no-rescale-intermediate", action="store_true",
-                   help="do not rescale intermediate losses to the KD loss's magnitude")
-    k.add_argument("--truncate-teacher-vocab", action="store_true",
-                   help="drop the teacher's vocabulary padding rows beyond the student's (same tokenizer)")
+                   help="do not rescale intermediate losses to the KD loss's magnitude (the default rescales "
+                        "each pair's loss to the KD loss's, by the previous step's ratio)")
+    field_argument(k, *DISTILL, "truncate_teacher_vocab")
     k.add_argument("--skip-teacher-check", action="store_true",
-                   help="distill even from a teacher whose validation loss is near ln(vocab)")
+                   help="distill even from a teacher whose validation loss is near ln(vocab) (the default refuses "
+                        "an untrained teacher)")
 
 
 def distill_config(args: argparse.Namespace):
@@ -103,7 +108,18 @@ def run(args: argparse.Namespace) -> int:
     data_cfg = DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
                           split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
                           tokenizer=tokenizer)
-    return _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save)
+    check_data_files(data_cfg)
+    check = None
+    if args.resume:
+        from megatron_minitron.training.resume import check_resume
+
+        check = check_resume(save, {"train": cfg.to_json(), "distill": dcfg.to_json(), "data": data_cfg.to_json()},
+                             train_iters=cfg.train_iters, exit_interval=cfg.exit_interval)
+        if check.done:
+            print(f"the run in {save} is already at iteration {check.iteration} (--train-iters); nothing to do, "
+                  f"nothing was changed", flush=True)
+            return 0
+    return _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save, check)
 
 
 def shared_tokenizer(tokenizer_path, teacher, student):
@@ -124,9 +140,10 @@ def shared_tokenizer(tokenizer_path, teacher, student):
     return ref
 
 
-def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: Path) -> int:
+def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: Path, check) -> int:
     from megatron_minitron.data.loader import load_tokenizer, run_batches, tokenizer_json
     from megatron_minitron.distill.loop import distill
+    from megatron_minitron.training.resume import run_record
     from megatron_minitron.runtime import initialize, shutdown
 
     runtime = initialize(parallel, seed=cfg.seed, env=env)
@@ -138,11 +155,11 @@ def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: P
         batches = run_batches(data_cfg, tokenizer, cfg, runtime, model_vocab_size=student.arch.vocab_size)
         if runtime.rank == 0:
             save.mkdir(parents=True, exist_ok=True)
-            (save / "run.json").write_text(json.dumps({
-                "teacher": str(teacher.root), "student": str(student.root), "arch": student.arch.to_json(),
-                "teacher_arch": teacher.arch.to_json(), "train": cfg.to_json(), "distill": dcfg.to_json(),
-                "data": data_cfg.to_json(), "world_size": env.world_size, "parallel": vars(parallel)},
-                indent=2, default=str) + "\n")
+            record = run_record({"train": cfg.to_json(), "distill": dcfg.to_json(), "data": data_cfg.to_json()},
+                                save=save, check=check, teacher=str(teacher.root), student=str(student.root),
+                                arch=student.arch.to_json(), teacher_arch=teacher.arch.to_json(),
+                                world_size=env.world_size, parallel=vars(parallel))
+            (save / "run.json").write_text(json.dumps(record, indent=2) + "\n")
         if runtime.is_logging_rank:
             print(f"distilling {teacher.arch.num_parameters() / 1e6:.2f}M -> {student.arch.num_parameters() / 1e6:.2f}M "
                   f"parameters at TP={parallel.tensor_parallel} PP={parallel.pipeline_parallel} "

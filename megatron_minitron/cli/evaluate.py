@@ -12,8 +12,10 @@ import argparse
 import json
 from pathlib import Path
 
-from megatron_minitron.cli._common import add_data_arguments, add_parallel_arguments, parallel_config
+from megatron_minitron.cli._common import (TRAIN, add_data_arguments, add_parallel_arguments, check_data_files,
+                                           parallel_config)
 from megatron_minitron.data.blend import parse_blend
+from megatron_minitron.flags import field_argument, non_negative, positive
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,11 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_parallel_arguments(parser)
     add_data_arguments(parser)
     e = parser.add_argument_group("evaluation")
-    e.add_argument("--seq-length", type=int, default=256)
-    e.add_argument("--micro-batch-size", type=int, default=4)
-    e.add_argument("--global-batch-size", type=int, default=16)
-    e.add_argument("--eval-iters", type=int, default=10, help="validation global batches")
-    e.add_argument("--seed", type=int, default=1234, help="seed of the data shuffle (as in training)")
+    for name in ("seq_length", "micro_batch_size", "global_batch_size", "eval_iters"):
+        field_argument(e, *TRAIN, name, type=positive())
+    field_argument(e, *TRAIN, "seed", type=non_negative(), note="The seed of the data shuffle, as in training.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     data_cfg = DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
                           split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
                           tokenizer=tokenizer)
+    check_data_files(data_cfg)
     return _evaluate(args, parallel, env, info, cfg, data_cfg)
 
 

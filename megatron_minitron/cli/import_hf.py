@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_minitron.flags import positive
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf", required=True, metavar="DIR", help="local Hugging Face model directory")
     parser.add_argument("--save", required=True, metavar="CKPT", help="new checkpoint directory")
-    parser.add_argument("--tp", type=int, default=1,
+    parser.add_argument("--tp", type=positive(), default=1,
                         help="tensor-parallel size the checkpoint is meant for: pads the vocabulary to a multiple of "
                              "128 x TP and checks it divides heads and MLP (it loads at any layout)")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to check the layer count against")
+    parser.add_argument("--pp", type=positive(), default=1, help="pipeline-parallel size to check the layer count against")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="convert every tensor (default: keep the stored dtypes)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")

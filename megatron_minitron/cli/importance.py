@@ -14,7 +14,12 @@ import argparse
 from pathlib import Path
 
 from megatron_minitron.cli._common import add_parallel_arguments, parallel_config
+from megatron_minitron.flags import field_argument, non_negative, positive
 from megatron_minitron.config import ConfigError
+
+IMPORTANCE = ("megatron_minitron.importance.run", "ImportanceConfig")
+CALIBRATION = ("megatron_minitron.importance.calibration", "CalibrationData")
+"""Where the importance flags' fields are declared."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,24 +37,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--data-file", default=None, help="a .jsonl or .txt file, tokenized into --cache-dir")
     d.add_argument("--tokenizer", default=None, help="SentencePiece .model or tokenizer.json (default: the "
                                                      "checkpoint's)")
-    d.add_argument("--cache-dir", default=".cache/minitron-data")
-    d.add_argument("--num-samples", type=int, default=1024, help="calibration samples (default 1024)")
+    field_argument(d, *CALIBRATION, "cache_dir")
+    field_argument(d, *CALIBRATION, "num_samples", type=positive())
     d.add_argument("--cap-samples", action="store_true",
                    help="use all available samples when the data holds fewer than --num-samples")
-    d.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default: min(4096, max "
-                                                                "positions))")
-    d.add_argument("--micro-batch-size", type=int, default=4)
-    d.add_argument("--seed", type=int, default=1234)
+    d.add_argument("--seq-length", type=positive(), default=None,
+                   help="tokens per sample (default: min(4096, max positions))")
+    field_argument(d, *IMPORTANCE, "micro_batch_size", type=positive())
+    field_argument(d, *CALIBRATION, "seed", type=non_negative())
     s = parser.add_argument_group("scores")
-    s.add_argument("--seq-aggregation", default="mean", choices=["mean", "l2", "var"])
-    s.add_argument("--batch-aggregation", default="l2", choices=["mean", "l2", "var"])
+    field_argument(s, *IMPORTANCE, "seq_aggregation", choices=["mean", "l2", "var"])
+    field_argument(s, *IMPORTANCE, "batch_aggregation", choices=["mean", "l2", "var"])
     s.add_argument("--ffn-source", default="post", choices=["post", "pre"],
                    help="MLP neurons from the post-activation (input of linear_fc2) or X·W1ᵀ")
     s.add_argument("--hidden-final-norm", action="store_true", help="include the final norm in hidden scores")
     s.add_argument("--lm-loss", action="store_true", help="LM loss with each layer removed (one pass per layer)")
-    s.add_argument("--lm-loss-blocks", type=int, nargs="+", default=(), metavar="K",
+    s.add_argument("--lm-loss-blocks", type=positive(), nargs="+", default=(), metavar="K",
                    help="LM loss with each contiguous block of K layers removed")
-    s.add_argument("--lm-loss-samples", type=int, default=None, help="samples for the LM-loss passes")
+    s.add_argument("--lm-loss-samples", type=positive(), default=None, help="samples for the LM-loss passes")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,10 +105,15 @@ def run(args: argparse.Namespace) -> int:
 
     check_vocab_fits(tokenizer, arch.vocab_size)
     env = LaunchEnv.from_environ()
-    return _score(args, parallel, env, info, calibration, cfg, tokenizer)
+    from megatron_minitron.model.integrity import check_complete, fingerprint
+
+    check_complete(info.path)
+    return _score(args, parallel, env, info, calibration, cfg, tokenizer, fingerprint(info.path))
 
 
-def _score(args, parallel, env, info, calibration, cfg, tokenizer) -> int:
+def _score(args, parallel, env, info, calibration, cfg, tokenizer, checkpoint_fingerprint: str) -> int:
+    import dataclasses
+
     import torch
 
     from megatron_minitron.importance.calibration import build_calibration_dataset, micro_batches
@@ -138,6 +148,8 @@ def _score(args, parallel, env, info, calibration, cfg, tokenizer) -> int:
                                    use_te=use_te, log=log)
         scores = make_scores(tensors, arch=arch, info=info, calibration=calibration, num_samples=num_samples,
                              cfg=cfg, use_te=use_te, runtime=runtime, lm_loss=lm_loss)
+        scores = dataclasses.replace(scores, manifest=dataclasses.replace(
+            scores.manifest, checkpoint_fingerprint=checkpoint_fingerprint))
         if runtime.rank == 0:
             out = Path(args.out)
             if out.exists() and args.overwrite:

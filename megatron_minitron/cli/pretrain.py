@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
-                                           check_run_dir, parallel_config, train_config)
+                                           check_data_files, check_run_dir, parallel_config, train_config)
 from megatron_minitron.config import ConfigError
 from megatron_minitron.data.blend import parse_blend
 
@@ -50,11 +50,22 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seq-length {cfg.seq_length} exceeds the model's max_position_embeddings="
                           f"{arch.max_position_embeddings}")
     data_cfg = _data_config(args, init_info)
+    check_data_files(data_cfg)
     if data_cfg.tokenizer is not None and (init_info is not None or Path(args.arch).is_file()):
         from megatron_minitron.data.loader import check_vocab_fits
 
         check_vocab_fits(data_cfg.tokenizer.load(), arch.vocab_size)  # the vocabulary is fixed by the model
-    return _train(args, parallel, cfg, env, save, arch, init_info, data_cfg)
+    check = None
+    if args.resume:
+        from megatron_minitron.training.resume import check_resume
+
+        check = check_resume(save, {"train": cfg.to_json(), "data": data_cfg.to_json()}, train_iters=cfg.train_iters,
+                             exit_interval=cfg.exit_interval)
+        if check.done:
+            print(f"the run in {save} is already at iteration {check.iteration} (--train-iters); nothing to do, "
+                  f"nothing was changed", flush=True)
+            return 0
+    return _train(args, parallel, cfg, env, save, arch, init_info, data_cfg, check)
 
 
 def _data_config(args: argparse.Namespace, init_info):
@@ -72,12 +83,13 @@ def _data_config(args: argparse.Namespace, init_info):
                       tokenizer=tokenizer)
 
 
-def _train(args, parallel, cfg, env, save: Path, arch, init_info, data_cfg) -> int:
+def _train(args, parallel, cfg, env, save: Path, arch, init_info, data_cfg, check) -> int:
     from megatron_minitron.data.loader import load_tokenizer, run_batches, tokenizer_json
     from megatron_minitron.model.checkpoint import latest_iteration
     from megatron_minitron.runtime import initialize, shutdown
     from megatron_minitron.runtime.dist import moe_token_dispatcher
     from megatron_minitron.training.loop import RunPaths, build_trainer, init_from, lm_task, train
+    from megatron_minitron.training.resume import run_record
 
     runtime = initialize(parallel, seed=cfg.seed, env=env)
     try:
@@ -94,9 +106,9 @@ def _train(args, parallel, cfg, env, save: Path, arch, init_info, data_cfg) -> i
             init_from(trainer, init_info.root)
         if runtime.rank == 0:
             save.mkdir(parents=True, exist_ok=True)
-            (save / "run.json").write_text(json.dumps({"arch": arch.to_json(), "train": cfg.to_json(),
-                                                       "data": data_cfg.to_json(), "world_size": env.world_size,
-                                                       "parallel": vars(parallel)}, indent=2, default=str) + "\n")
+            record = run_record({"train": cfg.to_json(), "data": data_cfg.to_json()}, save=save, check=check,
+                                arch=arch.to_json(), world_size=env.world_size, parallel=vars(parallel))
+            (save / "run.json").write_text(json.dumps(record, indent=2) + "\n")
         if runtime.is_logging_rank:
             print(f"training {arch.num_parameters() / 1e6:.2f}M parameters at TP={parallel.tensor_parallel} "
                   f"PP={parallel.pipeline_parallel} DP={runtime.data_parallel} on {runtime.device.type} "

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_minitron.flags import positive
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megatron_minitron.plan.target import add_target_arguments
@@ -22,12 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", default=None, metavar="PLAN.json", help="apply this plan instead of computing one")
     parser.add_argument("--save", required=True, help="output checkpoint directory (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --save")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (ignored under torchrun: the ranks "
+    parser.add_argument("--workers", type=positive(), default=1, help="worker processes (ignored under torchrun: the ranks "
                                                                "share the work)")
-    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size the pruned model must load at "
+    parser.add_argument("--tp", type=positive(), default=None, help="tensor-parallel size the pruned model must load at "
                                                              "(divisibility checks)")
-    parser.add_argument("--pp", type=int, default=None, help="pipeline-parallel size the pruned model must load at")
-    parser.add_argument("--chunk-mb", type=float, default=64, help="largest source region a worker reads at once")
+    parser.add_argument("--pp", type=positive(), default=None, help="pipeline-parallel size the pruned model must load at")
+    parser.add_argument("--chunk-mb", type=positive(float), default=64, help="largest source region a worker reads at once")
+    parser.add_argument("--allow-foreign-scores", action="store_true",
+                        help="use --scores computed on another checkpoint than --load (warns; by default refused)")
     parser.add_argument("--save-plan", default=None, metavar="PLAN.json", help="also write the plan to this file")
     add_target_arguments(parser)
 
@@ -53,7 +57,19 @@ def _plan(args: argparse.Namespace, arch):
     if target.is_empty():
         raise ConfigError("nothing to prune: give target flags (--target-num-layers, --target-hidden-size, ...), "
                           "--export-config or --plan")
+    _scores(args)  # refused here when computed on another checkpoint
     return make_plan(args.scores, target, source=arch, tensor_parallel=args.tp, pipeline_parallel=args.pp)
+
+
+def _scores(args: argparse.Namespace):
+    """--scores, refused when they were computed on another checkpoint than --load."""
+    from megatron_minitron.importance.scores import load_scores
+    from megatron_minitron.prune.rewrite import resolve_source
+
+    scores, info = load_scores(args.scores), resolve_source(args.load)
+    scores.check_belongs_to(info.arch, what=f"checkpoint {args.load}")
+    scores.check_computed_on(info.path, what=f"--load {args.load}", allow_foreign=args.allow_foreign_scores)
+    return scores
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,13 +85,11 @@ def run(args: argparse.Namespace) -> int:
     plan = _plan(args, info.arch)
     head_scores = None
     if plan.head_merge:
-        from megatron_minitron.importance.scores import load_scores
         from megatron_minitron.prune.slicing import PruneError
 
         if args.scores is None:
             raise PruneError("--head-merge needs --scores DIR (the head ranking)")
-        scores = load_scores(args.scores)
-        scores.check_belongs_to(info.arch, what=f"checkpoint {args.load}")
+        scores = _scores(args)
         head_scores = scores["heads"]
     with host_group() as group:
         prune_checkpoint(args.load, plan, args.save, workers=args.workers, overwrite=args.overwrite,

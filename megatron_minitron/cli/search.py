@@ -18,7 +18,8 @@ import argparse
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
-                                           parallel_config, train_config)
+                                           check_data_files, parallel_config, train_config)
+from megatron_minitron.flags import non_negative, positive
 from megatron_minitron.config import ConfigError
 from megatron_minitron.data.blend import parse_blend
 
@@ -31,11 +32,12 @@ def parse_count(text: str) -> int:
     scale = {"k": 10**3, "m": 10**6, "b": 10**9}
     text = str(text).strip().lower().replace(",", "").replace("_", "")
     try:
-        if text and text[-1] in scale:
-            return int(float(text[:-1]) * scale[text[-1]])
-        return int(text)
-    except ValueError:
+        count = int(float(text[:-1]) * scale[text[-1]]) if text and text[-1] in scale else int(text)
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a parameter count (e.g. 4B, 5.2M, 850k)") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive parameter count, got {text}")
+    return count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,20 +45,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--load", required=True, help="the unpruned model (the teacher of every candidate)")
     parser.add_argument("--scores", required=True, help="its scores directory (`minitron importance`)")
+    parser.add_argument("--allow-foreign-scores", action="store_true",
+                        help="use --scores computed on another checkpoint than --load (warns; by default refused)")
     parser.add_argument("--out", required=True, help="search directory")
     parser.add_argument("--resume", action="store_true", help="continue the search in --out")
     parser.add_argument("--overwrite", action="store_true", help="delete a previous search in --out first")
     s = parser.add_argument_group("search space")
     s.add_argument("--budget", type=parse_count, required=True, help="target parameter count (e.g. 4B, 5.2M)")
-    s.add_argument("--tolerance", type=float, default=0.05, help="keep candidates within ±this fraction (0.05)")
+    s.add_argument("--tolerance", type=non_negative(float), default=0.05, help="keep candidates within ±this fraction (0.05)")
     s.add_argument("--space", default=None, help="JSON file: axis -> list of allowed sizes")
     for axis, flag in AXIS_FLAGS.items():
-        s.add_argument(flag, type=int, nargs="+", default=None, metavar="N", help=f"allowed {axis} values")
+        s.add_argument(flag, type=positive(), nargs="+", default=None, metavar="N", help=f"allowed {axis} values")
     s.add_argument("--freeze", nargs="+", default=None, choices=list(AXIS_FLAGS.values()),
                    help="axes kept at the source's size in the default grid (default: --groups)")
     s.add_argument("--layer-metric", default=None, choices=["bi", "lm_loss", "block"],
                    help="how layers are dropped for shallower candidates (default bi)")
-    s.add_argument("--winner-iters", type=int, default=0, help="then prune and distill the winner this many steps")
+    s.add_argument("--winner-iters", type=non_negative(), default=0, help="then prune and distill the winner this many steps")
     s.add_argument("--keep-checkpoints", action="store_true", help="keep every candidate's checkpoints")
     add_parallel_arguments(parser)
     add_data_arguments(parser)
@@ -95,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     source = ckpt.resolve(args.load)
     scores = load_scores(args.scores)
     scores.check_belongs_to(source.arch, what=f"--load {args.load}")
+    scores.check_computed_on(source.path, what=f"--load {args.load}", allow_foreign=args.allow_foreign_scores)
     space = search_space(args, source.arch)
     candidates, removed = enumerate_candidates(source.arch, space, budget=args.budget, tolerance=args.tolerance,
                                                tensor_parallel=parallel.tensor_parallel,
@@ -115,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     data_cfg = DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
                           split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
                           tokenizer=tokenizer)
+    check_data_files(data_cfg)
     setup = SearchSetup(source=source, scores=scores, out=out, layer_metric=args.layer_metric, seed=cfg.seed,
                         keep_checkpoints=args.keep_checkpoints)
     job = SearchJob(setup=setup, scores_path=str(args.scores), budget=args.budget, tolerance=args.tolerance,

@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import re
+import struct
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -235,7 +236,8 @@ def prepare_embedded_corpus(cache_dir: str, tokenizer: Tokenizer) -> tuple[str, 
 
 
 def check_blend_paths(blend: Blend) -> None:
-    """Raise FileNotFoundError naming the first prefix whose ``.bin`` or ``.idx`` is missing."""
+    """Raise FileNotFoundError naming the first prefix whose ``.bin`` or ``.idx`` is missing, and
+    ValueError naming a damaged one (check_indexed_dataset)."""
     for _, prefix in blend:
         for path in (get_bin_path(prefix), get_idx_path(prefix)):
             if not os.path.isfile(path):
@@ -243,6 +245,45 @@ def check_blend_paths(blend: Blend) -> None:
                     f"blend prefix {prefix!r}: {path!r} does not exist; give the path prefix of "
                     "an indexed dataset written by preprocess() (without .bin/.idx)"
                 )
+        check_indexed_dataset(prefix)
+
+
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_ITEMSIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron's DType codes
+
+
+def check_indexed_dataset(prefix: str) -> int:
+    """Check a Megatron indexed dataset from its header and last entry only (a few reads, whatever
+    its size): the .idx is one (magic, version 1, known dtype, long enough for its arrays) and the
+    .bin holds exactly the tokens the index points to. Returns the number of tokens; raises
+    ValueError naming the file otherwise (megatron's own reader fails with an AttributeError)."""
+    idx, binary = get_idx_path(prefix), get_bin_path(prefix)
+    size = os.path.getsize(idx)
+    with open(idx, "rb") as f:
+        head = f.read(34)
+        if len(head) < 34 or head[:9] != _IDX_MAGIC or struct.unpack("<Q", head[9:17])[0] != 1 \
+                or head[17] not in _IDX_ITEMSIZE:
+            raise ValueError(f"{idx} is not a Megatron index file (version 1); write it with `minitron preprocess`")
+        itemsize = _IDX_ITEMSIZE[head[17]]
+        sequences, documents = struct.unpack("<QQ", head[18:34])
+        needed = 34 + sequences * (4 + 8) + documents * 8
+        if size < needed:
+            raise ValueError(f"{idx} is truncated: {size} bytes, its {sequences} sequences and {documents} "
+                             f"documents need {needed}")
+        tokens_end = 0
+        if sequences:
+            f.seek(34 + (sequences - 1) * 4)
+            last_length = struct.unpack("<i", f.read(4))[0]
+            f.seek(34 + sequences * 4 + (sequences - 1) * 8)
+            last_pointer = struct.unpack("<q", f.read(8))[0]
+            tokens_end = last_pointer + last_length * itemsize
+    bin_size = os.path.getsize(binary)
+    if tokens_end == 0 or bin_size == 0:
+        raise ValueError(f"{binary} holds no tokens; give a dataset with documents in it")
+    if bin_size != tokens_end:
+        raise ValueError(f"{binary} has {bin_size} bytes, its index needs {tokens_end}: the dataset is truncated "
+                         f"or its .bin and .idx do not belong together")
+    return tokens_end // itemsize
 
 
 def check_vocab_fits(tokenizer: Tokenizer, model_vocab_size: int | None) -> None:

@@ -89,10 +89,14 @@ def _txt_documents(path: str) -> Iterator[str]:
 
 
 def iter_documents(path: str, json_key: str = "text") -> Iterator[str]:
-    """Yield the documents of one input file according to its extension (see module doc)."""
-    if path.endswith(".jsonl"):
-        return _jsonl_documents(path, json_key)
-    return _txt_documents(path)
+    """Yield the documents of one input file according to its extension (see module doc); a file
+    that is not UTF-8 is refused naming it."""
+    documents = _jsonl_documents(path, json_key) if path.endswith(".jsonl") else _txt_documents(path)
+    try:
+        yield from documents
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); convert it to UTF-8, "
+                         f"e.g. with iconv") from None
 
 
 def _check_inputs(inputs: Sequence[str]) -> list[str]:

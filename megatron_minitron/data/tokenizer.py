@@ -151,7 +151,10 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece
 
         super().__init__(model_path)
-        self._processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        try:
+            self._processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as error:  # sentencepiece's parse failure is a RuntimeError
+            raise ValueError(f"{model_path} is not a SentencePiece tokenizer model ({error})") from None
         if self._processor.eos_id() < 0:
             raise ValueError(
                 f"SentencePiece model {model_path!r} has no eos token, which is needed as the "
@@ -248,6 +251,7 @@ class HFTokenizer(Tokenizer):
         path = _resolve_tokenizer_json(os.fspath(tokenizer_json_path))
         super().__init__(path, eod_token=eod_token)
         self._eod_token = eod_token
+        _check_tokenizer_json(path)
         self._tokenizer = tokenizers.Tokenizer.from_file(path)
         self._eod = self._find_eod(path, eod_token)
         self._pad = _first_known_token(self._tokenizer, HF_PAD_TOKENS)
@@ -359,6 +363,18 @@ class TokenizerRef:
         if self.kind == SENTENCEPIECE:
             return SentencePieceTokenizer(self.path)
         return HFTokenizer(self.path, eod_token=self.eod_token)
+
+
+def _check_tokenizer_json(path: str) -> None:
+    """A clear error for a file that is not a Hugging Face tokenizer.json (the tokenizers library
+    raises a bare Exception whose message names no file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not a Hugging Face tokenizer file: not valid JSON ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ValueError(f"{path} is not a Hugging Face tokenizer file: it has no 'model' object")
 
 
 def tokenizer_ref_for(path: str, eod_token: str | None = None) -> TokenizerRef:

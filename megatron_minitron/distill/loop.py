@@ -322,6 +322,7 @@ def distill(*, teacher_info, student_info, runtime, train_cfg, cfg: DistillConfi
     log = MetricsLog(save / "metrics.jsonl", enabled=runtime.is_logging_rank)
     try:
         if latest_iteration(save) is None:
+            log.keep_until(-1)  # a run killed before its first checkpoint starts again from nothing
             init_from(trainer, student_info.root, optional_prefixes=(ADAPTERS + ".",))
             if valid_batches is not None and cfg.teacher_check:
                 val = teacher_sanity_check(trainer, task, valid_batches, vocab_size=teacher_info.arch.vocab_size,

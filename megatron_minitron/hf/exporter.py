@@ -218,6 +218,11 @@ def _plan_entry(entry: TensorMap, arch: ArchConfig, stored: dict, info: ckpt.Che
 
 
 # ------------------------------------------------------------------------------------------ writes
+def is_hf_model_dir(path: Path) -> bool:
+    """A Hugging Face model directory: config.json and safetensors weights (or their index)."""
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors*"))
+
+
 def export_hf(load: str | os.PathLike, save: str | os.PathLike, *, family: Optional[str] = None,
               dtype: Optional[str] = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
               print_fn: Callable[[str], None] = print, stats: Optional[dict] = None, fsync: bool = True,
@@ -233,7 +238,7 @@ def export_hf(load: str | os.PathLike, save: str | os.PathLike, *, family: Optio
     start = time.monotonic()
     out = Path(save)
     plan = plan_export(load, family=family, dtype=dtype, max_shard_bytes=max_shard_bytes)
-    check_output(out, overwrite, plan.info.root)
+    check_output(out, overwrite, plan.info.root, previous=is_hf_model_dir, what="Hugging Face model directory")
     with ckpt.writing(out, overwrite=overwrite, error=HFError) as partial:
         read, written = _write_shards(plan, partial, fsync, chunk_bytes)
         _write_files(plan, partial)

@@ -188,6 +188,14 @@ class TensorReader:
         self.bytes_read = 0
 
     def read(self, entry: TensorEntry, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """_read, refused when a value is NaN or infinite (checked as it passes), naming tensor and file."""
+        out = self._read(entry, rows)
+        if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            raise HFError(f"{entry.path}: tensor {entry.name!r} holds NaN or infinite values; the file is corrupted "
+                          f"or the model diverged: nothing was written from it")
+        return out
+
+    def _read(self, entry: TensorEntry, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """The whole tensor, or rows r0:r1 of its first dim (the data is row-major: one contiguous range)."""
         f = self._files.get(entry.path)
         if f is None:

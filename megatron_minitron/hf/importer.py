@@ -42,6 +42,7 @@ from megatron_minitron.hf.families import Family, TensorMap, family_for_config, 
 from megatron_minitron.hf.files import HFError, TensorEntry
 from megatron_minitron.hf.rules import EXTRA_STATE_MODULES, Copy, Vocab, megatron_shape
 from megatron_minitron.model import checkpoint as ckpt
+from megatron_minitron.model.integrity import write_checksums
 from megatron_minitron.runtime.host_memory import peak_rss_mb
 
 HF_DIR = "hf"
@@ -214,16 +215,19 @@ def _hf_tokenizer_vocab(path: Path) -> tuple[int, Callable[[int], Optional[str]]
     return (max(pairs) + 1 if pairs else 0), pairs.get
 
 
-def check_output(out: Path, overwrite: bool, source: Path) -> None:
-    """The output may not exist (unless overwrite) and may not be inside or around the source."""
+def check_output(out: Path, overwrite: bool, source: Path, *, previous=ckpt.is_checkpoint_dir,
+                 what: str = "checkpoint") -> None:
+    """The output may not exist (unless overwrite and it is a previous output of the same kind:
+    `previous(out)`) and may not be inside or around the source."""
     src, dst = source.resolve(), out.resolve()
     if dst == src or src in dst.parents or dst in src.parents:
         raise HFError(f"output {out} overlaps the source {source}; choose a path outside it")
     if out.exists() and not out.is_dir():
         raise HFError(f"output {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise HFError(f"output directory {out} already exists and is not empty; choose a new path, or pass "
-                      f"--overwrite to replace it")
+    try:
+        ckpt.check_new_output(out, overwrite=overwrite, previous=previous, what=what)
+    except ConfigError as error:
+        raise HFError(str(error)) from None
 
 
 # ------------------------------------------------------------------------------------------ writes
@@ -326,4 +330,5 @@ def _write_metadata(plan: ImportPlan, partial: Path, release: Path, tp: int, pp:
         meta["tokenizer"] = plan.tokenizer
     (release / ckpt.META).write_text(json.dumps(meta, indent=2) + "\n")
     (release / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))  # the finished marker: last
+    write_checksums(release)
     (partial / ckpt.TRACKER).write_text("release")

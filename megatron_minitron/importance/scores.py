@@ -73,6 +73,9 @@ class ScoresManifest:
     """Parallel layout it was computed at: tp, pp, dp, sequence_parallel, first/last stage layers."""
     megatron_core: str = ""
     """megatron-core version."""
+    checkpoint_fingerprint: str = ""
+    """Content fingerprint of the scored checkpoint's tensors (model/integrity.py); prune and search
+    refuse scores whose fingerprint is not their checkpoint's. Empty in scores of older versions."""
     format: str = FORMAT
 
     def to_json(self) -> dict:
@@ -142,6 +145,28 @@ class Scores:
             raise ScoresError(f"these scores were computed on architecture {self.manifest.arch_fingerprint} "
                               f"(from {self.manifest.checkpoint}), but {what} has architecture {found}; "
                               f"compute scores for it with `minitron importance`")
+
+    def check_computed_on(self, ckpt_dir, *, what: str, allow_foreign: bool = False) -> None:
+        """Refuse scores computed on another checkpoint than the torch_dist directory ckpt_dir (same
+        architecture, other weights: another seed or step), by content fingerprint. With allow_foreign
+        a mismatch is a warning on stderr."""
+        import sys
+
+        from megatron_minitron.model.integrity import fingerprint
+
+        found, recorded = fingerprint(Path(ckpt_dir)), self.manifest.checkpoint_fingerprint
+        if found == recorded:
+            return
+        if recorded:
+            problem = (f"these scores were computed on checkpoint {recorded} (from {self.manifest.checkpoint}), but "
+                       f"{what} is checkpoint {found}: same architecture, other weights")
+        else:
+            problem = (f"these scores (from {self.manifest.checkpoint}) record no checkpoint fingerprint (written by "
+                       f"an older version), so they cannot be matched to {what}")
+        if not allow_foreign:
+            raise ScoresError(f"{problem}; compute its scores with `minitron importance`, or pass "
+                              f"--allow-foreign-scores to use these anyway")
+        print(f"warning: {problem}; using them because of --allow-foreign-scores", file=sys.stderr, flush=True)
 
     def summary(self, top: int = 3) -> str:
         """A few lines: most/least important layers and the spread of each score."""

@@ -21,12 +21,13 @@ import shutil
 from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from megatron_minitron.config import ArchConfig, ConfigError
+from megatron_minitron.model.integrity import check_complete, write_checksums
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "minitron.json"
@@ -98,9 +99,10 @@ def resolve(path: str | os.PathLike) -> CheckpointInfo:
                               f"or a torch_dist directory with metadata.json")
     if not (ckpt / "metadata.json").is_file():
         raise CheckpointError(f"{ckpt} is not a finished torch_dist checkpoint (no metadata.json)")
+    check_complete(ckpt)  # every file there, .metadata readable, shards long enough: one line naming the file
     meta_file = ckpt / META
     if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
+        meta = _read_meta(meta_file)
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{meta_file} has format {meta.get('format')!r}; this version reads {FORMAT!r}")
         tokenizer = meta.get("tokenizer")
@@ -118,6 +120,18 @@ def resolve(path: str | os.PathLike) -> CheckpointInfo:
     return CheckpointInfo(root=root, path=ckpt, iteration=int(common.get("iteration", iteration)), arch=arch,
                           tokenizer=_tokenizer_from_args(args), origin="megatron-lm",
                           singleton_local_shards=_singleton_layout(ckpt, arch))
+
+
+def _read_meta(meta_file: Path) -> dict:
+    """minitron.json, with one clear error for damaged JSON or a missing architecture."""
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{meta_file} is not valid JSON ({error}); the checkpoint's metadata is damaged") \
+            from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("architecture"), dict):
+        raise CheckpointError(f"{meta_file} holds no 'architecture' object; the checkpoint's metadata is damaged")
+    return meta
 
 
 def load_common(ckpt: Path) -> dict:
@@ -370,6 +384,7 @@ def save_checkpoint(root: str | os.PathLike, *, model, arch: ArchConfig, runtime
     runtime.barrier()
 
     if runtime.rank == 0:
+        write_checksums(partial)  # of the files just written (from the page cache), before minitron.json
         meta = {"format": FORMAT, "architecture": arch.explicit().to_json(), "iteration": iteration or 0,
                 "num_parameters": arch.num_parameters(), "num_active_parameters": arch.num_active_parameters(),
                 "saved_with": saved_layout(runtime), "provenance": provenance or {}}
@@ -451,10 +466,24 @@ def _top_level_keys(ckpt: Path) -> set[str]:
     return keys | set(load_common(ckpt))
 
 
-def check_new_output(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Refuse an existing, non-empty output directory unless overwrite is given."""
+def is_checkpoint_dir(path: Path) -> bool:
+    """A checkpoint root (tracker file) or a torch_dist directory (megatron's metadata.json)."""
+    return (path / TRACKER).is_file() or (path / "metadata.json").is_file()
+
+
+def check_new_output(path: str | os.PathLike, *, overwrite: bool = False,
+                     previous: Callable[[Path], bool] = is_checkpoint_dir, what: str = "checkpoint") -> Path:
+    """Refuse a file, and an existing, non-empty output directory unless overwrite is given and
+    `previous(path)` recognises it as an earlier output of the same kind (`what`): --overwrite never
+    deletes a directory of other files."""
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output {path} is a file, not a directory; choose a new path")
+    if path.is_dir() and any(path.iterdir()):
+        if not previous(path):
+            raise ConfigError(f"output directory {path} already exists, is not empty and is not a {what}"
+                              f"{' (--overwrite replaces only a ' + what + ')' if overwrite else ''}; nothing was "
+                              f"deleted: choose a new path")
         if not overwrite:
             raise ConfigError(f"output directory {path} already exists and is not empty; choose a new path, "
                               f"or pass --overwrite to replace it")

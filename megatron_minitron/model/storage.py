@@ -259,6 +259,22 @@ class SourceReader:
 
     def read_rows(self, key: str, layer: Optional[int], r0: int, r1: int,
                   index: Optional[torch.Tensor] = None, scratch: Optional[Scratch] = None) -> torch.Tensor:
+        """_read_rows, refused when a value read is NaN or infinite (checked on the rows as they pass,
+        no extra read of the file), naming the tensor and its file."""
+        rows = self._read_rows(key, layer, r0, r1, index, scratch)
+        if rows.is_floating_point() and not bool(torch.isfinite(rows).all()):
+            from torch.distributed.checkpoint.metadata import MetadataIndex
+
+            lead = 0 if layer is None else 1
+            files = sorted({self.metadata.storage_data[MetadataIndex(key, offs)].relative_path
+                            for offs, *_ in _overlapping(self.tensor_meta(key), layer, lead, r0, r1)})
+            where = f"rows {r0}:{r1}" + ("" if layer is None else f" of layer {layer}")
+            raise CheckpointError(f"{self.ckpt / files[0] if files else self.ckpt}: tensor {key!r} holds NaN or infinite "
+                             f"values ({where}); the checkpoint is corrupted or diverged: nothing was written from it")
+        return rows
+
+    def _read_rows(self, key: str, layer: Optional[int], r0: int, r1: int,
+                   index: Optional[torch.Tensor] = None, scratch: Optional[Scratch] = None) -> torch.Tensor:
         """Rows r0:r1 of the first per-layer dim of tensor `key` (of layer `layer` of a stacked
         tensor, or of the tensor itself when layer is None), every other dim whole; with `index`
         (ascending, relative to r0), only those rows.

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_minitron.config import ArchConfig, unknown_fields
+from megatron_minitron.flags import non_negative, positive
 from megatron_minitron.plan.plan import PlanError
 
 LAYER_METRICS = ("bi", "lm_loss", "block")
@@ -140,8 +141,8 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     """The pruning-target flags: per-axis sizes, layer choice, head merge, or one --export-config."""
     group = parser.add_argument_group("pruning target (sizes to keep; untouched axes keep the source's)")
     for name, flag in SIZE_FLAGS.items():
-        group.add_argument(flag, type=int, default=None, metavar="N", help=f"target {name}")
-    group.add_argument("--drop-layers", type=int, nargs="+", default=None, metavar="LAYER",
+        group.add_argument(flag, type=positive(), default=None, metavar="N", help=f"target {name}")
+    group.add_argument("--drop-layers", type=non_negative(), nargs="+", default=None, metavar="LAYER",
                        help="source layers to remove (0-based), instead of ranking them")
     group.add_argument("--layer-metric", choices=LAYER_METRICS, default=None,
                        help="how layers are ranked when --target-num-layers shrinks (default: bi)")

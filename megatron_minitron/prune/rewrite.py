@@ -49,6 +49,7 @@ import torch
 
 from megatron_minitron.model import checkpoint as ckpt
 from megatron_minitron.model import storage
+from megatron_minitron.model.integrity import write_checksums
 from megatron_minitron.plan.plan import Plan
 from megatron_minitron.prune.slicing import AxisIndices, PruneError, is_dropped, rename_object, rule_for
 from megatron_minitron.runtime.host_memory import peak_rss_mb
@@ -493,6 +494,7 @@ def _finalize(partial: Path, out: Path, prepared: _Prepared, records: list[stora
     (release / ckpt.META).write_text(json.dumps(meta, indent=2) + "\n")
     # megatron's marker of a finished torch_dist directory, then the tracker: both last.
     (release / "metadata.json").write_text(json.dumps(prepared.megatron_meta))
+    write_checksums(release)
     (partial / ckpt.TRACKER).write_text("release")
     ckpt.move_into_place(partial, out, overwrite=overwrite, error=PruneError)
 

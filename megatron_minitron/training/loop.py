@@ -300,6 +300,28 @@ class MetricsLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def keep_until(self, iteration: int) -> int:
+        """Drop the records of steps after `iteration` (written before a kill, replayed by the resumed
+        run) and a last line cut short, so the file reads one trajectory; returns the lines dropped."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            if record.get("iteration", 0) <= iteration:
+                kept.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+        return dropped
+
     def say(self, line: str) -> None:
         if self.enabled:
             print(line, flush=True)
@@ -359,6 +381,10 @@ def train(trainer: Trainer, *, task: Task, train_batches: Callable[[int], Iterat
     if resume(trainer, paths.save, task):
         log.say(f"resumed from {paths.save} at iteration {trainer.iteration} "
                 f"({trainer.consumed_samples} samples consumed)")
+    dropped = log.keep_until(trainer.iteration)
+    if dropped:
+        log.say(f"dropped {dropped} lines of {paths.metrics} past iteration {trainer.iteration} (steps run after "
+                f"the last checkpoint, run again now)")
     data = train_batches(trainer.consumed_samples)
     stop = min(cfg.train_iters, cfg.exit_interval or cfg.train_iters)
     records, start, first_iter = [], time.perf_counter(), trainer.iteration

@@ -163,14 +163,24 @@ def test_existing_target(hf_cases, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(HFError, match=r"taken already exists and is not empty.*--overwrite"):
-        import_hf(hf_cases["llama2"]["hf"], out, print_fn=quiet)
-    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
-    with pytest.raises(HFError, match=r"taken already exists and is not empty"):
-        export_hf(hf_cases["llama2"]["ckpt"], out, print_fn=quiet)
-    assert len(list(out.iterdir())) == 1
-    import_hf(hf_cases["llama2"]["hf"], out, overwrite=True, print_fn=quiet)
-    assert (out / "latest_checkpointed_iteration.txt").is_file() and not (out / "keep.txt").exists()
+    # a directory of user files is never replaced, --overwrite or not
+    for overwrite in (False, True):
+        with pytest.raises(HFError, match=r"taken already exists, is not empty and is not a checkpoint"):
+            import_hf(hf_cases["llama2"]["hf"], out, overwrite=overwrite, print_fn=quiet)
+        with pytest.raises(HFError, match=r"taken already exists, is not empty and is not a Hugging Face model"):
+            export_hf(hf_cases["llama2"]["ckpt"], out, overwrite=overwrite, print_fn=quiet)
+        assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    # a previous output of the same kind is replaced with --overwrite, and only then
+    ckpt_out, hf_out = tmp_path / "ckpt", tmp_path / "hf"
+    import_hf(hf_cases["llama2"]["hf"], ckpt_out, print_fn=quiet)
+    export_hf(hf_cases["llama2"]["ckpt"], hf_out, print_fn=quiet)
+    with pytest.raises(HFError, match=r"ckpt already exists and is not empty.*--overwrite"):
+        import_hf(hf_cases["llama2"]["hf"], ckpt_out, print_fn=quiet)
+    with pytest.raises(HFError, match=r"is not a checkpoint"):  # an HF directory is not a checkpoint
+        import_hf(hf_cases["llama2"]["hf"], hf_out, overwrite=True, print_fn=quiet)
+    import_hf(hf_cases["llama2"]["hf"], ckpt_out, overwrite=True, print_fn=quiet)
+    export_hf(hf_cases["llama2"]["ckpt"], hf_out, overwrite=True, print_fn=quiet)
+    assert (ckpt_out / "latest_checkpointed_iteration.txt").is_file() and (hf_out / "config.json").is_file()
     with pytest.raises(HFError, match=r"overlaps the source"):
         export_hf(hf_cases["llama2"]["ckpt"], hf_cases["llama2"]["ckpt"] / "hf-out", print_fn=quiet)
 
@@ -206,3 +216,18 @@ def test_cli_reports_one_line(hf_cases, tmp_path, capsys):
     assert main(["export-hf", "--load", str(tmp_path / "ok"), "--save", str(tmp_path / "ok-hf"),
                  "--max-shard-size", "100KB"]) == 0
     assert len(list((tmp_path / "ok-hf").glob("model-*.safetensors"))) > 1
+
+
+def test_non_finite_weight_is_refused_naming_tensor_and_file(hf_cases, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_cases["llama2"]["hf"], hf)
+    weights = hf / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(k for k in sorted(tensors) if k.endswith("mlp.down_proj.weight"))
+    tensors[name][0, 0] = float("inf")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(HFError, match=rf"model.safetensors: tensor '{name}' holds NaN or infinite values"):
+        import_hf(hf, tmp_path / "out", print_fn=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

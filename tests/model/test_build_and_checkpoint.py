@@ -166,6 +166,15 @@ def test_megatron_args_round_trip():
 def test_existing_output_dir_is_refused(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("user data")
+    for overwrite in (False, True):  # user files are never replaced
+        with pytest.raises(ConfigError, match="already exists, is not empty and is not a checkpoint"):
+            ckpt.check_new_output(tmp_path / "out", overwrite=overwrite)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / ckpt.TRACKER).write_text("release")  # a previous checkpoint: replaced only with overwrite
     with pytest.raises(ConfigError, match="already exists and is not empty.*--overwrite"):
-        ckpt.check_new_output(tmp_path / "out")
+        ckpt.check_new_output(tmp_path / "old")
+    assert ckpt.check_new_output(tmp_path / "old", overwrite=True) == tmp_path / "old"
     assert ckpt.check_new_output(tmp_path / "fresh") == tmp_path / "fresh"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        ckpt.check_new_output(tmp_path / "afile", overwrite=True)

@@ -3,6 +3,7 @@ inspect printout, every bad input refused before anything is written, and a SIGK
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from megatron_minitron.cli import main
 from megatron_minitron.config import preset
 from megatron_minitron.importance.scores import save_scores
 from megatron_minitron.model import checkpoint as ckpt
+from megatron_minitron.model.integrity import fingerprint
 from megatron_minitron.prune.slicing import slice_full
 from tests.conftest import REPO
 from tests.plan.conftest import scores_for
@@ -40,7 +42,9 @@ def source(tmp_path_factory, single_rank_runtime):
     tok.write_bytes(b"tokenizer")
     ckpt.save_checkpoint(root / "src", model=model, arch=ARCH, runtime=single_rank_runtime, iteration=2,
                          tokenizer={"kind": "sentencepiece", "path": str(tok)})
-    save_scores(scores_for(ARCH, seed=3), root / "scores")
+    scores = scores_for(ARCH, seed=3)
+    save_scores(dataclasses.replace(scores, manifest=dataclasses.replace(  # scores of this very checkpoint
+        scores.manifest, checkpoint_fingerprint=fingerprint(ckpt.resolve(root / "src").path))), root / "scores")
     save_scores(scores_for(ARCH.replace(hidden_size=128), seed=3), root / "other_scores")
     return root
 
@@ -145,14 +149,14 @@ def test_bad_arguments_are_refused_before_writing(source, tmp_path, capsys):
     good = tmp_path / "good_plan.json"
     make_plan(scores_for(ARCH), Target(ffn_hidden_size=96)).save(good)
     cases = [
-        (["--plan", good, "--save", tmp_path / "exists"], "already exists and is not empty"),
+        (["--plan", good, "--save", tmp_path / "exists"], "already exists, is not empty and is not a checkpoint"),
         (["--plan", good, "--save", source / "src" / "inside"], "inside the source checkpoint"),
         (["--plan", good, "--save", source], "contains the source checkpoint"),
-        (["--plan", good, "--workers", 0], "--workers must be >= 1"),
+        (["--plan", good, "--workers", 0], "argument --workers: must be >= 1"),
         (["--plan", good, "--head-merge"], "--head-merge needs --scores"),
         (["--plan", other], "differen"),
         (["--scores", source / "other_scores", "--target-ffn-hidden-size", 96], "computed on architecture"),
-        (["--scores", source / "scores", "--target-ffn-hidden-size", 0], "ffn_hidden_size"),
+        (["--scores", source / "scores", "--target-ffn-hidden-size", 0], "argument --target-ffn-hidden-size: must be"),
         (["--scores", source / "scores", "--target-hidden-size", 128], "hidden_size"),
         (["--scores", source / "scores", "--target-num-attention-heads", 2, "--tp", 4], "tensor-parallel|divid"),
         (["--target-ffn-hidden-size", 96], "--scores DIR is needed"),
@@ -162,7 +166,11 @@ def test_bad_arguments_are_refused_before_writing(source, tmp_path, capsys):
         args = ["prune", "--load", str(source / "src")]
         if "--save" not in extra:
             args += ["--save", str(tmp_path / "new")]
-        assert main(args + [str(x) for x in extra]) == 2, extra
+        try:
+            status = main(args + [str(x) for x in extra])
+        except SystemExit as parse_error:  # refused while the flags are parsed
+            status = parse_error.code
+        assert status == 2, extra
         err = capsys.readouterr().err
         import re
 
@@ -265,3 +273,26 @@ def test_reader_selects_rows_from_the_mapped_file_without_writing_to_it(source, 
         assert misaligned if path != out else not misaligned  # DCP's archives start anywhere, ours aligned
         reader.close()
         assert {p.name: p.read_bytes() for p in path.glob("*.distcp")} == before
+
+
+def test_non_finite_weights_are_refused_naming_tensor_and_file(tmp_path, single_rank_runtime, capsys):
+    """A NaN in a stored weight: prune and export-hf stop with the tensor's name and file, write nothing."""
+    from megatron_minitron.model.build import build_model
+    from megatron_minitron.plan import make_plan
+    from megatron_minitron.plan.target import Target
+
+    model = build_model(ARCH, single_rank_runtime)
+    with torch.no_grad():
+        model.embedding.word_embeddings.weight[3, 5] = float("nan")
+    ckpt.save_checkpoint(tmp_path / "src", model=model, arch=ARCH, runtime=single_rank_runtime, iteration=1)
+    make_plan(scores_for(ARCH), Target(ffn_hidden_size=96)).save(tmp_path / "plan.json")
+    before = digest(tmp_path / "src")
+    for argv in (["prune", "--load", str(tmp_path / "src"), "--plan", str(tmp_path / "plan.json"),
+                  "--save", str(tmp_path / "out")],
+                 ["export-hf", "--load", str(tmp_path / "src"), "--save", str(tmp_path / "out")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert "'embedding.word_embeddings.weight' holds NaN or infinite values" in err and "__0_0.distcp" in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "src"]
+    assert digest(tmp_path / "src") == before
