@@ -34,8 +34,8 @@ BUILTIN_TASKS = (CONTINUATION_TASK, HELDOUT_TASK)
 CHANCE = {CONTINUATION_TASK: 0.25}
 """Accuracy of a uniform guess, per multiple-choice task."""
 
-TASK_VERSION = 1
-"""Bumped whenever the item rules below change (it is part of the cache key and of the YAML metadata)."""
+TASK_VERSION = 2
+"""Bumped whenever the item rules change (the cache key also holds the numbers below; the YAML metadata this)."""
 
 PASSAGE_WORDS = 40
 """Longest passage, in whitespace-separated words (shorter at the start of a document)."""
@@ -111,6 +111,9 @@ def _continuation_yaml(directory: Path) -> str:
         "  - metric: acc_norm",
         "    aggregation: mean",
         "    higher_is_better: true",
+        "  - metric: acc_mutual_info",
+        "    aggregation: mean",
+        "    higher_is_better: true",
         "metadata:",
         f"  version: {TASK_VERSION}.0",
         f"  chance: {CHANCE[CONTINUATION_TASK]}",
@@ -129,8 +132,14 @@ def _heldout_yaml(directory: Path) -> str:
         'doc_to_target: "{{text}}"',
         "metric_list:",
         "  - metric: word_perplexity",
+        "    aggregation: weighted_perplexity",
+        "    higher_is_better: false",
         "  - metric: byte_perplexity",
+        "    aggregation: weighted_perplexity",
+        "    higher_is_better: false",
         "  - metric: bits_per_byte",
+        "    aggregation: bits_per_byte",
+        "    higher_is_better: false",
         "metadata:",
         f"  version: {TASK_VERSION}.0",
     ])
@@ -152,7 +161,8 @@ def builtin_task_dir(cache_dir: str | Path) -> Path:
     include path. The directory name holds a hash of the corpus and TASK_VERSION."""
     from megatron_minitron.data.corpus import corpus_fingerprint, embedded_documents
 
-    key = hashlib.sha1(f"{corpus_fingerprint()}/{TASK_VERSION}".encode()).hexdigest()[:12]
+    rules = [TASK_VERSION, PASSAGE_WORDS, MIN_PASSAGE_WORDS, CONTINUATION_WORDS, STRIDE_WORDS, FEWSHOT_DOCUMENTS, SEED]
+    key = hashlib.sha1(f"{corpus_fingerprint()}/{rules}".encode()).hexdigest()[:12]
     directory = (Path(cache_dir) / "lm-eval-tasks" / key).resolve()
     if (directory / f"{HELDOUT_TASK}.yaml").is_file():
         return directory

@@ -167,10 +167,6 @@ def prepare_tasks(cfg: TaskConfig):
 # ------------------------------------------------------------------------------------------ running
 def evaluate_tasks(info, tokenizer_ref, runtime, cfg: TaskConfig) -> Optional[dict]:
     """lm-eval's results (rank 0; None elsewhere) for a checkpoint's weights. Every rank calls this."""
-    from megatron_minitron.evaluation.engine import Engine
-    from megatron_minitron.model.build import build_model
-    from megatron_minitron.model.checkpoint import load_checkpoint
-
     control = torch.distributed.new_group(backend="gloo")
     manager, verdict = None, [None]
     if runtime.rank == 0:
@@ -181,15 +177,7 @@ def evaluate_tasks(info, tokenizer_ref, runtime, cfg: TaskConfig) -> Optional[di
     torch.distributed.broadcast_object_list(verdict, src=0, group=control)
     if verdict[0] is not None:
         raise EvaluationError(verdict[0])
-    tokenizer = tokenizer_ref.load()
-    if tokenizer.vocab_size > info.arch.vocab_size:
-        raise EvaluationError(f"the tokenizer {tokenizer_ref.path} has {tokenizer.vocab_size} tokens, more than the "
-                              f"model's vocabulary ({info.arch.vocab_size}); pass the tokenizer it was trained with")
-    model = build_model(info.arch, runtime)
-    load_checkpoint(info, model=model)
-    engine = Engine(model=model, runtime=runtime, control_group=control, vocab_size=info.arch.vocab_size,
-                    batch_size=cfg.batch_size, max_length=info.arch.max_position_embeddings, pad=tokenizer.pad,
-                    eod=tokenizer.eod, detokenize=tokenizer.detokenize)
+    engine, tokenizer = load_engine(info, tokenizer_ref, runtime, control_group=control, batch_size=cfg.batch_size)
     if runtime.rank != 0:
         engine.follow()
         return None
@@ -197,6 +185,24 @@ def evaluate_tasks(info, tokenizer_ref, runtime, cfg: TaskConfig) -> Optional[di
         return _run_lm_eval(engine, tokenizer, manager, cfg)
     finally:
         engine.stop()
+
+
+def load_engine(info, tokenizer_ref, runtime, *, control_group, batch_size: int):
+    """(Engine over the checkpoint's weights, its tokenizer); every rank calls this."""
+    from megatron_minitron.evaluation.engine import Engine
+    from megatron_minitron.model.build import build_model
+    from megatron_minitron.model.checkpoint import load_checkpoint
+
+    tokenizer = tokenizer_ref.load()
+    if tokenizer.vocab_size > info.arch.vocab_size:
+        raise EvaluationError(f"the tokenizer {tokenizer_ref.path} has {tokenizer.vocab_size} tokens, more than the "
+                              f"model's vocabulary ({info.arch.vocab_size}); pass the tokenizer it was trained with")
+    model = build_model(info.arch, runtime)
+    load_checkpoint(info, model=model)
+    engine = Engine(model=model, runtime=runtime, control_group=control_group, vocab_size=info.arch.vocab_size,
+                    batch_size=batch_size, max_length=info.arch.max_position_embeddings, pad=tokenizer.pad,
+                    eod=tokenizer.eod, detokenize=tokenizer.detokenize)
+    return engine, tokenizer
 
 
 def _run_lm_eval(engine, tokenizer, manager, cfg: TaskConfig) -> dict:
