@@ -61,3 +61,38 @@ def build(root: Path) -> dict[str, Path]:
     import_hf(paths["hf"], paths["ckpt"], print_fn=lambda _: None)
     export_hf(paths["ckpt"], paths["exported"], print_fn=lambda _: None)
     return paths
+
+
+PROMPT_TEXTS = 4
+MAX_NEW_TOKENS = 12
+GEN_KWARGS = {"until": [".", "\n"], "max_gen_toks": 12, "do_sample": False}
+LIMIT = 20
+TASKS = ("minitron_continuation", "minitron_heldout")
+
+
+def prompts(tokenizer) -> dict:
+    """Generation prompts: the starts of the first held-out documents, as text and as our tokenizer's ids."""
+    from megatron_minitron.data.corpus import embedded_documents
+
+    texts = [doc[:120] for doc in embedded_documents("valid")[:PROMPT_TEXTS]]
+    return {"texts": texts, "tokens": [tokenizer.tokenize(t) for t in texts], "max_new_tokens": MAX_NEW_TOKENS,
+            "gen_kwargs": GEN_KWARGS}
+
+
+def per_document(samples: list[dict]) -> dict[int, list[float]]:
+    """doc_id -> the log-likelihood of each of its requests, from lm-eval's per-document records."""
+    out = {}
+    for sample in samples:
+        values = []
+        for resp in sample["resps"]:
+            first = resp[0]
+            values.append(float(first[0] if isinstance(first, (list, tuple)) else first))
+        out[sample["doc_id"]] = values
+    return out
+
+
+def worst_relative_gap(ours: list[dict], theirs: list[dict]) -> float:
+    """Largest |ours - theirs| / |theirs| over every request of every document (the same documents)."""
+    a, b = per_document(ours), per_document(theirs)
+    assert sorted(a) == sorted(b) and all(len(a[d]) == len(b[d]) for d in b)
+    return max(abs(x - y) / abs(y) for d in b for x, y in zip(a[d], b[d]))
