@@ -187,6 +187,56 @@ def evaluate_tasks(info, tokenizer_ref, runtime, cfg: TaskConfig) -> Optional[di
         engine.stop()
 
 
+class TaskScorer:
+    """Downstream scores of a model being trained (`distill --eval-tasks`): built by every rank before training
+    (the tasks are checked then), called by every rank with the trainer; returns {"TASK/METRIC": value} on every
+    rank (rank 0 runs lm-eval, the scores are then broadcast so the logging rank has them)."""
+
+    def __init__(self, cfg: TaskConfig, *, runtime, tokenizer_ref, vocab_size: int, max_length: int) -> None:
+        self.cfg, self.runtime = cfg, runtime
+        self.control = torch.distributed.new_group(backend="gloo")
+        self.manager, verdict = None, [None]
+        if runtime.rank == 0:
+            try:
+                self.manager = prepare_tasks(cfg)
+            except EvaluationError as error:
+                verdict = [str(error)]
+        torch.distributed.broadcast_object_list(verdict, src=0, group=self.control)
+        if verdict[0] is not None:
+            raise EvaluationError(verdict[0])
+        self.tokenizer = tokenizer_ref.load()
+        self.vocab_size, self.max_length = vocab_size, max_length
+
+    def __call__(self, trainer) -> dict[str, float]:
+        from megatron_minitron.evaluation.engine import Engine
+
+        tok = self.tokenizer
+        engine = Engine(model=trainer.model[0], runtime=self.runtime, control_group=self.control,
+                        vocab_size=self.vocab_size, batch_size=self.cfg.batch_size, max_length=self.max_length,
+                        pad=tok.pad, eod=tok.eod, detokenize=tok.detokenize)
+        scores = [None]
+        if self.runtime.rank == 0:
+            try:
+                scores = [flat_scores(_run_lm_eval(engine, tok, self.manager, self.cfg))]
+            finally:
+                engine.stop()
+        else:
+            engine.follow()
+        torch.distributed.broadcast_object_list(scores, src=0, group=self.control)
+        return scores[0]
+
+
+def flat_scores(results: dict) -> dict[str, float]:
+    """{"TASK/METRIC": value} of every numeric metric (standard errors left out)."""
+    out = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            name, _, filt = key.partition(",")
+            if filt and not name.endswith("_stderr") and isinstance(value, (int, float)):
+                out[f"{task}/{name}"] = float(value)
+    return out
+
+
 def load_engine(info, tokenizer_ref, runtime, *, control_group, batch_size: int):
     """(Engine over the checkpoint's weights, its tokenizer); every rank calls this."""
     from megatron_minitron.evaluation.engine import Engine
