@@ -37,12 +37,14 @@ def write_bpe_tokenizer(directory: Path, documents: int = 300) -> None:
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "clean_up_tokenization_spaces": False}))
 
 
-def save_model(directory: Path, seed: int = 0) -> None:
-    """A LlamaConfig(CONFIG) model with every parameter random (norms around one), and the tokenizer."""
+def save_model(directory: Path, seed: int = 0, **config) -> None:
+    """A LlamaConfig(CONFIG, overridden by config) model with every parameter random (norms around one), and the
+    tokenizer."""
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**CONFIG), dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**{**CONFIG, **config}),
+                                                          dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.08 * torch.randn_like(p))
@@ -51,13 +53,13 @@ def save_model(directory: Path, seed: int = 0) -> None:
     write_bpe_tokenizer(directory)
 
 
-def build(root: Path) -> dict[str, Path]:
+def build(root: Path, **config) -> dict[str, Path]:
     """{"hf": source directory, "ckpt": its import, "exported": the checkpoint exported by export-hf}."""
     from megatron_minitron.hf.exporter import export_hf
     from megatron_minitron.hf.importer import import_hf
 
     paths = {"hf": root / "hf", "ckpt": root / "ckpt", "exported": root / "exported"}
-    save_model(paths["hf"])
+    save_model(paths["hf"], **config)
     import_hf(paths["hf"], paths["ckpt"], print_fn=lambda _: None)
     export_hf(paths["ckpt"], paths["exported"], print_fn=lambda _: None)
     return paths
