@@ -96,7 +96,8 @@ class MegatronLM(TemplateLM):
                 raise ValueError(f"this model generates greedily only; the task asks for sampling ({gen_kwargs})")
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
-            if eos not in until:
+            until = [stop for stop in until if stop]
+            if eos and eos not in until:  # a SentencePiece eos decodes to "": EOD itself still stops the row
                 until.append(eos)
             max_new = int(kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", self.max_gen_toks)))
             if max_new >= self.max_length:

@@ -92,3 +92,30 @@ def test_bad_flags_name_themselves(tmp_path):
         TaskConfig(tasks=("x",), limit=0)
     with pytest.raises(EvaluationError, match="--include-path"):
         TaskConfig(tasks=("x",), include_paths=(str(tmp_path / "absent"),))
+
+
+def test_generate_until_with_a_sentencepiece_tokenizer(tiny_teacher, single_rank_runtime):
+    """A SentencePiece EOS decodes to "": it must not become a stop string (which would end every generation at
+    once); the text is the greedy tokens' text cut at the first stop string."""
+    import torch
+    from lm_eval.api.instance import Instance
+
+    from megatron_minitron.data.tokenizer import TokenizerRef
+    from megatron_minitron.evaluation.engine import GenerationRow
+    from megatron_minitron.evaluation.lm import MegatronLM
+    from megatron_minitron.evaluation.run import load_engine
+    from megatron_minitron.model import checkpoint as ckpt
+
+    info = ckpt.resolve(tiny_teacher)
+    control = torch.distributed.new_group(backend="gloo")
+    engine, tokenizer = load_engine(info, TokenizerRef.from_json(info.tokenizer), single_rank_runtime,
+                                    control_group=control, batch_size=2)
+    assert tokenizer.detokenize([tokenizer.eod]) == ""
+    lm = MegatronLM(engine=engine, tokenizer=tokenizer)
+    prompts = ["Return the value of the", "This module provides"]
+    texts = lm.generate_until([Instance(request_type="generate_until", doc={}, idx=0,
+                                        arguments=(p, {"until": ["\n\n"], "max_gen_toks": 10})) for p in prompts])
+    tokens = engine.generate([GenerationRow(context=tuple(tokenizer.tokenize(p)), max_new_tokens=10, stop=("\n\n",))
+                              for p in prompts])
+    assert texts == [tokenizer.detokenize(t).split("\n\n")[0] for t in tokens]
+    assert any(len(t) > 1 for t in tokens) and any(texts), (tokens, texts)
