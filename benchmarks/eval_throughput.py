@@ -68,7 +68,7 @@ def hf_backend(model_dir: Path, include: Path, limit: int, batch: int, reps: int
 
 def ours(paths: dict, runtime, cache: Path, limit: int, batch: int, reps: int) -> dict | None:
     from megatron_minitron.data.tokenizer import TokenizerRef
-    from megatron_minitron.evaluation.run import TaskConfig, _run_lm_eval, load_engine, prepare_tasks
+    from megatron_minitron.evaluation.run import TaskConfig, run_lm_eval, load_engine, prepare_tasks
     from megatron_minitron.model import checkpoint as ckpt
 
     info = ckpt.resolve(paths["ckpt"])
@@ -84,7 +84,7 @@ def ours(paths: dict, runtime, cache: Path, limit: int, batch: int, reps: int) -
     try:
         for _ in range(reps + 1):
             t0 = time.perf_counter()
-            out = _run_lm_eval(engine, tokenizer, manager, cfg)
+            out = run_lm_eval(engine, tokenizer, manager, cfg)
             times.append(time.perf_counter() - t0)
     finally:
         engine.stop()

@@ -165,24 +165,31 @@ def prepare_tasks(cfg: TaskConfig):
 
 
 # ------------------------------------------------------------------------------------------ running
-def evaluate_tasks(info, tokenizer_ref, runtime, cfg: TaskConfig) -> Optional[dict]:
-    """lm-eval's results (rank 0; None elsewhere) for a checkpoint's weights. Every rank calls this."""
-    control = torch.distributed.new_group(backend="gloo")
+def checked_tasks(cfg: TaskConfig, runtime, control_group):
+    """The TaskManager on rank 0 (None elsewhere) once rank 0 has checked every task; a failed check raises the
+    same EvaluationError on every rank. Every rank calls this."""
     manager, verdict = None, [None]
     if runtime.rank == 0:
         try:
             manager = prepare_tasks(cfg)
         except EvaluationError as error:
             verdict = [str(error)]
-    torch.distributed.broadcast_object_list(verdict, src=0, group=control)
+    torch.distributed.broadcast_object_list(verdict, src=0, group=control_group)
     if verdict[0] is not None:
         raise EvaluationError(verdict[0])
+    return manager
+
+
+def evaluate_tasks(info, tokenizer_ref, runtime, cfg: TaskConfig) -> Optional[dict]:
+    """lm-eval's results (rank 0; None elsewhere) for a checkpoint's weights. Every rank calls this."""
+    control = torch.distributed.new_group(backend="gloo")
+    manager = checked_tasks(cfg, runtime, control)
     engine, tokenizer = load_engine(info, tokenizer_ref, runtime, control_group=control, batch_size=cfg.batch_size)
     if runtime.rank != 0:
         engine.follow()
         return None
     try:
-        return _run_lm_eval(engine, tokenizer, manager, cfg)
+        return run_lm_eval(engine, tokenizer, manager, cfg)
     finally:
         engine.stop()
 
@@ -195,15 +202,7 @@ class TaskScorer:
     def __init__(self, cfg: TaskConfig, *, runtime, tokenizer_ref, vocab_size: int, max_length: int) -> None:
         self.cfg, self.runtime = cfg, runtime
         self.control = torch.distributed.new_group(backend="gloo")
-        self.manager, verdict = None, [None]
-        if runtime.rank == 0:
-            try:
-                self.manager = prepare_tasks(cfg)
-            except EvaluationError as error:
-                verdict = [str(error)]
-        torch.distributed.broadcast_object_list(verdict, src=0, group=self.control)
-        if verdict[0] is not None:
-            raise EvaluationError(verdict[0])
+        self.manager = checked_tasks(cfg, runtime, self.control)
         self.tokenizer = tokenizer_ref.load()
         self.vocab_size, self.max_length = vocab_size, max_length
 
@@ -217,7 +216,7 @@ class TaskScorer:
         scores = [None]
         if self.runtime.rank == 0:
             try:
-                scores = [flat_scores(_run_lm_eval(engine, tok, self.manager, self.cfg))]
+                scores = [flat_scores(run_lm_eval(engine, tok, self.manager, self.cfg))]
             finally:
                 engine.stop()
         else:
@@ -255,7 +254,8 @@ def load_engine(info, tokenizer_ref, runtime, *, control_group, batch_size: int)
     return engine, tokenizer
 
 
-def _run_lm_eval(engine, tokenizer, manager, cfg: TaskConfig) -> dict:
+def run_lm_eval(engine, tokenizer, manager, cfg: TaskConfig) -> dict:
+    """lm-eval's simple_evaluate of cfg's tasks on the engine's model (the driver only; followers serve)."""
     from lm_eval.evaluator import simple_evaluate
 
     from megatron_minitron.evaluation.lm import MegatronLM
