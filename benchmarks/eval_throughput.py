@@ -6,9 +6,10 @@ on the same model exported with export-hf, same batch size, same machine (target
     python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/eval_throughput.py --tp 2   # TP2
 
 The model is a random Llama of the `small` preset's shape (hidden 256, 8 layers, 8 heads in 4 groups, MLP 768)
-with a 512-token byte-level BPE tokenizer (tests/evaluation/models.py), built once in --work. Rank 0 first runs
-the hf backend in a fresh interpreter, then ours; each times lm-eval's simple_evaluate alone (model and data
-loading excluded) over --reps repetitions after one warm-up, and the medians are compared.
+with a 512-token byte-level BPE tokenizer (tests/evaluation/models.py), built once in --work. Each side times
+lm-eval's simple_evaluate alone (model and data loading excluded), after a warm-up; the repetitions alternate
+(hf backend in a fresh interpreter, then ours) and the medians are compared. Under torchrun every process, the
+hf backend's too, runs one thread (torchrun's OMP_NUM_THREADS=1).
 """
 
 from __future__ import annotations
@@ -66,29 +67,37 @@ def hf_backend(model_dir: Path, include: Path, limit: int, batch: int, reps: int
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def ours(paths: dict, runtime, cache: Path, limit: int, batch: int, reps: int) -> dict | None:
+def interleaved(paths: dict, runtime, cache: Path, include: Path, limit: int, batch: int, reps: int):
+    """({"times", "acc"} of the hf backend, the same of ours) on rank 0, None elsewhere: one warm-up of ours, then
+    per repetition one hf run (its own warm-up first, in a fresh interpreter) and one of ours, so a change of
+    load on a shared machine hits both alike."""
     from megatron_minitron.data.tokenizer import TokenizerRef
-    from megatron_minitron.evaluation.run import TaskConfig, run_lm_eval, load_engine, prepare_tasks
+    from megatron_minitron.evaluation.run import TaskConfig, checked_tasks, load_engine, run_lm_eval
     from megatron_minitron.model import checkpoint as ckpt
 
     info = ckpt.resolve(paths["ckpt"])
     cfg = TaskConfig(tasks=(TASK,), limit=limit, batch_size=batch, cache_dir=str(cache), bootstrap_iters=0)
-    manager = prepare_tasks(cfg) if runtime.rank == 0 else None
     control = torch.distributed.new_group(backend="gloo")
+    manager = checked_tasks(cfg, runtime, control)
     engine, tokenizer = load_engine(info, TokenizerRef.from_json(info.tokenizer), runtime, control_group=control,
                                     batch_size=batch)
     if runtime.rank != 0:
         engine.follow()
         return None
-    times = []
+    hf, mine = {"times": []}, {"times": []}
     try:
-        for _ in range(reps + 1):
+        run_lm_eval(engine, tokenizer, manager, cfg)
+        for _ in range(reps):
+            one = hf_backend(paths["exported"], include, limit, batch, 1)
+            hf["times"] += one["times"]
+            hf["acc"] = one["acc"]
             t0 = time.perf_counter()
             out = run_lm_eval(engine, tokenizer, manager, cfg)
-            times.append(time.perf_counter() - t0)
+            mine["times"].append(time.perf_counter() - t0)
+            mine["acc"] = out["results"][TASK]["acc,none"]
     finally:
         engine.stop()
-    return {"times": times[1:], "acc": out["results"][TASK]["acc,none"]}
+    return hf, mine
 
 
 def main() -> None:
@@ -113,13 +122,12 @@ def main() -> None:
     runtime = initialize(ParallelConfig(tensor_parallel=args.tp))
     try:
         torch.distributed.barrier()
-        baseline = hf_backend(paths["exported"], include, args.limit, args.batch_size, args.reps) if rank == 0 else None
-        torch.distributed.barrier()
-        mine = ours(paths, runtime, work / "cache", args.limit, args.batch_size, args.reps)
+        both = interleaved(paths, runtime, work / "cache", include, args.limit, args.batch_size, args.reps)
     finally:
         shutdown()
-    if mine is None:
+    if both is None:
         return
+    baseline, mine = both
     hf_docs_s = args.limit / statistics.median(baseline["times"])
     our_docs_s = args.limit / statistics.median(mine["times"])
     result = {"tp": args.tp, "documents": args.limit, "batch_size": args.batch_size, "hf_docs_per_s": hf_docs_s,
