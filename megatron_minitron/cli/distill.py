@@ -177,8 +177,8 @@ def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: P
         if eval_cfg is not None:
             from megatron_minitron.evaluation.run import TaskScorer
 
-            scorer = TaskScorer(eval_cfg, runtime=runtime, tokenizer_ref=tokenizer.ref, vocab_size=student.arch.vocab_size,
-                                max_length=student.arch.max_position_embeddings)
+            scorer = TaskScorer(eval_cfg, runtime=runtime, tokenizer_ref=tokenizer.ref,
+                                vocab_size=student.arch.vocab_size, max_length=student.arch.max_position_embeddings)
         interval = cfg.eval_interval if args.eval_tasks_interval is None else args.eval_tasks_interval
         distill(teacher_info=teacher, student_info=student, runtime=runtime, train_cfg=cfg, cfg=dcfg, **batches,
                 save=save, tokenizer=tokenizer_json(data_cfg, tokenizer), task_scores=scorer,

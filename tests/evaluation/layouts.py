@@ -33,7 +33,8 @@ def evaluate_and_generate(runtime, ckpt: Path, cache: Path, prompts: dict, *, ba
         engine.follow()
         return None
     try:
-        rows = [GenerationRow(context=tuple(ids), max_new_tokens=prompts["max_new_tokens"]) for ids in prompts["tokens"]]
+        rows = [GenerationRow(context=tuple(ids), max_new_tokens=prompts["max_new_tokens"])
+                for ids in prompts["tokens"]]
         tokens = engine.generate(rows)
         lm = MegatronLM(engine=engine, tokenizer=tokenizer)
         requests = [Instance(request_type="generate_until", doc={}, arguments=(text, dict(prompts["gen_kwargs"])),

@@ -18,7 +18,8 @@ def test_task_scores_during_distillation(tiny_teacher, data_cache, tmp_path):
     out = torchrun("-m", "megatron_minitron", "distill", "--teacher", tiny_teacher, "--student", tiny_teacher,
                    "--save", save, "--tp", "2", "--cache-dir", data_cache, "--train-iters", "4", "--seq-length", "64",
                    "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--lr-warmup-iters", "0",
-                   "--eval-interval", "4", "--eval-iters", "1", "--log-interval", "2", "--eval-tasks", CONTINUATION_TASK,
+                   "--eval-interval", "4", "--eval-iters", "1", "--log-interval", "2",
+                   "--eval-tasks", CONTINUATION_TASK,
                    "--eval-tasks-interval", "2", "--eval-tasks-limit", "24", nproc=2, timeout=900, env=OFFLINE)
     records = [r for r in map(json.loads, (save / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "tasks"]
     assert [r["iteration"] for r in records] == [2, 4]

@@ -74,7 +74,8 @@ def test_checkpoint_without_tokenizer(untrained, capsys):
 
 
 def test_unknown_task_lists_close_names(data_cache):
-    with pytest.raises(EvaluationError, match="unknown task 'minitron_continuaton'.*close names: minitron_continuation"):
+    with pytest.raises(EvaluationError,
+                       match="unknown task 'minitron_continuaton'.*close names: minitron_continuation"):
         prepare_tasks(TaskConfig(tasks=("minitron_continuaton",), cache_dir=str(data_cache)))
 
 

@@ -1,7 +1,8 @@
 """lm-eval tasks and greedy generation of one checkpoint at TP2 (x DP2) and TP2xPP2, in one 4-process torchrun
 launch (run by tests/evaluation/test_crosscheck.py, which compares them with lm-eval's own `hf` backend).
 
-    python -m torch.distributed.run --standalone --nproc-per-node 4 tests/multirank/eval_layouts.py OUT CKPT CACHE PROMPTS
+    python -m torch.distributed.run --standalone --nproc-per-node 4 tests/multirank/eval_layouts.py \
+        OUT CKPT CACHE PROMPTS
 """
 
 from __future__ import annotations
