@@ -26,8 +26,12 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "tokenizers", "transformers", "matplotlib"],
+        # lm-eval: tests cross-check our model against lm-eval's own Hugging Face backend (needs accelerate).
+        "test": ["pytest>=8", "pytest-timeout", "tokenizers", "transformers", "matplotlib", "lm-eval>=0.4.13,<0.5",
+                 "accelerate"],
         "hf": ["tokenizers", "transformers"],
+        # downstream tasks: `minitron evaluate --tasks` (megatron_minitron/evaluation/); 0.4.13's TemplateLM API.
+        "eval": ["lm-eval>=0.4.13,<0.5", "tokenizers"],
         # Transformer Engine comes with NVIDIA's PyTorch containers; this extra is for other GPU machines.
         "te": ["transformer_engine[pytorch]"],
         "plot": ["matplotlib"],

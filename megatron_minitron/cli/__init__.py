@@ -17,7 +17,7 @@ SUBCOMMANDS = {
     "search": ("megatron_minitron.cli.search", "find the best student shape within a parameter budget"),
     "inspect": ("megatron_minitron.cli.inspect", "print a checkpoint's architecture and parameter count"),
     "demo": ("megatron_minitron.cli.demo", "the whole method on the embedded corpus, with a report"),
-    "evaluate": ("megatron_minitron.cli.evaluate", "validation LM loss of a checkpoint as it is (zero-shot)"),
+    "evaluate": ("megatron_minitron.cli.evaluate", "validation loss or lm-eval task scores of a checkpoint"),
     "import-hf": ("megatron_minitron.cli.import_hf", "convert a local Hugging Face model directory to a checkpoint"),
     "export-hf": ("megatron_minitron.cli.export_hf", "convert a checkpoint to a Hugging Face model directory"),
 }

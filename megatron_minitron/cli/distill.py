@@ -36,6 +36,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
     add_training_arguments(parser)
     add_loss_arguments(parser)
+    e = parser.add_argument_group("downstream tasks during distillation (lm-evaluation-harness; pip install .[eval])")
+    e.add_argument("--eval-tasks", default=None, metavar="T1,T2",
+                   help="lm-eval tasks scored on the student, e.g. minitron_continuation (built in, offline)")
+    e.add_argument("--eval-tasks-interval", type=non_negative(), default=None,
+                   help="iterations between task scores (default: --eval-interval); always at the end")
+    e.add_argument("--eval-tasks-limit", type=positive(float), default=None, help="documents per task (default: all)")
+    e.add_argument("--eval-tasks-batch-size", type=positive(), default=8, help="sequences per forward pass per replica")
+
+
+def eval_task_config(args: argparse.Namespace):
+    """The TaskConfig of --eval-tasks (None without it); checked before any process starts."""
+    if not getattr(args, "eval_tasks", None):
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("--eval-tasks needs lm-evaluation-harness: pip install 'megatron-minitron[eval]'")
+    from megatron_minitron.evaluation.run import TaskConfig
+
+    if args.eval_tasks_interval is not None and args.eval_tasks_interval < 0:
+        raise ConfigError(f"--eval-tasks-interval must be >= 0, got {args.eval_tasks_interval}")
+    return TaskConfig(tasks=tuple(t.strip() for t in args.eval_tasks.split(",")), limit=args.eval_tasks_limit,
+                      batch_size=args.eval_tasks_batch_size, cache_dir=args.cache_dir, seed=args.seed)
 
 
 DISTILL = ("megatron_minitron.distill.loop", "DistillConfig")
@@ -88,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     # ---- everything that needs no process: fail fast, on every rank alike
     parallel = parallel_config(args)
     cfg, dcfg = train_config(args), distill_config(args)
+    eval_cfg = eval_task_config(args)
     save = Path(args.save)
     check_run_dir(save, resume=args.resume, overwrite=args.overwrite)
     teacher, student = ckpt.resolve(args.teacher), ckpt.resolve(args.student)
@@ -119,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"the run in {save} is already at iteration {check.iteration} (--train-iters); nothing to do, "
                   f"nothing was changed", flush=True)
             return 0
-    return _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save, check)
+    return _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save, check, eval_cfg)
 
 
 def shared_tokenizer(tokenizer_path, teacher, student):
@@ -140,7 +164,7 @@ def shared_tokenizer(tokenizer_path, teacher, student):
     return ref
 
 
-def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: Path, check) -> int:
+def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: Path, check, eval_cfg=None) -> int:
     from megatron_minitron.data.loader import load_tokenizer, run_batches, tokenizer_json
     from megatron_minitron.distill.loop import distill
     from megatron_minitron.training.resume import run_record
@@ -164,8 +188,16 @@ def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: P
             print(f"distilling {teacher.arch.num_parameters() / 1e6:.2f}M -> {student.arch.num_parameters() / 1e6:.2f}M "
                   f"parameters at TP={parallel.tensor_parallel} PP={parallel.pipeline_parallel} "
                   f"DP={runtime.data_parallel} on {runtime.device.type} ({runtime.backend})", flush=True)
+        scorer = None
+        if eval_cfg is not None:
+            from megatron_minitron.evaluation.run import TaskScorer
+
+            scorer = TaskScorer(eval_cfg, runtime=runtime, tokenizer_ref=tokenizer.ref,
+                                vocab_size=student.arch.vocab_size, max_length=student.arch.max_position_embeddings)
+        interval = cfg.eval_interval if args.eval_tasks_interval is None else args.eval_tasks_interval
         distill(teacher_info=teacher, student_info=student, runtime=runtime, train_cfg=cfg, cfg=dcfg, **batches,
-                save=save, tokenizer=tokenizer_json(data_cfg, tokenizer),
+                save=save, tokenizer=tokenizer_json(data_cfg, tokenizer), task_scores=scorer,
+                task_scores_interval=interval,
                 provenance={"command": "distill", "teacher": str(teacher.root), "student": str(student.root),
                             "plan": student.metadata.get("plan"), "distill": dcfg.to_json()})
     finally:

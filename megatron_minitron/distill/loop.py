@@ -309,7 +309,8 @@ def teacher_sanity_check(trainer, task, valid_batches, *, vocab_size: int, eval_
 
 
 def distill(*, teacher_info, student_info, runtime, train_cfg, cfg: DistillConfig, train_batches, valid_batches,
-            save, tokenizer: Optional[dict], provenance: dict, teacher=None) -> dict:
+            save, tokenizer: Optional[dict], provenance: dict, teacher=None, task_scores=None,
+            task_scores_interval: int = 0) -> dict:
     """Build, check the teacher, train (or resume) to train_cfg.train_iters, and return the final
     validation of student and teacher (also written to SAVE/final_validation.json)."""
     import json
@@ -329,7 +330,8 @@ def distill(*, teacher_info, student_info, runtime, train_cfg, cfg: DistillConfi
                                            eval_iters=train_cfg.eval_iters, log=log.say)
                 log.write({"kind": "valid", "iteration": 0, **{f"val {k}": v for k, v in val.items()}})
         train(trainer, task=task, train_batches=train_batches, valid_batches=valid_batches,
-              paths=RunPaths(save=save, metrics=save / "metrics.jsonl"), tokenizer=tokenizer, provenance=provenance)
+              paths=RunPaths(save=save, metrics=save / "metrics.jsonl"), tokenizer=tokenizer, provenance=provenance,
+              task_scores=task_scores, task_scores_interval=task_scores_interval)
         final = evaluate(trainer, task, valid_batches(), train_cfg.eval_iters) if valid_batches is not None else {}
     finally:
         trainer.chunks[0].close()

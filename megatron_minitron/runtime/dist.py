@@ -221,6 +221,11 @@ class Runtime:
     def barrier(self) -> None:
         torch.distributed.barrier()
 
+    def new_control_group(self):
+        """A new gloo group over every rank, for Python-object messages (broadcast_object_list,
+        gather_object) beside the model's NCCL groups; every rank must call this, in the same order."""
+        return torch.distributed.new_group(backend="gloo")
+
 
 def _ps():
     from megatron.core import parallel_state

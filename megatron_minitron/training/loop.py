@@ -370,11 +370,14 @@ def save(trainer: Trainer, root: Path, *, tokenizer: Optional[dict], provenance:
 
 def train(trainer: Trainer, *, task: Task, train_batches: Callable[[int], Iterator[dict]],
           valid_batches: Optional[Callable[[], Iterator[dict]]], paths: RunPaths, tokenizer: Optional[dict] = None,
-          provenance: Optional[dict] = None) -> list[dict]:
+          provenance: Optional[dict] = None, task_scores: Optional[Callable[[Trainer], dict]] = None,
+          task_scores_interval: int = 0) -> list[dict]:
     """Run (or resume) until cfg.train_iters; returns this process's per-step records.
 
     train_batches(start_sample) yields this rank's micro-batches from a global sample index (so a
     resumed run sees exactly the data it would have seen); valid_batches() restarts validation data.
+    task_scores(trainer), called by every rank every task_scores_interval iterations and at the end, returns
+    downstream scores (evaluation/run.py's TaskScorer) for metrics.jsonl and the progress log.
     """
     cfg, runtime = trainer.cfg, trainer.runtime
     log = MetricsLog(paths.metrics, enabled=runtime.is_logging_rank)
@@ -419,6 +422,12 @@ def train(trainer: Trainer, *, task: Task, train_batches: Callable[[int], Iterat
                     " | ".join(f"{k} {v:.4f}" for k, v in val_record.items()
                                if k.endswith("loss") or k.endswith("ppl")))
             records[-1]["valid"] = val
+        if task_scores is not None and ((task_scores_interval and trainer.iteration % task_scores_interval == 0)
+                                        or at_end):
+            scores = task_scores(trainer)
+            log.write({"kind": "tasks", "iteration": trainer.iteration, **scores})
+            log.say(f"tasks at iter {trainer.iteration}: " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            records[-1]["tasks"] = scores
         if (cfg.save_interval and trainer.iteration % cfg.save_interval == 0) or at_end:
             path = save(trainer, paths.save, tokenizer=tokenizer, provenance=provenance, task=task)
             log.say(f"saved checkpoint {path}")
