@@ -1,0 +1,80 @@
+"""The Mixture-of-Experts families (Qwen3-MoE, Mixtral): the routing megatron-core builds from the imported
+config is transformers' (checked on the routers themselves), Qwen3-MoE's norm_topk_prob=False maps to
+pre-softmax routing, and the architecture carries the experts. Logits at TP1 and the export round trip are
+in test_import.py / test_export.py with every other family; EP2, TP2+SP and TP2xPP2+SP in test_hf_multirank.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_minitron.model import checkpoint as ckpt
+from tests.hf import models
+
+pytest.importorskip("transformers", reason="the Hugging Face tests need transformers (pip install -e .[test])")
+
+
+def test_moe_architecture_fields(hf_cases):
+    qwen = ckpt.resolve(hf_cases["qwen3-moe"]["ckpt"]).arch
+    assert (qwen.num_experts, qwen.moe_router_topk, qwen.moe_ffn_hidden_size, qwen.ffn_hidden_size) == (4, 2, 32, 96)
+    assert qwen.qk_layernorm and not qwen.moe_router_pre_softmax and qwen.moe_topk_renormalized
+    assert all(qwen.moe_layers) and qwen.moe_shared_expert_ffn_hidden_size is None
+    mixtral = ckpt.resolve(hf_cases["mixtral"]["ckpt"]).arch
+    assert (mixtral.num_experts, mixtral.moe_router_topk, mixtral.expert_ffn_hidden_size) == (4, 2, 64)
+    assert not mixtral.qk_layernorm and not mixtral.moe_router_pre_softmax
+    shapes = ckpt.tensor_shapes(ckpt.resolve(hf_cases["mixtral"]["ckpt"]).path)
+    assert shapes["decoder.layers.mlp.experts.experts.linear_fc1.weight"] == (2, 4, 128, 64)
+    assert shapes["decoder.layers.mlp.router.weight"] == (2, 4, 64)
+
+
+def _compare_routers(model, hf, arch) -> None:
+    """Every layer's megatron TopKRouter and transformers router give the same top-k probabilities on the same
+    hidden states, and both equal a softmax over the top-k logits (renormalised routing) or the top-k of the
+    softmax over all experts (pre-softmax routing), computed here from the router weight."""
+    routers = [m for m in model.modules() if type(m).__name__ == "TopKRouter"]
+    assert len(routers) == arch.num_layers
+    hidden = torch.randn(24, 2, arch.hidden_size, generator=torch.Generator().manual_seed(5))
+    for layer, router in enumerate(routers):
+        with torch.no_grad():
+            probs, routing_map = router(hidden)
+            gate = hf.model.layers[layer].mlp.gate
+            _, scores, indices = gate(hidden)
+        theirs = torch.zeros_like(probs).scatter(1, indices, scores.float())
+        assert torch.equal(routing_map, theirs > 0)
+        torch.testing.assert_close(probs, theirs, rtol=1e-6, atol=1e-7)
+        logits = hidden.reshape(-1, arch.hidden_size) @ gate.weight.t()
+        top, chosen = logits.topk(arch.moe_router_topk, dim=-1)
+        if arch.moe_router_pre_softmax:
+            expected = logits.softmax(-1).gather(1, chosen)
+        else:
+            expected = top.softmax(-1)
+        torch.testing.assert_close(probs.gather(1, chosen), expected, rtol=1e-6, atol=1e-7)
+        assert probs.sum(-1).sub(1).abs().max() < 1e-6 if arch.moe_topk_renormalized else probs.sum(-1).max() < 1
+
+
+@pytest.mark.parametrize("name", models.MOE_CASES)
+def test_routing_equals_transformers(hf_cases, megatron_logits, name):
+    _, model = megatron_logits(hf_cases[name]["ckpt"])
+    model.eval()
+    _compare_routers(model, models.hf_model(name), ckpt.resolve(hf_cases[name]["ckpt"]).arch)
+
+
+def test_qwen3_moe_without_topk_renormalisation(megatron_logits, tmp_path):
+    """norm_topk_prob=False (transformers' default for qwen3_moe; Qwen2-MoE-style) is pre-softmax routing:
+    the logits, the routers and an export's config all follow it."""
+    import json
+
+    from megatron_minitron.hf.exporter import export_hf
+    from megatron_minitron.hf.importer import import_hf
+
+    logits = models.save_case("qwen3-moe", tmp_path / "hf", norm_topk_prob=False)
+    import_hf(tmp_path / "hf", tmp_path / "ckpt", print_fn=lambda _: None)
+    arch = ckpt.resolve(tmp_path / "ckpt").arch
+    assert arch.moe_router_pre_softmax and not arch.moe_topk_renormalized
+    ours, model = megatron_logits(tmp_path / "ckpt")
+    assert models.rel_error(ours, logits) <= 1e-4
+    model.eval()
+    _compare_routers(model, models.hf_model("qwen3-moe", norm_topk_prob=False), arch)
+    export_hf(tmp_path / "ckpt", tmp_path / "out", print_fn=lambda _: None)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["norm_topk_prob"] is False and config["num_experts"] == 4 and "num_local_experts" not in config
