@@ -78,3 +78,51 @@ def test_qwen3_moe_without_topk_renormalisation(megatron_logits, tmp_path):
     export_hf(tmp_path / "ckpt", tmp_path / "out", print_fn=lambda _: None)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["norm_topk_prob"] is False and config["num_experts"] == 4 and "num_local_experts" not in config
+
+
+@pytest.mark.parametrize("name", models.MOE_CASES)
+def test_import_writes_what_megatron_saves(hf_cases, single_rank_runtime, tmp_path, name):
+    """The imported checkpoint holds exactly the keys (expert tensors, router, per-expert `_extra_state`
+    objects) and shapes megatron-core itself saves for the model, and the model megatron loads from it saves
+    every tensor back bit-identical."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_minitron.model.build import build_model
+
+    info = ckpt.resolve(hf_cases[name]["ckpt"])
+    model = build_model(info.arch, single_rank_runtime, use_te=False)
+    ckpt.load_checkpoint(info, model=model)
+    ckpt.save_checkpoint(tmp_path / "saved", model=model, arch=info.arch, runtime=single_rank_runtime, iteration=None)
+    saved = ckpt.resolve(tmp_path / "saved")
+
+    def keys(path):
+        return {k for k in FileSystemReader(str(path)).read_metadata().state_dict_metadata if not k.startswith("rng")}
+
+    assert keys(info.path) == keys(saved.path)
+    ours, theirs = ckpt.read_tensors(info.path), ckpt.read_tensors(saved.path)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(moe_layer_freq=(0, 1, 1, 1)), r"a mixtral model has moe_layer_freq=1; this checkpoint has "
+                                        r"moe_layer_freq=\(0, 1, 1, 1\)"),
+    (dict(moe_shared_expert_ffn_hidden_size=32), r"a mixtral model has moe_shared_expert_ffn_hidden_size=None"),
+    (dict(moe_router_score_function="sigmoid"), r"a mixtral model has moe_router_score_function='softmax'"),
+    (dict(moe_router_pre_softmax=True), r"a mixtral model has moe_router_pre_softmax=False"),
+])
+def test_moe_architectures_the_families_cannot_hold(change, match):
+    """What a MoE model trained here may have and neither HF family can express is named before any work
+    (Qwen3-MoE takes pre-softmax routing: norm_topk_prob=False)."""
+    from megatron_minitron.config import preset
+    from megatron_minitron.hf.families import MIXTRAL, QWEN3_MOE, infer_family
+    from megatron_minitron.hf.files import HFError
+
+    arch = preset("tiny-moe", **change)
+    assert infer_family(arch) is MIXTRAL and infer_family(arch.replace(qk_layernorm=True)) is QWEN3_MOE
+    with pytest.raises(HFError, match=match):
+        MIXTRAL.check_exportable(arch)
+    if "moe_router_pre_softmax" in change:
+        assert QWEN3_MOE.config_from_arch(arch.replace(qk_layernorm=True))["norm_topk_prob"] is False
+    else:
+        with pytest.raises(HFError, match=match.replace("mixtral", "qwen3_moe")):
+            QWEN3_MOE.check_exportable(arch.replace(qk_layernorm=True))
