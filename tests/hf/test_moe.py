@@ -25,6 +25,11 @@ def test_moe_architecture_fields(hf_cases):
     shapes = ckpt.tensor_shapes(ckpt.resolve(hf_cases["mixtral"]["ckpt"]).path)
     assert shapes["decoder.layers.mlp.experts.experts.linear_fc1.weight"] == (2, 4, 128, 64)
     assert shapes["decoder.layers.mlp.router.weight"] == (2, 4, 64)
+    for name in models.MOE_CASES:  # the Megatron-LM args of common.pt name the experts and read back the same
+        info = ckpt.resolve(hf_cases[name]["ckpt"])
+        args = torch.load(info.path / "common.pt", weights_only=False)["args"]
+        assert (args.num_experts, args.moe_router_topk, args.moe_grouped_gemm) == (4, 2, False)
+        assert ckpt.arch_from_megatron_args(args).replace(init_method_std=info.arch.init_method_std) == info.arch
 
 
 def _compare_routers(model, hf, arch) -> None:
