@@ -170,6 +170,19 @@ def test_expert_count_disagreeing_with_the_weights(copy, tmp_path):
                                           r"config\.json implies \[2, 64\]")
 
 
+def test_shared_expert_weights_are_refused(copy, tmp_path):
+    """Qwen3-MoE has no shared expert: weights of one (a Qwen2-MoE-style checkpoint) are named, not dropped."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = copy("qwen3-moe")
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["model.layers.0.mlp.shared_expert.gate_proj.weight"] = torch.zeros(32, 64)
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    assert_refused(src, tmp_path / "out", r"tensors the qwen3_moe table does not map, e\.g\. "
+                                          r"\['model\.layers\.0\.mlp\.shared_expert\.gate_proj\.weight'\]")
+
+
 def test_tokenizer_larger_than_the_model(copy, tmp_path):
     from tokenizers import Tokenizer, models
 
