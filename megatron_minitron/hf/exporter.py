@@ -233,8 +233,8 @@ def export_hf(load: str | os.PathLike, save: str | os.PathLike, *, family: Optio
               chunk_bytes: int = CHUNK_BYTES) -> Path:
     """Write the HF model directory of checkpoint `load` to `save`; returns `save`.
 
-    family: "llama", "mistral", "qwen2", "qwen3", "nemotron", "gpt2", "qwen3_moe" or "mixtral" (default: the source model's, else the one the
-    architecture fits). dtype: convert every tensor ("float32", "bfloat16", "float16"); None keeps the
+    family: "llama", "mistral", "qwen2", "qwen3", "nemotron", "gpt2", "qwen3_moe" or "mixtral" (default: the
+    source model's, else the one the architecture fits). dtype: convert every tensor ("float32", "bfloat16", "float16"); None keeps the
     stored dtypes. stats: filled with seconds, bytes_read, bytes_written and peak_rss_mb.
     fsync: flush every shard to disk before the final rename (off only to measure).
     chunk_bytes: tensors larger than this without a fusion rule are copied in row blocks of this size.

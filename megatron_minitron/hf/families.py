@@ -8,8 +8,8 @@ Each `Family` says, declaratively:
 - `requires`: config.json keys that must hold one of the listed values (the first one is what an export
   writes), so an unsupported option (attention bias in Llama, sliding windows, cross-attention)
   fails with an error naming the key instead of importing a different model;
-- `tensors`: checkpoint key <-> HF tensor names (`{i}` is the layer, `{e}` a routed expert) and the rule (rules.py) that fuses
-  them.
+- `tensors`: checkpoint key <-> HF tensor names (`{i}` is the layer, `{e}` a routed expert) and the rule
+  (rules.py) that fuses them.
 
 Adding a family is adding a table here. RoPE settings (`rope_theta`, `rope_scaling` or transformers 5's
 `rope_parameters`) are shared by the RoPE families and read by `_rope_from_hf`.
