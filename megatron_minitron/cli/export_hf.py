@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 
-FAMILY_CHOICES = ("gpt2", "llama", "mistral", "nemotron", "qwen2", "qwen3")
+FAMILY_CHOICES = ("gpt2", "llama", "mistral", "mixtral", "nemotron", "qwen2", "qwen3", "qwen3_moe")
 """hf.families.FAMILIES' names, spelled out so `minitron --help` imports nothing heavy (a test checks them)."""
 
 
@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save", required=True, metavar="DIR", help="new Hugging Face model directory")
     parser.add_argument("--family", choices=FAMILY_CHOICES, default=None,
                         help="model_type to write (default: the imported source model's, else the family the "
-                             "architecture fits: learned positions -> gpt2, QK norm -> qwen3, zero-centred norm or "
-                             "squared ReLU -> nemotron, QKV bias -> qwen2, otherwise llama)")
+                             "architecture fits: experts -> qwen3_moe with QK norm, else mixtral; learned positions "
+                             "-> gpt2, QK norm -> qwen3, zero-centred norm or squared ReLU -> nemotron, QKV bias -> "
+                             "qwen2, otherwise llama)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="convert every tensor (default: keep the stored dtypes)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 500MB)")

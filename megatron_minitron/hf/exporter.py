@@ -51,6 +51,8 @@ class Item:
     entry: TensorMap
     layer: Optional[int]
     outputs: tuple[PlannedTensor, ...]
+    expert: Optional[int] = None
+    """The routed expert of an expert tensor."""
 
 
 @dataclass(frozen=True)
@@ -161,9 +163,6 @@ def plan_export(load: str | os.PathLike, *, family: Optional[str] = None, dtype:
     metadata = storage.read_dcp_metadata(info.path)
     storage.check_storage_files(info.path, metadata)
     arch = info.arch.explicit()
-    if arch.is_moe:
-        raise HFError(f"{info.path} is a Mixture-of-Experts model ({arch.num_experts} experts); exporting MoE "
-                      f"families to Hugging Face is not implemented yet")
     source = find_hf_source(info)
     base = files.read_json(source / files.CONFIG, "the source model's configuration") if source else None
     if family is not None:
@@ -182,7 +181,7 @@ def plan_export(load: str | os.PathLike, *, family: Optional[str] = None, dtype:
     # HF order: embeddings, then layer by layer (table order within a layer), then final norm and head.
     items.sort(key=lambda it: (0 if it.entry.megatron.startswith("embedding.") else 1 if it.entry.layered else 2,
                                it.layer or 0))
-    extra = sorted(k for k in stored if not k.startswith(("optimizer", "rng_state")) and "_extra_state" not in k
+    extra = sorted(k for k in stored if not _training_state(k) and "_extra_state" not in k
                    and k not in {it.entry.megatron for it in items})
     if extra:
         raise HFError(f"{info.path} holds tensors the {fam.model_type} table does not export, e.g. {extra[:4]}: "
@@ -198,6 +197,14 @@ def plan_export(load: str | os.PathLike, *, family: Optional[str] = None, dtype:
                       tokenizer_files=tuple(_tokenizer_files(info, source)))
 
 
+def _training_state(key: str) -> bool:
+    """Optimizer and RNG state of a training checkpoint: `optimizer.*`, `rng_state*`, and `chained_{i}.optimizer.*`
+    (megatron's ChainedOptimizer, which a MoE model's separate expert optimizer brings)."""
+    head, _, rest = key.partition(".")
+    return key.startswith(("optimizer", "rng_state")) or (
+        head.startswith("chained_") and head[len("chained_"):].isdigit() and rest.startswith("optimizer"))
+
+
 def _plan_entry(entry: TensorMap, arch: ArchConfig, stored: dict, info: ckpt.CheckpointInfo,
                 dtype: Optional[str]) -> list[Item]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -211,10 +218,12 @@ def _plan_entry(entry: TensorMap, arch: ArchConfig, stored: dict, info: ckpt.Che
         raise HFError(f"{info.path}: tensor {entry.megatron!r} has shape {list(meta.size)}, its architecture implies "
                       f"{list(want)}")
     out_dtype = DTYPES[dtype] if dtype else meta.properties.dtype
-    hf_shapes = entry.rule.hf_shapes(shape, arch)
-    return [Item(entry=entry, layer=layer, outputs=tuple(PlannedTensor(hf_name(n, layer), out_dtype, tuple(s))
-                                                        for n, s in zip(entry.hf, hf_shapes)))
-            for layer in (range(arch.num_layers) if entry.layered else [None])]
+    hf_shapes = entry.rule.hf_shapes(shape[1:] if entry.experts else shape, arch)
+    experts = range(arch.num_experts) if entry.experts else [None]
+    return [Item(entry=entry, layer=layer, expert=expert,
+                 outputs=tuple(PlannedTensor(hf_name(n, layer, expert=expert), out_dtype, tuple(s))
+                               for n, s in zip(entry.hf, hf_shapes)))
+            for layer in (range(arch.num_layers) if entry.layered else [None]) for expert in experts]
 
 
 # ------------------------------------------------------------------------------------------ writes
@@ -229,8 +238,8 @@ def export_hf(load: str | os.PathLike, save: str | os.PathLike, *, family: Optio
               chunk_bytes: int = CHUNK_BYTES) -> Path:
     """Write the HF model directory of checkpoint `load` to `save`; returns `save`.
 
-    family: "llama", "mistral", "qwen2", "qwen3", "nemotron" or "gpt2" (default: the source model's, else the one the
-    architecture fits). dtype: convert every tensor ("float32", "bfloat16", "float16"); None keeps the
+    family: "llama", "mistral", "qwen2", "qwen3", "nemotron", "gpt2", "qwen3_moe" or "mixtral" (default: the
+    source model's, else the one the architecture fits). dtype: convert every tensor ("float32", "bfloat16", "float16"); None keeps the
     stored dtypes. stats: filled with seconds, bytes_read, bytes_written and peak_rss_mb.
     fsync: flush every shard to disk before the final rename (off only to measure).
     chunk_bytes: tensors larger than this without a fusion rule are copied in row blocks of this size.
@@ -274,6 +283,14 @@ def _write_shards(plan: ExportPlan, partial: Path, fsync: bool = True,
             key, rule = item.entry.megatron, item.entry.rule
             rows = arch.vocab_size if isinstance(rule, Vocab) else megatron_shape(key, arch)[0]
             planned = item.outputs[0]
+            if item.expert is not None:  # one expert of a layer: read just it (its rows of the expert axis)
+                tensor = reader.read_rows(key, item.layer, item.expert, item.expert + 1)[0]
+                for planned, part in zip(item.outputs, rule.to_hf(tensor, arch)):
+                    if writer.full:
+                        next_writer()
+                    writer.write(planned.name, part.to(planned.dtype))
+                    weight_map[planned.name] = names[shard_index]
+                continue
             if type(rule) in (Copy, Vocab) and planned.nbytes > chunk_bytes:
                 # A large plain tensor goes in row blocks (padded vocabulary rows are never read).
                 step = max(1, chunk_bytes // (planned.nbytes // rows))

@@ -8,8 +8,8 @@ Each `Family` says, declaratively:
 - `requires`: config.json keys that must hold one of the listed values (the first one is what an export
   writes), so an unsupported option (attention bias in Llama, sliding windows, cross-attention)
   fails with an error naming the key instead of importing a different model;
-- `tensors`: checkpoint key <-> HF tensor names (`{i}` is the layer) and the rule (rules.py) that fuses
-  them.
+- `tensors`: checkpoint key <-> HF tensor names (`{i}` is the layer, `{e}` a routed expert) and the rule
+  (rules.py) that fuses them.
 
 Adding a family is adding a table here. RoPE settings (`rope_theta`, `rope_scaling` or transformers 5's
 `rope_parameters`) are shared by the RoPE families and read by `_rope_from_hf`.
@@ -50,6 +50,9 @@ class TensorMap:
     rule: Rule = COPY
     when: Optional[Callable[[ArchConfig], bool]] = None
     """Only for architectures where this holds (untied output layer, QKV bias)."""
+    experts: bool = False
+    """One set of HF tensors per routed expert (`{e}` in their names); the megatron tensor has an expert
+    axis after the layer axis ([layers, experts, rows, cols]) and the rule applies to one expert."""
 
     @property
     def layered(self) -> bool:
@@ -86,6 +89,11 @@ class Family:
     writes: dict[str, Any] = field(default_factory=dict)
     """Extra config.json keys an export writes when it has no source config to start from (token ids then
     come from the checkpoint's tokenizer)."""
+    moe: bool = False
+    """Every layer is a Mixture-of-Experts layer (the ArchConfig has num_experts); dense families have none."""
+    aliases: tuple[str, ...] = ()
+    """Other spellings of mapped config.json keys (transformers 5 saves Qwen3-MoE's num_experts as
+    num_local_experts): read through the field's default, dropped from an export's config."""
 
     # ------------------------------------------------------------------------------ config in
     def arch_from_config(self, config: dict, *, pad_to: int = 128) -> ArchConfig:
@@ -135,6 +143,10 @@ class Family:
         if arch.activation not in self.activation[1].values():
             raise HFError(f"a {self.model_type} model has activation in {sorted(set(self.activation[1].values()))}; "
                           f"this checkpoint has activation={arch.activation!r}")
+        if arch.is_moe != self.moe:
+            raise HFError(f"a {self.model_type} model has {'experts in every layer' if self.moe else 'no experts'}; "
+                          f"this checkpoint has num_experts={arch.num_experts} (export it as "
+                          f"{'a dense family' if self.moe else 'mixtral or qwen3_moe'})")
         if arch.apply_layernorm_1p and "apply_layernorm_1p" not in self.fixed:
             raise HFError(f"a {self.model_type} model has no zero-centred norm (apply_layernorm_1p=True here)")
         if self.rope and self.partial_rotary is None and arch.rotary_percent != 1.0:
@@ -156,7 +168,7 @@ class Family:
         self.check_exportable(arch)
         config = dict(base) if base and base.get("model_type") == self.model_type else {}
         for stale in ("rope_parameters", "rope_scaling", "rope_theta", "torch_dtype", "dtype", "head_dim",
-                      "transformers_version", "_name_or_path", "layer_types", "partial_rotary_factor"):
+                      "transformers_version", "_name_or_path", "layer_types", "partial_rotary_factor") + self.aliases:
             config.pop(stale, None)
         if not config:
             config.update(self.writes)
@@ -435,7 +447,82 @@ GPT2 = Family(
             "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0, "reorder_and_upcast_attn": False},
 )
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, NEMOTRON, GPT2)}
+# ------------------------------------------------------------------------------------ Mixture of Experts
+# Both families route softmax(top-k logits) or, for Qwen3-MoE with norm_topk_prob=False, top-k of the softmax
+# over all experts without renormalising (megatron's moe_router_pre_softmax=True; DESIGN §2c). Every layer
+# is MoE: a stack mixing dense and MoE layers is stored by megatron under per-layer keys, which the
+# stacked-tensor importer does not write, so decoder_sparse_step / mlp_only_layers other than "all MoE"
+# are refused by name. router_aux_loss_coef and output_router_logits are training options and are ignored.
+_MOE_FIXED = {**_ROPE_FIXED, "moe_layer_freq": 1, "moe_shared_expert_ffn_hidden_size": None,
+              "moe_router_score_function": "softmax"}
+_EXPERTS = _L + "mlp.experts.experts."
+
+
+def _moe_tensors(router: str, gate: str, up: str, down: str) -> tuple[TensorMap, ...]:
+    """Router [E, H] and the per-expert gate/up (-> fc1 = [gate; up]) and down (-> fc2) projections."""
+    return (
+        TensorMap(_L + "mlp.router.weight", (_HF + router,)),
+        TensorMap(_EXPERTS + "linear_fc1.weight", (_HF + gate, _HF + up), GATE_UP, experts=True),
+        TensorMap(_EXPERTS + "linear_fc2.weight", (_HF + down,), experts=True),
+    )
+
+
+def _qwen3_moe_experts(config: dict) -> int:
+    value = config.get("num_local_experts")  # what transformers 5 saves; Hub configs say num_experts
+    return 128 if value is None else value
+
+
+QWEN3_MOE = Family(
+    model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM",
+    fields=_ROPE_FIELDS + (
+        Field("max_position_embeddings", "max_position_embeddings", default=32768),
+        Field("untie_embeddings_and_output_weights", "tie_word_embeddings", default=False, invert=True),
+        Field("num_experts", "num_experts", default=_qwen3_moe_experts),
+        Field("moe_router_topk", "num_experts_per_tok", default=8),
+        Field("moe_ffn_hidden_size", "moe_intermediate_size", default=768),
+        # norm_topk_prob=True renormalises the top-k probabilities (softmax over the top-k logits): pre-softmax
+        # False; False keeps top-k of the full softmax: pre-softmax True. transformers' default is False.
+        Field("moe_router_pre_softmax", "norm_topk_prob", default=False, invert=True)),
+    fixed={**_MOE_FIXED, "qk_layernorm": True},
+    requires={"attention_bias": (False,), "use_sliding_window": (False,), "decoder_sparse_step": (1,),
+              "mlp_only_layers": ([],)},
+    tensors=LLAMA_TENSORS[:3] + (
+        TensorMap(_L + "self_attention.q_layernorm.weight", (_HF + "self_attn.q_norm.weight",)),
+        TensorMap(_L + "self_attention.k_layernorm.weight", (_HF + "self_attn.k_norm.weight",)),
+    ) + LLAMA_TENSORS[4:6] + _moe_tensors("mlp.gate.weight", "mlp.experts.{e}.gate_proj.weight",
+                                          "mlp.experts.{e}.up_proj.weight", "mlp.experts.{e}.down_proj.weight")
+    + LLAMA_TENSORS[8:],
+    ignored=("rotary_emb.inv_freq",),
+    writes={"use_cache": True},
+    moe=True,
+    aliases=("num_local_experts",),
+)
+
+MIXTRAL = Family(
+    model_type="mixtral", architecture="MixtralForCausalLM",
+    fields=tuple(Field("norm_epsilon", "rms_norm_eps", default=1e-5) if f.arch == "norm_epsilon" else f
+                 for f in _ROPE_FIELDS) + (
+        Field("max_position_embeddings", "max_position_embeddings", default=4096 * 32),
+        Field("untie_embeddings_and_output_weights", "tie_word_embeddings", default=False, invert=True),
+        Field("num_experts", "num_local_experts", default=8),
+        Field("moe_router_topk", "num_experts_per_tok", default=2),
+        # Every layer is MoE: the experts' width is intermediate_size (ffn_hidden_size, read from the same key
+        # above, is unused; an export writes the experts' width, this field being last).
+        Field("moe_ffn_hidden_size", "intermediate_size")),
+    fixed={**_MOE_FIXED, "moe_router_pre_softmax": False},
+    # Sliding-window attention and router jitter (multiplicative noise on the router input) have no
+    # megatron-core equivalent wired in here.
+    requires={"sliding_window": (None,), "router_jitter_noise": (0.0,)},
+    tensors=LLAMA_TENSORS[:6] + _moe_tensors("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.w1.weight",
+                                             "block_sparse_moe.experts.{e}.w3.weight",
+                                             "block_sparse_moe.experts.{e}.w2.weight") + LLAMA_TENSORS[8:],
+    ignored=("rotary_emb.inv_freq",),
+    writes={"use_cache": True},
+    moe=True,
+)
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, NEMOTRON, GPT2, QWEN3_MOE,
+                                                         MIXTRAL)}
 
 
 def family_for_config(config: dict) -> Family:
@@ -455,6 +542,8 @@ def family_by_name(name: str) -> Family:
 
 def infer_family(arch: ArchConfig) -> Family:
     """The family an architecture fits when no source config names one (a model trained here)."""
+    if arch.is_moe:
+        return QWEN3_MOE if arch.qk_layernorm else MIXTRAL
     if arch.position_embedding_type == "learned_absolute":
         return GPT2
     if arch.qk_layernorm:
@@ -464,7 +553,7 @@ def infer_family(arch: ArchConfig) -> Family:
     return QWEN2 if arch.add_qkv_bias and not arch.add_bias_linear else LLAMA
 
 
-def hf_name(name: str, layer: Optional[int], strip: str = "") -> str:
-    """The HF tensor name of a table entry for one layer, without the prefix `strip` when given."""
-    full = name.format(i=layer) if layer is not None else name
+def hf_name(name: str, layer: Optional[int], strip: str = "", expert: Optional[int] = None) -> str:
+    """The HF tensor name of a table entry for one layer (and expert), without the prefix `strip` when given."""
+    full = name.format(i=layer, e=expert) if layer is not None else name
     return full[len(strip):] if strip and full.startswith(strip) else full

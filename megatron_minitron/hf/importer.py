@@ -40,7 +40,7 @@ from megatron_minitron.config import ArchConfig, ConfigError
 from megatron_minitron.hf import files
 from megatron_minitron.hf.families import Family, TensorMap, family_for_config, hf_name
 from megatron_minitron.hf.files import HFError, TensorEntry
-from megatron_minitron.hf.rules import EXTRA_STATE_MODULES, Copy, Vocab, megatron_shape
+from megatron_minitron.hf.rules import Copy, Vocab, extra_state_keys, megatron_shape
 from megatron_minitron.model import checkpoint as ckpt
 from megatron_minitron.model.integrity import write_checksums
 from megatron_minitron.runtime.host_memory import peak_rss_mb
@@ -74,7 +74,9 @@ class Unit:
     layer: Optional[int]
     sources: tuple[TensorEntry, ...]
     shape: tuple[int, ...]
-    """Shape of this layer's megatron tensor (without the layer axis)."""
+    """Shape of this layer's megatron tensor (without the layer axis; with the expert axis for experts)."""
+    expert: Optional[int] = None
+    """The routed expert of an expert tensor (its HF tensors are this expert's)."""
 
 
 @dataclass(frozen=True)
@@ -125,11 +127,12 @@ def _units(hf: files.HFDirectory, family: Family, arch: ArchConfig) -> list[Unit
         if not entry.applies(arch):
             continue
         shape = megatron_shape(entry.megatron, arch)
-        expected = entry.rule.hf_shapes(shape, arch)
-        for layer in range(arch.num_layers) if entry.layered else [None]:
+        expected = entry.rule.hf_shapes(shape[1:] if entry.experts else shape, arch)
+        experts = range(arch.num_experts) if entry.experts else [None]
+        for layer, expert in ((i, e) for i in (range(arch.num_layers) if entry.layered else [None]) for e in experts):
             sources = []
             for name_template, want in zip(entry.hf, expected):
-                name = hf_name(name_template, layer, strip)
+                name = hf_name(name_template, layer, strip, expert)
                 found = hf.tensors.get(name)
                 if found is None:
                     raise HFError(f"{hf.path} has no tensor {name!r}, which a {family.model_type} model with this "
@@ -142,7 +145,7 @@ def _units(hf: files.HFDirectory, family: Family, arch: ArchConfig) -> list[Unit
                                   f"floating point")
                 used.add(name)
                 sources.append(found)
-            units.append(Unit(entry=entry, layer=layer, sources=tuple(sources), shape=shape))
+            units.append(Unit(entry=entry, layer=layer, sources=tuple(sources), shape=shape, expert=expert))
     def ignorable(name: str) -> bool:
         # Buffers some checkpoints carry, and a tied output matrix stored a second time.
         return bool(family.ignored) and name.endswith(family.ignored) or (
@@ -276,6 +279,9 @@ def _write_tensors(plan: ImportPlan, release: Path, fsync: bool = True,
                 if plan.dtype is not None:
                     block = block.to(plan.dtype)
                 offsets = (row,) + (0,) * (block.dim() - 1)
+                if unit.expert is not None:
+                    offsets = (unit.expert,) + offsets
+                    block = block.unsqueeze(0)
                 if unit.layer is None:
                     writer.tensor(key, block, offsets, unit.shape)
                 else:
@@ -295,9 +301,8 @@ def _write_tensors(plan: ImportPlan, release: Path, fsync: bool = True,
             if isinstance(rule, Vocab) and unit.shape[0] > rows:
                 write(torch.zeros((unit.shape[0] - rows,) + tuple(unit.shape[1:]), dtype=source.dtype), rows)
         extra = _extra_state_bytes()
-        for module in EXTRA_STATE_MODULES:
-            for layer in range(arch.num_layers):
-                writer.object(f"decoder.layers.{module}._extra_state/shard_{layer}_{arch.num_layers}", extra)
+        for key in extra_state_keys(arch):
+            writer.object(key, extra)
     finally:
         reader.close()
         writer.close()
@@ -323,7 +328,7 @@ def _write_metadata(plan: ImportPlan, partial: Path, release: Path, tp: int, pp:
         if (plan.hf.path / name).is_file():
             shutil.copyfile(plan.hf.path / name, partial / HF_DIR / name)
     meta = {"format": ckpt.FORMAT, "architecture": arch.to_json(), "iteration": 0,
-            "num_parameters": arch.num_parameters(),
+            "num_parameters": arch.num_parameters(), "num_active_parameters": arch.num_active_parameters(),
             "provenance": {"command": "import-hf", "hf_source": str(plan.hf.path.resolve()),
                            "model_type": plan.family.model_type, "hf_config": f"{HF_DIR}/{files.CONFIG}"}}
     if plan.tokenizer is not None:

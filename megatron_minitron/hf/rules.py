@@ -197,9 +197,30 @@ def megatron_shape(key: str, arch: ArchConfig) -> Shape:
         "decoder.layers.mlp.linear_fc2.weight": (h, arch.ffn_hidden_size),
         "decoder.layers.mlp.linear_fc2.bias": (h,),
     }
+    if arch.is_moe:  # experts: [experts, rows, cols] per layer (DESIGN §2c)
+        e, f = arch.num_experts, arch.expert_ffn_hidden_size
+        shapes["decoder.layers.mlp.router.weight"] = (e, h)
+        shapes["decoder.layers.mlp.experts.experts.linear_fc1.weight"] = (e, f * (2 if arch.gated else 1), h)
+        shapes["decoder.layers.mlp.experts.experts.linear_fc2.weight"] = (e, h, f)
     return shapes[key]
 
 
 EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
-"""Layer modules whose `_extra_state` object every checkpoint holds (one per layer; None for the local
+"""Layer modules whose `_extra_state` object every dense checkpoint holds (one per layer; None for the local
 spec, Transformer Engine's FP8 metadata on GPU)."""
+
+EXPERT_EXTRA_STATE_MODULES = ("mlp.experts.experts.linear_fc1", "mlp.experts.experts.linear_fc2")
+"""The same for the routed experts of an all-MoE stack: one object per layer and expert."""
+
+
+def extra_state_keys(arch: ArchConfig) -> list[str]:
+    """Keys of every `_extra_state` object megatron-core 0.16.1 saves for a (local-spec) model of this
+    architecture: `shard_{layer}_{layers}`, and `shard_{layer}.{expert}_{layers}.{experts}` for experts."""
+    layers = arch.num_layers
+    if not arch.is_moe:
+        return [f"decoder.layers.{m}._extra_state/shard_{i}_{layers}" for m in EXTRA_STATE_MODULES
+                for i in range(layers)]
+    keys = [f"decoder.layers.{m}._extra_state/shard_{i}_{layers}" for m in EXTRA_STATE_MODULES[:2]
+            for i in range(layers)]
+    return keys + [f"decoder.layers.{m}._extra_state/shard_{i}.{e}_{layers}.{arch.num_experts}"
+                   for m in EXPERT_EXTRA_STATE_MODULES for i in range(layers) for e in range(arch.num_experts)]

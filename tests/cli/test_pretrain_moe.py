@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from megatron_minitron.cli import main
 from megatron_minitron.config import preset
@@ -84,13 +85,38 @@ def test_evaluate_at_ep1_gives_the_validation_loss_of_training_at_ep2(run_dir, d
     assert result["val lm loss"] == pytest.approx(valid[-1]["val lm loss"], rel=1e-6)
 
 
-def test_scoring_pruning_and_export_refuse_a_moe_checkpoint_by_name(run_dir, tmp_path, capsys):
+def test_scoring_and_pruning_refuse_a_moe_checkpoint_by_name(run_dir, tmp_path, capsys):
     save, _ = run_dir
     assert main(["importance", "--load", str(save), "--out", str(tmp_path / "scores")]) == 2
     assert "is a Mixture-of-Experts model (4 experts); importance scoring" in capsys.readouterr().err
     assert main(["prune", "--load", str(save), "--save", str(tmp_path / "pruned"), "--plan", "plan.json"]) == 2
     assert "is a Mixture-of-Experts model (4 experts); pruning experts" in capsys.readouterr().err
-    assert main(["export-hf", "--load", str(save), "--save", str(tmp_path / "hf")]) == 2
-    assert "is a Mixture-of-Experts model (4 experts); exporting MoE families" in capsys.readouterr().err
     assert not (tmp_path / "scores").exists() and not (tmp_path / "pruned").exists()
-    assert not (tmp_path / "hf").exists()
+
+
+def test_trained_moe_exports_as_mixtral(run_dir, tmp_path, capsys):
+    """A MoE model trained here (no QK norm, every layer MoE, renormalised top-2) exports as Mixtral: the
+    config carries the experts and each expert's w1/w3/w2 is its slice of the stacked checkpoint tensors."""
+    from safetensors.torch import load_file
+
+    from megatron_minitron.model import checkpoint as ckpt
+
+    save, _ = run_dir
+    assert main(["export-hf", "--load", str(save), "--save", str(tmp_path / "llama"), "--family", "llama"]) == 2
+    assert "a llama model has no experts; this checkpoint has num_experts=4" in capsys.readouterr().err
+    assert not (tmp_path / "llama").exists()
+    assert main(["export-hf", "--load", str(save), "--save", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["model_type"], config["num_local_experts"], config["num_experts_per_tok"],
+            config["intermediate_size"]) == ("mixtral", 4, 2, 64)
+    exported = {}
+    for path in (tmp_path / "hf").glob("*.safetensors"):
+        exported.update(load_file(str(path)))
+    stored = ckpt.read_tensors(ckpt.resolve(save).path)
+    fc1 = stored["decoder.layers.mlp.experts.experts.linear_fc1.weight"]
+    assert torch.equal(exported["model.layers.2.block_sparse_moe.experts.1.w1.weight"], fc1[2, 1, :64])
+    assert torch.equal(exported["model.layers.2.block_sparse_moe.experts.1.w3.weight"], fc1[2, 1, 64:])
+    assert torch.equal(exported["model.layers.3.block_sparse_moe.experts.3.w2.weight"],
+                       stored["decoder.layers.mlp.experts.experts.linear_fc2.weight"][3, 3])
+    assert torch.equal(exported["model.layers.0.block_sparse_moe.gate.weight"],
+                       stored["decoder.layers.mlp.router.weight"][0])

@@ -53,18 +53,32 @@ CASES: dict[str, tuple[str, dict]] = {
                                      rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                                    "high_freq_factor": 4.0,
                                                    "original_max_position_embeddings": 8192})),
+    # Qwen3-MoE: QK norm, 4 experts of width 32, top-2 renormalised (norm_topk_prob=True, as Qwen3-30B-A3B).
+    "qwen3-moe": ("Qwen3MoeConfig", dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+                                         num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=VOCAB,
+                                         rms_norm_eps=1e-6, max_position_embeddings=512, rope_theta=1000000.0,
+                                         tie_word_embeddings=False, use_sliding_window=False)),
+    # Mixtral: 4 experts of width 64, top-2, untied.
+    "mixtral": ("MixtralConfig", dict(hidden_size=64, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=VOCAB, rms_norm_eps=1e-5, max_position_embeddings=1024,
+                                      rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False)),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=64, vocab_size=VOCAB,
                                 activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
                                 attn_pdrop=0.0)),
 }
 
+MOE_CASES = ("qwen3-moe", "mixtral")
+"""The Mixture-of-Experts cases (loaded at the expert-parallel and sequence-parallel layouts too)."""
 
-def hf_model(name: str, seed: int = 0):
-    """The transformers model of a case, every parameter random, in eval mode."""
+
+def hf_model(name: str, seed: int = 0, **overrides):
+    """The transformers model of a case (config keys replaced by overrides), every parameter random, in eval mode."""
     import transformers
 
     cls_name, kwargs = CASES[name]
-    config = getattr(transformers, cls_name)(**kwargs)
+    config = getattr(transformers, cls_name)(**{**kwargs, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -89,9 +103,10 @@ def write_tokenizer(directory: Path, eos: str = "</s>") -> None:
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": eos, "unk_token": "<unk>"}))
 
 
-def save_case(name: str, directory: Path, *, seed: int = 0, max_shard_size: str | None = None) -> torch.Tensor:
+def save_case(name: str, directory: Path, *, seed: int = 0, max_shard_size: str | None = None,
+              **overrides) -> torch.Tensor:
     """Save a case's model (and tokenizer) to directory; returns its logits on TOKENS."""
-    model = hf_model(name, seed)
+    model = hf_model(name, seed, **overrides)
     directory.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)

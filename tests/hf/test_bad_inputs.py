@@ -88,7 +88,7 @@ def test_truncated_shard(copy, tmp_path, keep):
 
 def test_unsupported_family_and_options(copy, tmp_path):
     cases = [
-        ("llama2", {"model_type": "mixtral"}, r"model_type='mixtral' is not supported; supported families"),
+        ("llama2", {"model_type": "qwen2_moe"}, r"model_type='qwen2_moe' is not supported; supported families"),
         ("llama2", {"attention_bias": True}, r"attention_bias=True is not supported"),
         ("llama2", {"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported"),
         # transformers 5 saved rope_parameters; older configs carry rope_scaling (both forms are read)
@@ -127,6 +127,20 @@ def test_unsupported_family_and_options(copy, tmp_path):
                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 4096,
                                           "rope_theta": 500000.0}},
          r"original_max_position_embeddings=4096 is not supported: megatron-core hard-codes"),
+        # Qwen3-MoE: dense layers among the MoE ones (either key), sliding windows, attention bias, top-k > experts
+        ("qwen3-moe", {"decoder_sparse_step": 2}, r"decoder_sparse_step=2 is not supported for model_type 'qwen3_moe'"),
+        ("qwen3-moe", {"mlp_only_layers": [0]}, r"mlp_only_layers=\[0\] is not supported for model_type 'qwen3_moe'"),
+        ("qwen3-moe", {"use_sliding_window": True}, r"use_sliding_window=True is not supported for model_type "
+                                                    r"'qwen3_moe'"),
+        ("qwen3-moe", {"attention_bias": True}, r"attention_bias=True is not supported for model_type 'qwen3_moe'"),
+        ("qwen3-moe", {"num_experts_per_tok": 8}, r"no valid model: moe_router_topk=8 is larger than num_experts=4"),
+        # Mixtral: sliding windows, router jitter, another activation, top-1 softmax routing (no router gradient)
+        ("mixtral", {"sliding_window": 4096}, r"sliding_window=4096 is not supported for model_type 'mixtral'"),
+        ("mixtral", {"router_jitter_noise": 0.01}, r"router_jitter_noise=0.01 is not supported for model_type "
+                                                   r"'mixtral'"),
+        ("mixtral", {"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported for model_type 'mixtral'"),
+        ("mixtral", {"num_experts_per_tok": 1}, r"no valid model: moe_router_topk=1 with softmax routing needs "
+                                                r"moe_router_pre_softmax=True"),
     ]
     for name, change, match in cases:
         src = copy(name)
@@ -143,6 +157,30 @@ def test_config_disagreeing_with_the_weights(copy, tmp_path):
     src = copy("qwen2")
     edit_config(src, model_type="llama")  # Qwen2 weights under a Llama config: the q/k/v biases are left over
     assert_refused(src, tmp_path / "out", r"tensors the llama table does not map, e\.g\. \['model\.layers\.0\.self_attn")
+
+
+def test_expert_count_disagreeing_with_the_weights(copy, tmp_path):
+    src = copy("mixtral")
+    edit_config(src, num_local_experts=8)
+    assert_refused(src, tmp_path / "out", r"tensor 'model\.layers\.0\.block_sparse_moe\.gate\.weight' has shape "
+                                          r"\[4, 64\], config\.json implies \[8, 64\]")
+    src = copy("qwen3-moe")
+    edit_config(src, num_local_experts=2)  # transformers 5's spelling of num_experts is read too
+    assert_refused(src, tmp_path / "out", r"tensor 'model\.layers\.0\.mlp\.gate\.weight' has shape \[4, 64\], "
+                                          r"config\.json implies \[2, 64\]")
+
+
+def test_shared_expert_weights_are_refused(copy, tmp_path):
+    """Qwen3-MoE has no shared expert: weights of one (a Qwen2-MoE-style checkpoint) are named, not dropped."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = copy("qwen3-moe")
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["model.layers.0.mlp.shared_expert.gate_proj.weight"] = torch.zeros(32, 64)
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    assert_refused(src, tmp_path / "out", r"tensors the qwen3_moe table does not map, e\.g\. "
+                                          r"\['model\.layers\.0\.mlp\.shared_expert\.gate_proj\.weight'\]")
 
 
 def test_tokenizer_larger_than_the_model(copy, tmp_path):
@@ -198,6 +236,14 @@ def test_export_into_a_family_that_cannot_hold_the_model(hf_cases, tmp_path):
         export_hf(hf_cases["nemotron"]["ckpt"], tmp_path / "out", family="qwen3", print_fn=quiet)
     with pytest.raises(HFError, match=r"a nemotron model has normalization='LayerNorm'"):
         export_hf(hf_cases["llama3.2"]["ckpt"], tmp_path / "out", family="nemotron", print_fn=quiet)
+    with pytest.raises(HFError, match=r"a llama model has no experts; this checkpoint has num_experts=4 \(export it "
+                                      r"as mixtral or qwen3_moe\)"):
+        export_hf(hf_cases["mixtral"]["ckpt"], tmp_path / "out", family="llama", print_fn=quiet)
+    with pytest.raises(HFError, match=r"a mixtral model has experts in every layer; this checkpoint has "
+                                      r"num_experts=None"):
+        export_hf(hf_cases["llama2"]["ckpt"], tmp_path / "out", family="mixtral", print_fn=quiet)
+    with pytest.raises(HFError, match=r"a mixtral model has qk_layernorm=False; this checkpoint has qk_layernorm=True"):
+        export_hf(hf_cases["qwen3-moe"]["ckpt"], tmp_path / "out", family="mixtral", print_fn=quiet)
     assert not (tmp_path / "out").exists()
 
 

@@ -57,8 +57,9 @@ def test_round_trip_is_bit_identical(hf_cases, tmp_path, name):
 def test_exported_model_loads_in_transformers(hf_cases, tmp_path):
     """`from_pretrained` (no custom code) gives the source's logits for the Mistral-NeMo-style export
     (explicit head_dim), the Llama-3.1 one (rope scaling), the GPT-2 one (Conv1D, tied), Qwen3 (QK norm),
-    Nemotron (LayerNorm1P, partial rotary) and Llama 3.2 (tied, rope scaling 32)."""
-    names = ("mistral-nemo", "llama3.1", "gpt2", "qwen3", "nemotron", "llama3.2")
+    Nemotron (LayerNorm1P, partial rotary), Llama 3.2 (tied, rope scaling 32) and the MoE families Qwen3-MoE
+    and Mixtral (per-expert tensors, which transformers 5 fuses on load)."""
+    names = ("mistral-nemo", "llama3.1", "gpt2", "qwen3", "nemotron", "llama3.2", "qwen3-moe", "mixtral")
     for name in names:
         export_hf(hf_cases[name]["ckpt"], tmp_path / name, print_fn=lambda _: None)
     (tmp_path / "logits").mkdir()

@@ -1,5 +1,6 @@
-"""Every family's imported model gives transformers' logits at TP2 (x DP2) and TP2xPP2: one 4-process
-torchrun launch (tests/multirank/hf_layouts.py) loads each checkpoint at both layouts."""
+"""Every family's imported model gives transformers' logits at TP2 (x DP2) and TP2xPP2, the MoE families at
+EP2, TP2+SP and TP2xPP2+SP: one 4-process torchrun launch (tests/multirank/hf_layouts.py) loads each
+checkpoint at each of its layouts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from tests.conftest import REPO, torchrun
 from tests.hf import models
-from tests.multirank.hf_layouts import LAYOUTS
+from tests.multirank.hf_layouts import layouts
 
 pytest.importorskip("transformers", reason="the Hugging Face tests need transformers (pip install -e .[test])")
 
@@ -21,8 +22,7 @@ def launched(hf_cases, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("name", list(models.CASES))
+@pytest.mark.parametrize("name, layout", [(name, layout) for name in models.CASES for layout in layouts(name)])
 def test_logits_equal_transformers(launched, hf_cases, name, layout):
     logits = torch.load(launched / f"{name}_{layout}.pt")
     assert logits.shape == hf_cases[name]["logits"].shape

@@ -119,7 +119,8 @@ def test_nemotron_hub_config_form_reads_the_same(hf_cases, tmp_path):
     assert NEMOTRON.arch_from_config({**config, "partial_rotary_factor": 0.25}).rotary_percent == 0.25
 
 
-# The Hub's config.json of each preset's model (Qwen/Qwen3-8B, meta-llama/Llama-3.2-1B, nvidia/Minitron-8B-Base),
+# The Hub's config.json of each preset's model (Qwen/Qwen3-8B, meta-llama/Llama-3.2-1B, nvidia/Minitron-8B-Base,
+# Qwen/Qwen3-30B-A3B, mistralai/Mixtral-8x7B-v0.1),
 # in the form the Hub serves them (top-level rope_theta / rope_scaling / partial_rotary_factor, torch_dtype).
 HUB_CONFIGS = {
     "qwen3-8b": {
@@ -147,6 +148,24 @@ HUB_CONFIGS = {
         "model_type": "nemotron", "norm_eps": 1e-05, "num_attention_heads": 48, "num_hidden_layers": 32,
         "num_key_value_heads": 8, "partial_rotary_factor": 0.5, "rope_theta": 10000, "tie_word_embeddings": False,
         "torch_dtype": "bfloat16", "vocab_size": 256000},
+    "qwen3-30b-a3b": {
+        "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128,
+        "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144,
+        "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe",
+        "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+        "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False,
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "use_sliding_window": False, "vocab_size": 151936},
+    "mixtral-8x7b": {
+        "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+        "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+        "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32,
+        "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+        "output_router_logits": False, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.02,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": 32000},
 }
 
 
