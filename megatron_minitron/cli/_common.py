@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from pathlib import Path
 
 from megatron_minitron.flags import FieldDefault, field_argument, non_negative, positive, short_run_warmup
@@ -100,6 +101,18 @@ def check_writable_dir(path: Path, flag: str) -> None:
         raise ConfigError(f"{flag} {path}: {existing} is a file, not a directory; give a directory path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {path}: {existing} is not writable; choose a directory you can write to")
+
+
+def check_checkpoint_space(save: Path, arch) -> None:
+    """Room on --save's filesystem for one checkpoint of `arch` with its Adam state (fp32 weights and two
+    moments, 12 bytes a parameter), before step 1 rather than after hours of training."""
+    need = 12 * arch.num_parameters()
+    existing = next(p for p in (Path(save), *Path(save).absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise ConfigError(f"--save {save}: {free / 1e6:,.1f} MB free on its filesystem, less than the "
+                          f"{need / 1e6:,.1f} MB one checkpoint of this model and its optimizer state takes; "
+                          f"free space or choose another --save")
 
 
 def check_run_dir(save: Path, *, resume: bool, overwrite: bool) -> None:

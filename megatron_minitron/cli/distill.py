@@ -18,7 +18,8 @@ import shutil
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
-                                           check_data_files, check_run_dir, parallel_config, train_config)
+                                           check_checkpoint_space, check_data_files, check_run_dir, parallel_config,
+                                           train_config)
 from megatron_minitron.flags import field_argument, non_negative, positive
 from megatron_minitron.config import ConfigError
 from megatron_minitron.data.blend import parse_blend
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     save = Path(args.save)
     check_run_dir(save, resume=args.resume, overwrite=args.overwrite)
     teacher, student = ckpt.resolve(args.teacher), ckpt.resolve(args.student)
+    check_checkpoint_space(save, student.arch)
     for name, info in (("--teacher", teacher), ("--student", student)):
         if save.resolve() == info.root.resolve() or save.resolve().is_relative_to(info.root.resolve()):
             raise ConfigError(f"--save {save} is inside {name} {info.root}; write the run elsewhere")

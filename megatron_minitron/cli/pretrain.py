@@ -15,7 +15,8 @@ import shutil
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
-                                           check_data_files, check_run_dir, parallel_config, train_config)
+                                           check_checkpoint_space, check_data_files, check_run_dir, parallel_config,
+                                           train_config)
 from megatron_minitron.config import ConfigError
 from megatron_minitron.data.blend import parse_blend
 
@@ -51,10 +52,16 @@ def run(args: argparse.Namespace) -> int:
                           f"{arch.max_position_embeddings}")
     data_cfg = _data_config(args, init_info)
     check_data_files(data_cfg)
-    if data_cfg.tokenizer is not None and (init_info is not None or Path(args.arch).is_file()):
+    fixed_vocab = init_info is not None or Path(args.arch).is_file()
+    if data_cfg.tokenizer is not None and fixed_vocab:
         from megatron_minitron.data.loader import check_vocab_fits
 
         check_vocab_fits(data_cfg.tokenizer.load(), arch.vocab_size)  # the vocabulary is fixed by the model
+    if fixed_vocab:
+        check_checkpoint_space(save, arch)
+    else:  # a preset trained from scratch takes the tokenizer's vocabulary (below)
+        vocab = data_cfg.tokenizer.load().vocab_size if data_cfg.tokenizer else data_cfg.default_vocab_size
+        check_checkpoint_space(save, arch.replace(vocab_size=vocab, padded_vocab_size=None))
     check = None
     if args.resume:
         from megatron_minitron.training.resume import check_resume

@@ -41,6 +41,37 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or does not match what was asked for."""
 
 
+class DiskFullError(CheckpointError):
+    """An output could not be written because its filesystem is full; the message names the output."""
+
+
+DISK_FULL_BYTES = 1 << 20
+"""Free space under which a failed write is reported as a full disk: torch.save and DCP's writers turn
+ENOSPC into errors that do not say so ("unexpected pos ..."), so the filesystem is asked instead."""
+
+
+def disk_full(path: Path, error: BaseException) -> bool:
+    """Whether `error`, raised while writing under `path`, came from a full filesystem: ENOSPC/EDQUOT in its
+    chain or its text (a worker's traceback arrives as text), or less than DISK_FULL_BYTES left there.
+    Ask before removing what was partly written, which frees the space again."""
+    import errno
+
+    seen: Optional[BaseException] = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+        return True
+    existing = next((p for p in (Path(path), *Path(path).absolute().parents) if p.exists()), None)
+    return existing is not None and shutil.disk_usage(existing).free < DISK_FULL_BYTES
+
+
+def disk_full_error(out: Path, what: str, then: str = "free space and run again") -> DiskFullError:
+    return DiskFullError(f"{what} {out}: the disk is full (no space left on its filesystem); the unfinished output "
+                         f"was removed, nothing that looks complete was left: {then}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class CheckpointInfo:
     """What a checkpoint directory holds, read without building a model."""
@@ -380,7 +411,19 @@ def save_checkpoint(root: str | os.PathLike, *, model, arch: ArchConfig, runtime
         state["opt_param_scheduler"] = scheduler.state_dict()
     if train_state is not None:
         state["train_state"] = dict(train_state)
-    dist_checkpointing.save(state, str(partial), sharded_strategy=("torch_dist", 1))
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dist_checkpointing.save(state, str(partial), sharded_strategy=("torch_dist", 1))
+    except (CheckpointException, OSError, RuntimeError) as error:  # CheckpointException is a BaseException
+        full = disk_full(partial, error)
+        if runtime.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        if full:
+            raise disk_full_error(final, "could not write checkpoint",
+                                  "the run's earlier checkpoints are intact; free space and continue it with --resume"
+                                  ) from None
+        raise
     runtime.barrier()
 
     if runtime.rank == 0:
@@ -501,8 +544,11 @@ def writing(out: Path, *, overwrite: bool, error: type[Exception] = CheckpointEr
     try:
         yield partial
         move_into_place(partial, out, overwrite=overwrite, error=error)
-    except BaseException:
+    except BaseException as failure:
+        full = isinstance(failure, (OSError, RuntimeError)) and disk_full(partial, failure)
         shutil.rmtree(partial, ignore_errors=True)
+        if full:
+            raise disk_full_error(out, "could not write") from None
         raise
 
 

@@ -439,9 +439,12 @@ def prune_checkpoint(source: str | os.PathLike, plan: Plan, out: str | os.PathLi
                              units=len(units), workers=n_workers, peak_rss_mb=dict(sorted(peaks.items())))
             print_fn(f"prune: wrote {out} ({plan.target.num_parameters():,} parameters, "
                      f"{time.monotonic() - progress.start:.1f}s)")
-    except BaseException:
+    except BaseException as failure:
+        full = isinstance(failure, (OSError, RuntimeError, PruneError)) and ckpt.disk_full(partial, failure)
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
+        if full:
+            raise ckpt.disk_full_error(out, "could not write the pruned checkpoint") from None
         raise
     if group is not None:
         dist.barrier(group=group)
