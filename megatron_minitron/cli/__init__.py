@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -40,10 +41,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     module = importlib.import_module(args._module)
     try:
-        if getattr(args, "cache_dir", None):  # every subcommand with a cache writes there
-            from megatron_minitron.cli._common import check_writable_dir
+        from megatron_minitron.cli._common import check_writable_dir
 
-            check_writable_dir(args.cache_dir, "--cache-dir")
+        # every subcommand writes its output (--save, --out) and its cache (--cache-dir) somewhere: a file there
+        # or a directory it cannot write to (read-only filesystem, permissions) is refused before any work
+        for flag in (*getattr(module, "OUTPUT_DIRS", ("save", "out")), "cache_dir"):
+            if isinstance(getattr(args, flag, None), (str, os.PathLike)):
+                check_writable_dir(getattr(args, flag), "--" + flag.replace("_", "-"))
         return int(module.run(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as error:
         # Bad input: one clear line, no traceback (every rank prints the same line).

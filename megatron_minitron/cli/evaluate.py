@@ -21,6 +21,10 @@ from megatron_minitron.data.blend import parse_blend
 from megatron_minitron.flags import field_argument, non_negative, positive
 
 
+OUTPUT_DIRS = ()
+"""No generic directory check of --out (see cli.main): it names a JSON file without --tasks, a directory with."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load", required=True, help="checkpoint to evaluate")
     parser.add_argument("--out", default=None, metavar="PATH",

@@ -1,4 +1,5 @@
-"""A full disk, for real: a small tmpfs mounted for the test (root only; skipped elsewhere, saying why).
+"""A full disk, for real: a small tmpfs mounted for the test (root only; skipped elsewhere, saying why); and
+a read-only filesystem, which root cannot write either (a read-only directory does not stop root).
 
 Each writer must fail with one line that names its output and says the disk is full, and leave nothing that
 looks complete: pretrain refuses before step 1 when one checkpoint cannot fit, and a disk that fills up
@@ -22,10 +23,10 @@ def small_disk(tmp_path):
     """A factory of tmpfs mounts of a given size under tmp_path, unmounted afterwards."""
     mounts = []
 
-    def mount(size: str) -> Path:
+    def mount(size: str, options: str = "") -> Path:
         where = tmp_path / f"disk{len(mounts)}"
         where.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(where)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or 'mount failed'}); needs root")
@@ -98,3 +99,18 @@ def test_offline_writers_on_a_full_disk(command, small_disk, tiny_teacher, tmp_p
     assert line.startswith(f"minitron {command}: error: could not write") and str(out) in line, line
     assert "the disk is full" in line
     assert not any(disk.iterdir())  # neither the output nor its .partial directory
+
+
+@pytest.mark.parametrize("command", [["pretrain", "--arch", "tiny"], ["prune", "--plan", "{plan}", "--load", "{teacher}"],
+                                     ["export-hf", "--load", "{teacher}"]])
+def test_a_read_only_filesystem_is_refused_before_any_work(command, small_disk, tiny_teacher, tmp_path):
+    disk = small_disk("1m", ",ro")
+    from megatron_minitron.model.checkpoint import resolve
+    from megatron_minitron.plan.plan import identity_plan
+
+    identity_plan(resolve(tiny_teacher).arch).save(tmp_path / "plan.json")
+    args = [a.format(plan=tmp_path / "plan.json", teacher=tiny_teacher) for a in command]
+    proc = _minitron(*args, "--save", disk / "out")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = _last_line(proc)
+    assert proc.stderr.count("\n") == 1 and str(disk) in line and "not writable" in line, proc.stderr
