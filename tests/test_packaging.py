@@ -20,8 +20,8 @@ from tests.conftest import REPO, child_env
 
 PACKAGE = REPO / "megatron_minitron"
 TORCH = "torch==2.13.0"  # the CPU build on local disk; the same pin scripts/setup.sh installs
-OPTIONAL = {"megatron_minitron.demo.plots": "matplotlib"}
-"""Modules that need an optional extra (`plot`): in a base install they must fail on that import alone."""
+OPTIONAL = {"megatron_minitron.demo.plots": "matplotlib", "megatron_minitron.evaluation.lm": "lm_eval"}
+"""Modules that need an optional extra (`plot`, `eval`): in a base install they must fail on that import alone."""
 
 
 def _source_packages() -> set[str]:
