@@ -146,7 +146,7 @@ def test_a_failing_job_reads_failed_and_holds_its_dependants(cluster, site, tmp_
     # srun reports the largest task exit code: 2 from the CLI, or 143 for the rank --kill-on-bad-exit ended
     assert info["JobState"] == "FAILED" and info["ExitCode"] in ("2:0", "143:0"), f"{info}\n{log}"
     assert re.search(r"tasks? [0-9-]+: Exited with exit code 2", log), log  # "task 1:" or "tasks 0-1:"
-    assert "argument --workers: invalid int value: 'many'" in log, log
+    assert "argument --workers: 'many' is not an integer" in log, log
     deadline = time.monotonic() + 60
     while (waiting := cluster.job(after))["Reason"] != "DependencyNeverSatisfied" and time.monotonic() < deadline:
         time.sleep(0.5)  # the scheduler re-evaluates dependencies on its own schedule
