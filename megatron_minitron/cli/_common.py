@@ -93,10 +93,12 @@ def warmup_iters(args: argparse.Namespace) -> int:
 def check_writable_dir(path: Path, flag: str) -> None:
     """A directory we will write into (it may not exist yet): not a file, and writable (checked on the
     nearest existing directory), so that a run does not train for hours and then fail to save."""
+    from megatron_minitron.model.checkpoint import nearest_existing
+
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{flag} {path} is a file, not a directory; give a directory path")
-    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    existing = nearest_existing(path)
     if not existing.is_dir():
         raise ConfigError(f"{flag} {path}: {existing} is a file, not a directory; give a directory path")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -106,9 +108,10 @@ def check_writable_dir(path: Path, flag: str) -> None:
 def check_checkpoint_space(save: Path, arch) -> None:
     """Room on --save's filesystem for one checkpoint of `arch` with its Adam state (fp32 weights and two
     moments, 12 bytes a parameter), before step 1 rather than after hours of training."""
+    from megatron_minitron.model.checkpoint import nearest_existing
+
     need = 12 * arch.num_parameters()
-    existing = next(p for p in (Path(save), *Path(save).absolute().parents) if p.exists())
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(nearest_existing(save)).free
     if free < need:
         raise ConfigError(f"--save {save}: {free / 1e6:,.1f} MB free on its filesystem, less than the "
                           f"{need / 1e6:,.1f} MB one checkpoint of this model and its optimizer state takes; "

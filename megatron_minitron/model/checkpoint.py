@@ -50,6 +50,12 @@ DISK_FULL_BYTES = 1 << 20
 ENOSPC into errors that do not say so ("unexpected pos ..."), so the filesystem is asked instead."""
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """`path` if it exists, else its nearest existing parent: where an output not yet written will live."""
+    path = Path(path)
+    return next(p for p in (path, *path.absolute().parents) if p.exists())
+
+
 def disk_full(path: Path, error: BaseException) -> bool:
     """Whether `error`, raised while writing under `path`, came from a full filesystem: ENOSPC/EDQUOT in its
     chain or its text (a worker's traceback arrives as text), or less than DISK_FULL_BYTES left there.
@@ -63,8 +69,7 @@ def disk_full(path: Path, error: BaseException) -> bool:
         seen = seen.__cause__ or seen.__context__
     if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
         return True
-    existing = next((p for p in (Path(path), *Path(path).absolute().parents) if p.exists()), None)
-    return existing is not None and shutil.disk_usage(existing).free < DISK_FULL_BYTES
+    return shutil.disk_usage(nearest_existing(path)).free < DISK_FULL_BYTES
 
 
 def disk_full_error(out: Path, what: str, then: str = "free space and run again") -> DiskFullError:
