@@ -77,34 +77,16 @@ def test_dtype_conversion_and_single_shard(hf_cases, tmp_path):
         "model-00001-of-00001.safetensors"
 
 
-def test_model_trained_here_exports_as_llama(tmp_path, single_rank_runtime, megatron_logits):
-    """A checkpoint with no Hugging Face origin (saved from a megatron model) exports as the family its
-    architecture fits, with its SentencePiece-free tokenizer-less config, and transformers agrees."""
-    from megatron_minitron.config import preset
-    from megatron_minitron.model import checkpoint as ckpt
-    from megatron_minitron.model.build import build_model
-
-    arch = preset("tiny", vocab_size=1000)
-    model = build_model(arch, single_rank_runtime, use_te=False)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    ckpt.save_checkpoint(tmp_path / "run", model=model, arch=arch, runtime=single_rank_runtime, iteration=None)
-    export_hf(tmp_path / "run", tmp_path / "hf", print_fn=lambda _: None)
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert (config["model_type"], config["num_key_value_heads"], config["head_dim"]) == ("llama", 2, 16)
-    ours, _ = megatron_logits(tmp_path / "run")
-    assert models.rel_error(models.hf_logits(tmp_path / "hf"), ours) <= 1e-4
-
-
 @pytest.mark.parametrize("model_type, changes", [
+    ("llama", {}),
     ("qwen3", dict(qk_layernorm=True, kv_channels=24)),
     ("nemotron", dict(normalization="LayerNorm", apply_layernorm_1p=True, activation="squared_relu",
                       rotary_percent=0.5)),
 ])
 def test_model_trained_here_exports_as_its_family(tmp_path, single_rank_runtime, megatron_logits, model_type, changes):
-    """With no source config, a QK-norm model exports as qwen3 and a zero-centred-LayerNorm, squared-ReLU,
-    half-rotary one as nemotron (partial_rotary_factor written); transformers agrees with megatron."""
+    """A checkpoint with no Hugging Face origin (saved from a megatron model) exports as the family its
+    architecture fits: a plain GQA model as llama, a QK-norm model as qwen3 and a zero-centred-LayerNorm,
+    squared-ReLU, half-rotary one as nemotron (partial_rotary_factor written); transformers agrees."""
     from megatron_minitron.config import preset
     from megatron_minitron.model import checkpoint as ckpt
     from megatron_minitron.model.build import build_model
@@ -118,6 +100,8 @@ def test_model_trained_here_exports_as_its_family(tmp_path, single_rank_runtime,
     export_hf(tmp_path / "run", tmp_path / "hf", print_fn=lambda _: None)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["model_type"], config["head_dim"]) == (model_type, arch.head_dim)
+    if model_type == "llama":
+        assert config["num_key_value_heads"] == 2
     if model_type == "nemotron":
         assert (config["partial_rotary_factor"], config["hidden_act"]) == (0.5, "relu2")
     ours, _ = megatron_logits(tmp_path / "run")
