@@ -119,10 +119,10 @@ def check_checkpoint_space(save: Path, arch) -> None:
 
 
 def check_run_dir(save: Path, *, resume: bool, overwrite: bool) -> None:
-    """No silent overwrite: an existing run needs --resume (continue) or --overwrite (start again)."""
+    """No silent overwrite: an existing run needs --resume (continue) or --overwrite (start again).
+    (Whether --save can be written at all is checked for every subcommand by cli.main.)"""
     from megatron_minitron.model.checkpoint import TRACKER
 
-    check_writable_dir(save, "--save")
     if not save.exists() or not any(save.iterdir()):
         if resume:
             raise ConfigError(f"--resume: {save} holds no run to continue")
