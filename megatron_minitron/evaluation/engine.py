@@ -1,11 +1,13 @@
-"""Scoring and greedy generation of token sequences with a megatron model at any TP/PP/DP.
+"""Scoring and greedy generation of token sequences with a megatron model at any TP/PP/EP/DP.
 
 One process drives: global rank 0 holds the requests (lm-eval runs there only). For each call it
-broadcasts the work over the control group; every data-parallel replica takes an interleaved share of
-the rows, sorted longest first so the shares and the batches inside them are balanced and little padding
-is wasted; each replica runs its share in batches through megatron's forward schedule; the first
-tensor-parallel rank of each replica's last pipeline stage sends its results back to the driver. The
-other ranks wait in `follow()` until the driver calls `stop()`.
+broadcasts the work over the control group; every replica (a data-parallel one, or a whole
+expert-parallel group of a Mixture-of-Experts model, whose ranks exchange tokens and so must run the
+same batches) takes an interleaved share of the rows, sorted longest first so the shares and the
+batches inside them are balanced and little padding is wasted; each replica runs its share in batches
+through megatron's forward schedule; the first tensor- and expert-parallel rank of each replica's last
+pipeline stage sends its results back to the driver. The other ranks wait in `follow()` until the
+driver calls `stop()`.
 
 The pure parts (padding, the log-probability of a continuation, sharing rows) need no process group.
 """
@@ -133,13 +135,13 @@ class Engine:
         rt = self.runtime
         lengths = [len(r.tokens) if command == SCORE else len(r.context) + r.max_new_tokens for r in rows]
         order = longest_first(lengths)
-        mine = [order[p] for p in share(len(order), rt.dp_rank, rt.data_parallel)]
+        mine = [order[p] for p in share(len(order), rt.replica_rank, rt.replicas)]
         work = self._score_rows if command == SCORE else self._generate_rows
         results = []
         for start in range(0, len(mine), self.batch_size):
             batch = mine[start:start + self.batch_size]
             results.extend(zip(batch, work([rows[i] for i in batch])))
-        sender = rt.is_last_stage and rt.tp_rank == 0
+        sender = rt.is_last_stage and rt.tp_rank == 0 and rt.ep_rank == 0  # one rank per replica
         gathered = [None] * rt.world_size if self.is_driver else None
         torch.distributed.gather_object(results if sender else None, gathered, dst=0, group=self.control_group)
         if not self.is_driver:

@@ -188,6 +188,21 @@ class Runtime:
         return _ps().get_expert_model_parallel_rank()
 
     @property
+    def replicas(self) -> int:
+        """Model replicas that may run different inputs of different shapes (evaluation, generation). A
+        Mixture-of-Experts token dispatcher exchanges tokens within an expert-parallel group, so with EP > 1
+        the ranks of one group must run the same forward passes: a replica is then a whole EP group
+        (megatron's expert-data-parallel size, data_parallel / EP)."""
+        return self.data_parallel // self.parallel.expert_parallel
+
+    @property
+    def replica_rank(self) -> int:
+        """This rank's replica, 0 .. replicas - 1 (equal over an expert-parallel group)."""
+        if self.parallel.expert_parallel == 1:
+            return self.dp_rank
+        return _ps().get_expert_data_parallel_rank()
+
+    @property
     def tp_rank(self) -> int:
         return _ps().get_tensor_model_parallel_rank()
 

@@ -32,14 +32,13 @@ def offline_hub(tmp_path_factory):
             os.environ[key] = value
 
 
-@pytest.fixture(scope="session")
-def bpe_case(tmp_path_factory, data_cache):
-    """The small model (HF source, imported checkpoint, export-hf output), the built-in tasks' directory and the
+def _case(root, data_cache, **config) -> dict:
+    """A model (HF source, imported checkpoint, export-hf output), the built-in tasks' directory and the
     generation prompts."""
     from megatron_minitron.data.tokenizer import HFTokenizer
     from megatron_minitron.evaluation.builtin import builtin_task_dir
 
-    paths = models.build(tmp_path_factory.mktemp("bpe-case"))
+    paths = models.build(root, **config)
     tokenizer = HFTokenizer(str(paths["ckpt"] / "tokenizer"))
     assert tokenizer.bos is None  # lm-eval's hf backend then uses EOS as the prefix token, as we do
     prompts_file = paths["hf"].parent / "prompts.json"
@@ -47,12 +46,32 @@ def bpe_case(tmp_path_factory, data_cache):
     return {**paths, "tasks": builtin_task_dir(data_cache), "prompts": prompts_file}
 
 
-@pytest.fixture(scope="session")
-def hf_reference(bpe_case, tmp_path_factory):
-    """lm-eval's `hf` backend (and transformers' generate) on the exported model, in a fresh interpreter."""
-    out = tmp_path_factory.mktemp("hf-reference") / "hf.json"
-    cmd = [sys.executable, str(REPO / "tests/evaluation/hf_reference.py"), str(bpe_case["exported"]),
-           str(bpe_case["tasks"]), str(out), ",".join(models.TASKS), str(models.LIMIT), "4", str(bpe_case["prompts"])]
+def _hf_reference(case: dict, out) -> dict:
+    """lm-eval's `hf` backend (and transformers' generate) on the case's exported model, in a fresh interpreter."""
+    cmd = [sys.executable, str(REPO / "tests/evaluation/hf_reference.py"), str(case["exported"]),
+           str(case["tasks"]), str(out), ",".join(models.TASKS), str(models.LIMIT), "4", str(case["prompts"])]
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(**OFFLINE), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="session")
+def bpe_case(tmp_path_factory, data_cache):
+    """The small Llama-style model."""
+    return _case(tmp_path_factory.mktemp("bpe-case"), data_cache)
+
+
+@pytest.fixture(scope="session")
+def hf_reference(bpe_case, tmp_path_factory):
+    return _hf_reference(bpe_case, tmp_path_factory.mktemp("hf-reference") / "hf.json")
+
+
+@pytest.fixture(scope="session")
+def moe_case(tmp_path_factory, data_cache):
+    """The small Mixtral-family model (4 experts, top-2)."""
+    return _case(tmp_path_factory.mktemp("moe-case"), data_cache, family="MixtralConfig", **models.MOE_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def moe_hf_reference(moe_case, tmp_path_factory):
+    return _hf_reference(moe_case, tmp_path_factory.mktemp("moe-hf-reference") / "hf.json")

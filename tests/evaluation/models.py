@@ -37,13 +37,18 @@ def write_bpe_tokenizer(directory: Path, documents: int = 300) -> None:
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "clean_up_tokenization_spaces": False}))
 
 
-def save_model(directory: Path, seed: int = 0, **config) -> None:
-    """A LlamaConfig(CONFIG, overridden by config) model with every parameter random (norms around one), and the
-    tokenizer."""
+MOE_CONFIG = dict(CONFIG, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
+                  router_jitter_noise=0.0)
+"""A Mixtral-family model of the same size: 4 experts, top-2 (evaluated at the expert-parallel layouts too)."""
+
+
+def save_model(directory: Path, seed: int = 0, family: str = "LlamaConfig", **config) -> None:
+    """A transformers model of `family` (CONFIG, overridden by config) with every parameter random (norms around
+    one), and the tokenizer."""
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**{**CONFIG, **config}),
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, family)(**{**CONFIG, **config}),
                                                           dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
