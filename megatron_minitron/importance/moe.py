@@ -49,8 +49,10 @@ class ExpertStats:
         self.output = torch.zeros(n, self.local_experts, RAW_WIDTH, dtype=torch.float64, device=dev)
         self.mass = torch.zeros(n, arch.num_experts, dtype=torch.float64, device=dev)
         self.tokens = torch.zeros(n, dtype=torch.float64, device=dev)  # router tokens per row
-        self._call: dict = {}  # the MoE layer running now: its micro-batch shape, probabilities, fc2 inputs
+        self._call: dict = {}  # the MoE layer running now: its micro-batch shape, probabilities, rows filled
+        self._work = torch.empty(0, dtype=torch.float32, device=dev)  # [x, x^2, |x|] of one fc2 input, reused
         self.chunk_positions = self._chunk_positions()
+        self._samples: dict = {}  # (batch, chunk) -> (sample of each gathered token, samples)
 
     def _chunk_positions(self) -> torch.Tensor:
         """For each rank of the dispatcher's TP x EP group (in group order, the order of the gathered
@@ -99,7 +101,7 @@ class ExpertStats:
             x, probs = args[0], output[0]  # x [s, b, h] (this rank's tokens); probs [s * b, E], 0 off the top-k
             self.mass[row] += probs.sum(0, dtype=torch.float64)
             self.tokens[row] += probs.shape[0]
-            self._call = {"batch": x.shape[1], "chunk": x.shape[0] * x.shape[1], "fc2": []}
+            self._call = {"batch": x.shape[1], "chunk": x.shape[0] * x.shape[1]}
         return hook
 
     def _experts_pre_hook(self, mlp):
@@ -107,53 +109,77 @@ class ExpertStats:
 
         def hook(_module, args):
             _tokens, per_expert, probs = args[:3]
-            # the gathered-token index of each dispatched row (expert-major, tokens in order)
-            self._call.update(per_expert=per_expert, probs=probs,
-                              index=dispatcher.reversed_local_input_permutation_mapping)
+            call = self._call
+            token_sample, samples = self._token_samples(call["batch"], call["chunk"])
+            # the gathered-token index of each dispatched row (expert-major, tokens in order), hence the
+            # accumulator group (local expert, sample) of each row
+            index = dispatcher.reversed_local_input_permutation_mapping
+            first = torch.arange(self.local_experts, device=index.device) * samples
+            groups = self.local_experts * samples
+            call.update(samples=samples, filled=0,
+                        group=token_sample[index] + torch.repeat_interleave(first, per_expert.to(index.device)),
+                        sums=torch.zeros(groups, 3, self.width, dtype=torch.float32, device=index.device),
+                        probs=probs.float().clamp(min=torch.finfo(torch.float32).tiny) if self.plain else None)
         return hook
 
     def _fc2_hook(self, _module, args):
-        self._call["fc2"].append(args[0])
+        """The input x of an expert's linear_fc2 (of all local experts with grouped GEMM): x, x^2 and
+        |x| side by side in a scratch buffer, added into the per-(expert, sample) sums while x is still
+        in cache (one index_add; fp32 sums over at most a sequence, as the dense hooks' moments)."""
+        call, x = self._call, args[0]
+        rows = slice(call["filled"], call["filled"] + x.shape[0])
+        call["filled"] = rows.stop
+        if self._work.numel() < x.numel() * 3:
+            self._work = torch.empty(x.numel() * 3, dtype=torch.float32, device=self._work.device)
+        work = self._work[:x.numel() * 3].view(x.shape[0], 3, x.shape[1])
+        if self.plain:  # undo megatron's scaling of the activation by the routing probability
+            torch.div(x, call["probs"][rows, None], out=work[:, 0])
+        else:
+            work[:, 0].copy_(x)
+        torch.square(work[:, 0], out=work[:, 1])
+        torch.abs(work[:, 0], out=work[:, 2])
+        call["sums"].index_add_(0, call["group"][rows], work)
 
     def _experts_hook(self, row: int, experts):
         group = experts.tp_group
 
         def hook(_module, _args, output):
             call, self._call = self._call, {}
-            out = output[0].float()
+            out = output[0]
             if torch.distributed.get_world_size(group=group) > 1:  # row-parallel partial sums: complete them
-                out = out.clone()
+                out = out.float().clone()
                 torch.distributed.all_reduce(out, group=group)
-            norms = torch.linalg.vector_norm(out, dim=-1)
-            fc2 = call["fc2"]
-            x = (fc2[0] if len(fc2) == 1 else torch.cat(fc2)).float()
-            if self.plain:  # undo megatron's scaling of the activation by the routing probability
-                p = call["probs"].float().clamp(min=torch.finfo(torch.float32).tiny)
-                x, norms = x / p[:, None], norms / p
-            self._add(row, torch.cat([x, norms[:, None]], dim=1), call,
-                      leader=torch.distributed.get_rank(group=group) == 0)
+            norms = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)
+            if self.plain:
+                norms = norms / call["probs"]
+            norm_sums = torch.zeros(call["sums"].shape[0], 3, 1, dtype=torch.float32, device=norms.device)
+            norm_sums.index_add_(0, call["group"], torch.stack([norms, norms.square(), norms], dim=1)[..., None])
+            sums = torch.cat([call["sums"], norm_sums], dim=2)  # [groups, 3, Fe + 1]: neurons, then output norm
+            self._add(row, sums, call["samples"], leader=torch.distributed.get_rank(group=group) == 0)
         return hook
 
-    def _add(self, row: int, values: torch.Tensor, call: dict, *, leader: bool) -> None:
-        """Per-sample sums over the sequence of each expert's rows values [N, Fe + 1] (its neurons, then
-        its output norm), their sequence aggregations, and their batch sums into the accumulators."""
-        batch, chunk = call["batch"], call["chunk"]
-        samples = int(self.chunk_positions.max()) + 1
-        samples *= batch
-        index = call["index"].to(torch.long)
-        positions = self.chunk_positions.to(index.device)
-        sample = positions[index // chunk] * batch + index % chunk % batch
-        expert = torch.repeat_interleave(torch.arange(self.local_experts, device=index.device),
-                                         call["per_expert"].to(index.device).long())
-        values = values.double()
-        sums = torch.zeros(self.local_experts * samples, values.shape[1], 3, dtype=torch.float64,
-                           device=values.device)
-        sums.index_add_(0, expert * samples + sample, torch.stack([values, values.square(), values.abs()], dim=-1))
+    def _add(self, row: int, sums: torch.Tensor, samples: int, *, leader: bool) -> None:
+        """From per-(expert, sample) sums over the sequence [experts * samples, 3, Fe + 1] (x, x^2, |x|
+        of each expert neuron and of the output norm) to their sequence aggregations (fp64), and their
+        batch sums into the accumulators."""
+        sums = sums.double().transpose(1, 2)  # [groups, Fe + 1, 3]
         seq = sequence_aggregates(sums, self.seq_length).view(self.local_experts, samples, -1, 3)
         update = raw_update(seq.transpose(0, 1))  # [experts, Fe + 1, 6]
         self.ffn[row] += update[:, :-1]
         if leader:  # every expert-TP rank has the whole output norm: one of them counts it
             self.output[row] += update[:, -1]
+
+    def _token_samples(self, batch: int, chunk: int) -> tuple[torch.Tensor, int]:
+        """For each gathered token (chunk tokens [s, b] flattened from each rank of the TP x EP group),
+        its sample among the group's (data-parallel position, then index in the micro-batch), and how
+        many samples the group holds; kept per micro-batch shape."""
+        key = (batch, chunk)
+        if key not in self._samples:
+            token = torch.arange(chunk * len(self.chunk_positions), device=self.runtime.device)
+            positions = self.chunk_positions.to(token.device)
+            self._samples[key] = (positions[token // chunk] * batch + token % chunk % batch,
+                                  (int(self.chunk_positions.max()) + 1) * batch)
+        return self._samples[key]
 
     # ------------------------------------------------------------------------------- reductions
     def reduce(self) -> dict[str, torch.Tensor]:
