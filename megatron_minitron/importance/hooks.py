@@ -19,7 +19,10 @@ kept. What each rank sees:
   fused into `linear_qkv` / `linear_fc1`; their output is recomputed from the fused module's input
   and its `layer_norm_weight` / `layer_norm_bias` (the same formula, in fp32);
 - input and output of each TransformerLayer: Block Importance, 1 - mean cosine over tokens (split
-  over TP by tokens, like the norms).
+  over TP by tokens, like the norms);
+- MoE layers: the routed experts in `importance/moe.py` (`ExpertStats`); the shared expert's
+  `linear_fc2` input as a dense MLP's (key shared_ffn); the pre-MLP norm as a module of its own, also
+  with the Transformer-Engine spec (no fc1 to fuse it into).
 
 `Collector.reduce` then gathers head/neuron slices over TP in rank order, sums over DP and
 assembles the layers of all pipeline stages, naming the process group of every collective.
