@@ -55,6 +55,8 @@ def accumulator_bytes(collector: Collector) -> int:
 def working_bytes(collector: Collector) -> int:
     """The hooks' scratch buffer and pending slots (sized by a micro-batch's tokens, capped)."""
     buffers = [collector._work, *(pending.buffer for pending in collector._pending.values())]
+    if collector.experts is not None:
+        buffers.append(collector.experts._work)
     return sum(t.numel() * t.element_size() for t in buffers)
 
 
