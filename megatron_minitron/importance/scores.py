@@ -24,7 +24,8 @@ with NaN rows for the layers that have no such MLP (arch.moe_layers[i] False for
                                 the input of the expert's linear_fc2 on its routed tokens (0 elsewhere)
     shared_ffn [L, Fs]          the shared expert's neurons (when the model has one), over all tokens
 
-with raw.experts, raw.expert_ffn and raw.shared_ffn beside them. `ffn` (and ffn_pre*) keep dense
+with raw.experts, raw.expert_ffn and raw.shared_ffn beside them (experts_router_mass is a plain mean,
+the same under every aggregation, so it has no raw statistics). `ffn` (and ffn_pre*) keep dense
 layers' neurons with NaN rows for MoE layers, and are absent when every layer is MoE.
 """
 
