@@ -75,6 +75,9 @@ class ExpertStats:
         from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 
         dispatcher = mlp.token_dispatcher
+        if mlp.config.moe_permute_fusion:  # TE's fused permutation keeps another map than the token indices
+            raise RuntimeError("expert importance reads the unfused permutation's token indices; build the model "
+                               "with moe_permute_fusion=False")
         if not isinstance(dispatcher, MoEAllGatherTokenDispatcher):
             raise RuntimeError(f"expert importance reads the all-gather token dispatcher's token order, but the model "
                                f"was built with {type(dispatcher).__name__}: build it with "

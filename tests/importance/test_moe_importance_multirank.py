@@ -12,7 +12,7 @@ from tests.conftest import REPO, torchrun
 from tests.multirank.moe_importance_layouts import LAYOUTS
 
 KEYS = ("experts", "experts_router_mass", "expert_ffn", "shared_ffn", "heads", "hidden", "layers_bi",
-        "layers_lm_loss", "raw.experts", "raw.expert_ffn", "raw.shared_ffn")
+        "layers_lm_loss", "blocks_lm_loss", "raw.experts", "raw.expert_ffn", "raw.shared_ffn")
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,7 @@ def test_every_moe_axis_is_scored(results):
     assert scores["experts"].shape == (4, 4) and scores["expert_ffn"].shape == (4, 4, 64)
     assert scores["shared_ffn"].shape == (4, 32) and scores["raw.hidden"].shape == (9, 64, 6)
     assert scores["experts"].isfinite().all() and (scores["experts"] > 0).all()
+    assert scores["blocks_lm_loss"][0, :3].isfinite().all() and scores["blocks_lm_loss"][0, 3].isnan()
     torch.testing.assert_close(scores["experts_router_mass"].sum(-1), torch.ones(4))  # top-k renormalised
     # the sharpened router sends tokens unevenly: the mass differs between experts
     assert (scores["experts_router_mass"].max(-1).values - scores["experts_router_mass"].min(-1).values).min() > 0.01

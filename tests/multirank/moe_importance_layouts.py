@@ -25,7 +25,7 @@ from tests.multirank import synthetic  # noqa: E402
 # every layer MoE (so `ffn` is absent), 4 experts top-2, a shared expert
 ARCH = preset("tiny-moe", moe_shared_expert_ffn_hidden_size=32)
 SEQ, MBS, SAMPLES = 32, 2, 16  # whole rounds of micro-batch x DP4, as EP > 1 needs
-CFG = ImportanceConfig(micro_batch_size=MBS, lm_loss=True, lm_loss_samples=8)
+CFG = ImportanceConfig(micro_batch_size=MBS, lm_loss=True, block_sizes=(2,), lm_loss_samples=8)
 LAYOUTS = {
     "ep1": ParallelConfig(),
     "ep2": ParallelConfig(expert_parallel=2),
