@@ -190,3 +190,13 @@ def test_the_scores_directory_holds_the_moe_keys(scored, tmp_path):
     assert back["ffn"][1:].isnan().all() and back["ffn"][0].isfinite().all()
     assert back["experts"][0].isnan().all() and back["experts"][1:].isfinite().all()
     assert "experts" in back.summary()
+
+
+def test_importance_builds_the_all_gather_dispatcher_on_every_backend():
+    """Its hooks read that dispatcher's token order, so on NCCL too it overrides the all-to-all default."""
+    from megatron_minitron.model.build import transformer_config
+    from megatron_minitron.runtime import ParallelConfig
+
+    assert transformer_config(ARCH, ParallelConfig(), backend="nccl").moe_token_dispatcher_type == "alltoall"
+    assert transformer_config(ARCH, ParallelConfig(), backend="nccl",
+                              moe_dispatcher="allgather").moe_token_dispatcher_type == "allgather"
