@@ -2,6 +2,7 @@
 (target: ratio >= 0.95), and the size of the accumulators as the number of tokens grows (target: constant).
 
     torchrun --nproc-per-node 2 benchmarks/importance_overhead.py --tp 2
+    torchrun --nproc-per-node 1 benchmarks/importance_overhead.py --arch small-moe   # Mixture of Experts
 
 Calibration is as `minitron importance` runs it by default (sequence length min(4096, max positions),
 4 samples a micro-batch), on 16 samples. Both sides run the same model on the same micro-batches
@@ -46,31 +47,38 @@ def samples(n: int, seq: int, vocab: int) -> list[dict]:
 
 
 def accumulator_bytes(collector: Collector) -> int:
-    return sum(t.numel() * t.element_size() for t in [*collector.acc.values(), collector.bi])
+    experts = collector.experts
+    moe = [experts.ffn, experts.output, experts.mass, experts.tokens] if experts is not None else []
+    return sum(t.numel() * t.element_size() for t in [*collector.acc.values(), collector.bi, *moe])
 
 
 def working_bytes(collector: Collector) -> int:
     """The hooks' scratch buffer and pending slots (sized by a micro-batch's tokens, capped)."""
     buffers = [collector._work, *(pending.buffer for pending in collector._pending.values())]
+    if collector.experts is not None:
+        buffers.append(collector.experts._work)
     return sum(t.numel() * t.element_size() for t in buffers)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--arch", default="small")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE architectures)")
+    parser.add_argument("--arch", default="small", help="a preset; a MoE one (small-moe) also scores its experts")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-length", type=int, default=None,
                         help="tokens per sample; default as `minitron importance`: min(4096, max positions)")
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default="benchmarks/results/importance_overhead.json")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/importance_overhead[_moe].json")
     args = parser.parse_args()
 
-    rt = initialize(ParallelConfig(tensor_parallel=args.tp))
     arch = preset(args.arch)
+    rt = initialize(ParallelConfig(tensor_parallel=args.tp, expert_parallel=args.ep,  # MoE at TP > 1 needs SP
+                                   sequence_parallel=args.tp > 1 and arch.is_moe))
+    args.out = args.out or f"benchmarks/results/importance_overhead{'_moe' if arch.is_moe else ''}.json"
     args.seq_length = args.seq_length or min(4096, arch.max_position_embeddings)
-    model = build_model(arch, rt)
+    model = build_model(arch, rt, moe_dispatcher="allgather")  # as `minitron importance` builds it
     data = samples(args.samples, args.seq_length, arch.vocab_size)
     sizes = micro_batch_sizes(args.samples, micro_batch_size=args.micro_batch_size, dp_rank=rt.dp_rank,
                               dp_size=rt.data_parallel)
@@ -111,7 +119,7 @@ def main() -> None:
         forward_passes(model, rt, micro_batches(short, len(short), micro_batch_size=args.micro_batch_size,
                                                 dp_rank=0, dp_size=1), [len(short)], args.seq_length // 4)
     result = {
-        "arch": args.arch, "tp": args.tp, "samples": args.samples, "seq_length": args.seq_length,
+        "arch": args.arch, "tp": args.tp, "ep": args.ep, "samples": args.samples, "seq_length": args.seq_length,
         "tokens_per_s_bare": throughput["bare"], "tokens_per_s_hooked": throughput["hooked"],
         "throughput_ratio": throughput["hooked"] / throughput["bare"], "target_ratio": 0.95,
         "pair_ratio_median": statistics.median(b / h for b, h in zip(times["bare"], times["hooked"])),

@@ -1,5 +1,6 @@
 """`minitron importance`: activation importance of heads, query groups, MLP neurons, hidden channels
-and layers, at any TP x PP x DP, written as a layout-independent scores directory.
+and layers (and of a MoE model's experts, expert neurons and shared expert), at any TP x PP x EP x DP,
+written as a layout-independent scores directory.
 
     torchrun --nproc-per-node 2 -m megatron_minitron importance --load runs/teacher --tp 2 \
         --num-samples 1024 --seq-length 4096 --out runs/teacher-scores
@@ -55,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--lm-loss-blocks", type=positive(), nargs="+", default=(), metavar="K",
                    help="LM loss with each contiguous block of K layers removed")
     s.add_argument("--lm-loss-samples", type=positive(), default=None, help="samples for the LM-loss passes")
+    field_argument(s, *IMPORTANCE, "expert_weighting", choices=["router", "plain"])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,9 +72,6 @@ def run(args: argparse.Namespace) -> int:
     info = ckpt.resolve(args.load)
     arch = info.arch
     parallel.check_arch(arch)
-    if arch.is_moe:
-        raise ConfigError(f"--load {args.load} is a Mixture-of-Experts model ({arch.num_experts} experts); importance "
-                          f"scoring of experts and routers is not implemented yet, only dense models are scored")
     check_new_scores_dir(args.out, overwrite=args.overwrite)
     if Path(args.out).resolve().is_relative_to(info.root.resolve()):
         raise ConfigError(f"--out {args.out} is inside the checkpoint {info.root}; write scores elsewhere")
@@ -91,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = ImportanceConfig(micro_batch_size=args.micro_batch_size, seq_aggregation=args.seq_aggregation,
                            batch_aggregation=args.batch_aggregation, ffn_source=args.ffn_source,
                            hidden_final_norm=args.hidden_final_norm, lm_loss=args.lm_loss,
-                           block_sizes=tuple(args.lm_loss_blocks), lm_loss_samples=args.lm_loss_samples)
+                           block_sizes=tuple(args.lm_loss_blocks), lm_loss_samples=args.lm_loss_samples,
+                           expert_weighting=args.expert_weighting)
     cfg.validate(arch.num_layers)
     if args.tokenizer:
         tokenizer = tokenizer_ref_for(args.tokenizer)
@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_vocab_fits(tokenizer, arch.vocab_size)
     env = LaunchEnv.from_environ()
+    cfg.check_expert_parallel(args.num_samples, data_parallel=parallel.data_parallel(env.world_size),
+                              expert_parallel=parallel.expert_parallel)
     from megatron_minitron.model.integrity import check_complete, fingerprint
 
     check_complete(info.path)
@@ -133,7 +135,9 @@ def _score(args, parallel, env, info, calibration, cfg, tokenizer, checkpoint_fi
         use_te = transformer_engine_available() if args.transformer_engine is None else args.transformer_engine
         bf16 = runtime.device.type == "cuda" if args.bf16 is None else args.bf16
         dataset, num_samples = build_calibration_dataset(calibration, tokenizer, model_vocab_size=arch.vocab_size)
-        model = build_model(arch, runtime, dtype=torch.bfloat16 if bf16 else torch.float32, use_te=use_te)
+        # the all-gather token dispatcher on every backend: the expert hooks read its token order
+        model = build_model(arch, runtime, dtype=torch.bfloat16 if bf16 else torch.float32, use_te=use_te,
+                            moe_dispatcher="allgather")
         load_checkpoint(info, model=model, runtime=runtime)
         log(f"importance of {info.root} ({arch.num_parameters() / 1e6:.2f}M parameters) on {num_samples} samples x "
             f"{calibration.seq_length} tokens at TP={parallel.tensor_parallel} PP={parallel.pipeline_parallel} "

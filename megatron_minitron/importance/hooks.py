@@ -19,7 +19,10 @@ kept. What each rank sees:
   fused into `linear_qkv` / `linear_fc1`; their output is recomputed from the fused module's input
   and its `layer_norm_weight` / `layer_norm_bias` (the same formula, in fp32);
 - input and output of each TransformerLayer: Block Importance, 1 - mean cosine over tokens (split
-  over TP by tokens, like the norms).
+  over TP by tokens, like the norms);
+- MoE layers: the routed experts in `importance/moe.py` (`ExpertStats`); the shared expert's
+  `linear_fc2` input as a dense MLP's (key shared_ffn); the pre-MLP norm as a module of its own, also
+  with the Transformer-Engine spec (no fc1 to fuse it into).
 
 `Collector.reduce` then gathers head/neuron slices over TP in rank order, sums over DP and
 assembles the layers of all pipeline stages, naming the process group of every collective.
@@ -67,7 +70,8 @@ class Collector:
     Use `with collector.attached(): <forward passes>` then `collector.reduce()` on every rank.
     """
 
-    def __init__(self, model, runtime, arch, *, seq_length: int, ffn_pre: bool = False, use_te: bool = False):
+    def __init__(self, model, runtime, arch, *, seq_length: int, ffn_pre: bool = False, use_te: bool = False,
+                 expert_weighting: str = "router"):
         from megatron_minitron.model.build import unwrap
 
         self.gpt = unwrap(model)
@@ -94,6 +98,16 @@ class Collector:
 
         self.acc = {"heads": zeros(n, heads), "query_groups": zeros(n, groups), "ffn": zeros(n, ffn),
                     "hidden": zeros(2 * n, arch.hidden_size), "final_norm": zeros(1, arch.hidden_size)}
+        # MoE layers: routed experts in importance/moe.py; a shared expert's neurons as a dense MLP's
+        self.moe_rows = [arch.moe_layers[layer.layer_number - 1] for layer in self.layers] if arch.is_moe \
+            else [False] * n
+        self.experts = None
+        if arch.is_moe:
+            from megatron_minitron.importance.moe import ExpertStats
+
+            self.experts = ExpertStats(self.layers, arch, runtime, seq_length=seq_length, weighting=expert_weighting)
+            if arch.moe_shared_expert_ffn_hidden_size is not None:
+                self.acc["shared_ffn"] = zeros(n, arch.moe_shared_expert_ffn_hidden_size // tp)
         # activations whose columns feed several accumulators, in order
         self._columns = {"attention": ("heads", "query_groups")}
         if ffn_pre:
@@ -226,9 +240,9 @@ class Collector:
             self._commit("attention", i)
         return hook
 
-    def _fc2_hook(self, i: int):
+    def _fc2_hook(self, i: int, key: str = "ffn"):
         def hook(_module, args):
-            self._add("ffn", i, args[0])
+            self._add(key, i, args[0])
         return hook
 
     def _fc1_hook(self, i: int):
@@ -277,20 +291,29 @@ class Collector:
             for i, layer in enumerate(self.layers):
                 attn, mlp = layer.self_attention, layer.mlp
                 self._handles.append(attn.linear_proj.register_forward_pre_hook(timed(self._attention_hook(i))))
-                self._handles.append(mlp.linear_fc2.register_forward_pre_hook(timed(self._fc2_hook(i))))
-                if self.ffn_pre:
-                    self._handles.append(mlp.linear_fc1.register_forward_hook(timed(self._fc1_hook(i))))
+                if self.moe_rows[i]:
+                    if "shared_ffn" in self.acc:
+                        self._handles.append(mlp.shared_experts.linear_fc2.register_forward_pre_hook(
+                            timed(self._fc2_hook(i, "shared_ffn"))))
+                else:
+                    self._handles.append(mlp.linear_fc2.register_forward_pre_hook(timed(self._fc2_hook(i))))
+                    if self.ffn_pre:
+                        self._handles.append(mlp.linear_fc1.register_forward_hook(timed(self._fc1_hook(i))))
                 if self.use_te:
                     self._handles.append(attn.linear_qkv.register_forward_pre_hook(
                         timed(self._fused_norm_hook(2 * i))))
-                    self._handles.append(mlp.linear_fc1.register_forward_pre_hook(
-                        timed(self._fused_norm_hook(2 * i + 1))))
+                    # a MoE layer has no fc1 to fuse its pre-MLP norm into: it is a module of its own
+                    self._handles.append(layer.pre_mlp_layernorm.register_forward_hook(
+                        timed(self._norm_output_hook("hidden", 2 * i + 1))) if self.moe_rows[i] else
+                        mlp.linear_fc1.register_forward_pre_hook(timed(self._fused_norm_hook(2 * i + 1))))
                 else:
                     self._handles.append(layer.input_layernorm.register_forward_hook(
                         timed(self._norm_output_hook("hidden", 2 * i))))
                     self._handles.append(layer.pre_mlp_layernorm.register_forward_hook(
                         timed(self._norm_output_hook("hidden", 2 * i + 1))))
                 self._handles.append(layer.register_forward_hook(timed(self._block_hook(i)), with_kwargs=True))
+            if self.experts is not None:
+                self._handles += self.experts.attach(timed)
             final = getattr(self.gpt.decoder, "final_layernorm", None)
             if final is not None:
                 self._handles.append(final.register_forward_hook(timed(self._norm_output_hook("final_norm", 0))))
@@ -316,7 +339,8 @@ class Collector:
     # ------------------------------------------------------------------------------- reductions
     def reduce(self) -> dict[str, torch.Tensor]:
         """Global raw statistics on every rank: raw.heads [L, H, 6], raw.query_groups, raw.ffn (and
-        raw.ffn_pre*), raw.hidden [2L + 1, h, 6] and bi [L, 2]; float64 on the CPU."""
+        raw.ffn_pre*), raw.hidden [2L + 1, h, 6] and bi [L, 2]; float64 on the CPU. A MoE model adds
+        raw.experts, raw.expert_ffn, experts_router_mass (importance/moe.py) and raw.shared_ffn."""
         rt = self.runtime
         out = {}
         for key in [k for k in self.acc if k not in ("hidden", "final_norm")]:
@@ -331,7 +355,22 @@ class Collector:
         if self.tp > 1:  # each TP rank saw a chunk of the sequence, or took a share of the tokens
             torch.distributed.all_reduce(bi, group=rt.tp_group)
         out["bi"] = self._over_pipeline(self._over_data(bi))
+        if self.experts is not None:
+            out.update(self._moe_rows(out))
         return out
+
+    def _moe_rows(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The routed experts' statistics; NaN rows where a layer has no such MLP: dense-MLP keys on MoE
+        layers (dropped when every layer is MoE), shared-expert keys on dense layers."""
+        moe = torch.tensor(self.arch.moe_layers)
+        for key in [k for k in out if k.startswith("raw.ffn")]:
+            if moe.all():
+                del out[key]
+            else:
+                out[key][moe] = float("nan")
+        if "raw.shared_ffn" in out:
+            out["raw.shared_ffn"][~moe] = float("nan")
+        return self.experts.reduce()
 
     def _over_shares(self, t: torch.Tensor) -> torch.Tensor:
         """Sum the hidden-channel shares of the TP ranks (each filled only its own columns)."""

@@ -17,7 +17,8 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 
 from megatron_minitron.importance.calibration import micro_batch_sizes
-from megatron_minitron.importance.scores import Scores, ScoresManifest, hidden_scores
+from megatron_minitron.importance.moe import WEIGHTINGS
+from megatron_minitron.importance.scores import WIDTH_KEYS, Scores, ScoresManifest, hidden_scores
 from megatron_minitron.importance.stats import aggregate, check_aggregation
 
 
@@ -41,6 +42,12 @@ class ImportanceConfig:
     """Also measure the LM loss with each contiguous block of k layers removed, for each k."""
     lm_loss_samples: Optional[int] = None
     """Samples used for the LM-loss passes (default: all calibration samples)."""
+    expert_weighting: str = "router"
+    """MoE models: whether an expert's output norm per token (and its neurons' activations) are
+    weighted by the token's routing probability for that expert ("router") or not ("plain"). Default
+    router: a MoE layer's output is sum_e p_e(x) expert_e(x), so the weighted norm is what the expert
+    actually adds to each token; "plain" ranks an expert by what it computes, even where the router
+    gives it little weight."""
 
     def validate(self, num_layers: int) -> None:
         check_aggregation(self.seq_aggregation, axis="sequence")
@@ -55,6 +62,22 @@ class ImportanceConfig:
                                  f"model's {num_layers}")
         if self.lm_loss_samples is not None and self.lm_loss_samples < 1:
             raise ValueError(f"--lm-loss-samples must be >= 1, got {self.lm_loss_samples}")
+        if self.expert_weighting not in WEIGHTINGS:
+            raise ValueError(f"--expert-weighting {self.expert_weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
+
+    def check_expert_parallel(self, num_samples: int, *, data_parallel: int, expert_parallel: int) -> None:
+        """At EP > 1 the data-parallel ranks exchange tokens inside every MoE layer, so all of them must
+        run the same micro-batches: the samples (and the LM-loss samples) must fill whole rounds of
+        micro-batch-size x DP."""
+        if expert_parallel == 1:
+            return
+        round_ = self.micro_batch_size * data_parallel
+        lm_samples = min(self.lm_loss_samples or num_samples, num_samples) if self.lm_loss or self.block_sizes else None
+        for flag, n in (("--num-samples", num_samples), ("--lm-loss-samples", lm_samples)):
+            if n is not None and n % round_:
+                raise ValueError(f"{flag} {n} is not a multiple of --micro-batch-size x data-parallel size = "
+                                 f"{self.micro_batch_size} x {data_parallel}; at --ep {expert_parallel} every "
+                                 f"data-parallel rank must run the same micro-batches (use {n - n % round_ or round_})")
 
 
 class Progress:
@@ -172,10 +195,12 @@ def collect(model, runtime, arch, batches: Callable[[], Iterable[dict]], num_sam
     model's LM loss on it."""
     from megatron_minitron.importance.hooks import Collector
 
+    cfg.check_expert_parallel(num_samples, data_parallel=runtime.data_parallel,
+                              expert_parallel=runtime.parallel.expert_parallel)
     sizes = micro_batch_sizes(num_samples, micro_batch_size=cfg.micro_batch_size, dp_rank=runtime.dp_rank,
                               dp_size=runtime.data_parallel)
     collector = Collector(model, runtime, arch, seq_length=seq_length, ffn_pre=cfg.ffn_source == "pre",
-                          use_te=use_te)
+                          use_te=use_te, expert_weighting=cfg.expert_weighting)
     progress = Progress("importance", num_samples, runtime.is_logging_rank)
     start = time.thread_time()
     with collector.attached():
@@ -201,10 +226,10 @@ def scores_from_raw(raw: dict[str, torch.Tensor], num_samples: int, cfg: Importa
     seq, batch = cfg.seq_aggregation, cfg.batch_aggregation
     tensors = {key: value.float() if key.startswith("raw.") else value for key, value in raw.items()
                if key != "bi"}
-    for key in ("heads", "query_groups", "ffn", "ffn_pre", "ffn_pre_gate", "ffn_pre_up"):
+    for key in WIDTH_KEYS:
         if f"raw.{key}" in raw:
             tensors[key] = aggregate(raw[f"raw.{key}"], num_samples, seq=seq, batch=batch)
-    if cfg.ffn_source == "pre":
+    if cfg.ffn_source == "pre" and "raw.ffn" in raw:
         tensors["ffn"] = tensors.get("ffn_pre_gate", tensors.get("ffn_pre"))
     tensors["hidden"] = hidden_scores(raw["raw.hidden"], num_samples, seq=seq, batch=batch,
                                       final_norm=cfg.hidden_final_norm)
@@ -226,8 +251,10 @@ def make_scores(tensors: dict, *, arch, info, calibration, num_samples: int, cfg
         num_samples=num_samples, seq_length=calibration.seq_length, micro_batch_size=cfg.micro_batch_size,
         seed=calibration.seed, seq_aggregation=cfg.seq_aggregation, batch_aggregation=cfg.batch_aggregation,
         hidden_final_norm=cfg.hidden_final_norm, ffn_source=cfg.ffn_source, block_sizes=tuple(cfg.block_sizes),
+        expert_weighting=cfg.expert_weighting,
         layer_spec="transformer_engine" if use_te else "local",
         layout={"tp": p.tensor_parallel, "pp": p.pipeline_parallel, "dp": runtime.data_parallel,
+                "ep": p.expert_parallel,
                 "sequence_parallel": p.sequence_parallel, "first_stage_layers": p.first_stage_layers,
                 "last_stage_layers": p.last_stage_layers},
         megatron_core=megatron.core.__version__)

@@ -10,7 +10,23 @@
 It is read with safetensors and json only: no megatron, no process group. `blocks_lm_loss[j, s]` is the
 LM loss with the `block_sizes[j]` layers starting at layer s removed (NaN where the block would run
 past the last layer). Raw hidden statistics have one row per LayerNorm: 2i is layer i's input norm,
-2i + 1 its pre-MLP norm, the last row the final norm.
+2i + 1 its pre-MLP norm (a MoE layer's too), the last row the final norm.
+
+Mixture-of-Experts models (arch.num_experts set; importance/moe.py says how each is measured) add,
+with NaN rows for the layers that have no such MLP (arch.moe_layers[i] False for the MoE keys):
+
+    experts [L, E]              per routed expert: its output norm per token (0 for tokens not routed
+                                to it), weighted by the routing probability or not (manifest
+                                `expert_weighting`), aggregated as every width score
+    experts_router_mass [L, E]  mean over calibration tokens of the routing probability each expert
+                                receives (0 where it is not in the token's top-k)
+    expert_ffn [L, E, Fe]       per expert, per neuron of its MLP (Fe = arch.expert_ffn_hidden_size):
+                                the input of the expert's linear_fc2 on its routed tokens (0 elsewhere)
+    shared_ffn [L, Fs]          the shared expert's neurons (when the model has one), over all tokens
+
+with raw.experts, raw.expert_ffn and raw.shared_ffn beside them (experts_router_mass is a plain mean,
+the same under every aggregation, so it has no raw statistics). `ffn` (and ffn_pre*) keep dense
+layers' neurons with NaN rows for MoE layers, and are absent when every layer is MoE.
 """
 
 from __future__ import annotations
@@ -28,7 +44,8 @@ from megatron_minitron.importance.stats import aggregate, check_aggregation
 FORMAT = "megatron-minitron-scores/1"
 TENSORS = "scores.safetensors"
 MANIFEST = "manifest.json"
-WIDTH_KEYS = ("heads", "query_groups", "ffn", "ffn_pre", "ffn_pre_gate", "ffn_pre_up")
+WIDTH_KEYS = ("heads", "query_groups", "ffn", "ffn_pre", "ffn_pre_gate", "ffn_pre_up", "experts", "expert_ffn",
+              "shared_ffn")
 
 
 class ScoresError(ValueError):
@@ -73,6 +90,11 @@ class ScoresManifest:
     """Parallel layout it was computed at: tp, pp, dp, sequence_parallel, first/last stage layers."""
     megatron_core: str = ""
     """megatron-core version."""
+    expert_weighting: str = "router"
+    """MoE models: "router" when `experts` (and `expert_ffn`) weigh each token's expert output by its
+    routing probability (the expert's actual contribution to the layer's output, sum_e p_e(x)
+    expert_e(x): the default, since an expert the router trusts little matters little), "plain" when
+    they measure the expert's output as computed. Meaningless for dense models."""
     checkpoint_fingerprint: str = ""
     """Content fingerprint of the scored checkpoint's tensors (model/integrity.py); prune and search
     refuse scores whose fingerprint is not their checkpoint's. Empty in scores of older versions."""
@@ -180,9 +202,14 @@ class Scores:
             order = torch.argsort(loss, descending=True).tolist()
             lines.append(f"LM loss without layer: most important {order[:top]}, least {order[::-1][:top]} "
                          f"(loss {loss.max():.4f} .. {loss.min():.4f})")
-        for key in ("heads", "query_groups", "ffn", "hidden"):
+        for key in ("heads", "query_groups", "ffn", "shared_ffn", "experts", "experts_router_mass", "expert_ffn",
+                    "hidden"):
+            if key not in self.tensors:
+                continue
             t = self.tensors[key]
-            lines.append(f"{key:12s} {tuple(t.shape)}: min {t.min():.4g}  median {t.median():.4g}  max {t.max():.4g}")
+            t = t[t.isfinite()]  # MoE models: NaN rows for the layers without such an MLP
+            lines.append(f"{key:12s} {tuple(self.tensors[key].shape)}: min {t.min():.4g}  median {t.median():.4g}  "
+                         f"max {t.max():.4g}")
         return "\n".join(lines)
 
 
@@ -260,6 +287,13 @@ def _check_shapes(tensors: dict[str, torch.Tensor], manifest: ScoresManifest, pa
         "hidden": (arch.hidden_size,),
         "layers_bi": (arch.num_layers,),
     }
+    if arch.is_moe:
+        E = arch.num_experts
+        expected.update(experts=(L, E), experts_router_mass=(L, E), expert_ffn=(L, E, arch.expert_ffn_hidden_size))
+        if arch.moe_shared_expert_ffn_hidden_size is not None:
+            expected["shared_ffn"] = (L, arch.moe_shared_expert_ffn_hidden_size)
+        if all(arch.moe_layers):
+            del expected["ffn"]
     for key, shape in expected.items():
         if key not in tensors:
             raise ScoresError(f"{path / TENSORS} lacks {key!r}")

@@ -34,10 +34,11 @@ def _activation(arch: ArchConfig):
 
 
 def moe_config(arch: ArchConfig, parallel: ParallelConfig, *, backend: str, aux_loss_coeff: float,
-               grouped_gemm: bool) -> dict:
+               grouped_gemm: bool, dispatcher: Optional[str] = None) -> dict:
     """The MoE fields of megatron's TransformerConfig (empty for a dense model). The router's auxiliary
     load-balancing loss (Switch Transformer style) is a training option, so its coefficient comes from
-    the caller; 0 turns it off."""
+    the caller; 0 turns it off. `dispatcher` overrides the backend's token dispatcher (importance's
+    hooks read the all-gather dispatcher's token order, on any backend)."""
     if not arch.is_moe:
         return {}
     if aux_loss_coeff < 0:
@@ -56,7 +57,7 @@ def moe_config(arch: ArchConfig, parallel: ParallelConfig, *, backend: str, aux_
         moe_layer_freq=freq,
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=aux_loss_coeff,
-        moe_token_dispatcher_type=moe_token_dispatcher(backend),
+        moe_token_dispatcher_type=dispatcher or moe_token_dispatcher(backend),
         moe_grouped_gemm=grouped_gemm,
         expert_model_parallel_size=parallel.expert_parallel,
     )
@@ -64,7 +65,8 @@ def moe_config(arch: ArchConfig, parallel: ParallelConfig, *, backend: str, aux_
 
 def transformer_config(arch: ArchConfig, parallel: ParallelConfig, *, dtype: torch.dtype = torch.float32,
                        hidden_dropout: float = 0.0, attention_dropout: float = 0.0, backend: str = "gloo",
-                       moe_aux_loss_coeff: float = 0.0, use_te: bool = False):
+                       moe_aux_loss_coeff: float = 0.0, use_te: bool = False,
+                       moe_dispatcher: Optional[str] = None):
     """megatron-core TransformerConfig for an architecture split over a parallel layout. `backend`
     chooses the MoE token dispatcher; with `use_te` MoE experts use grouped GEMM."""
     from megatron.core.transformer import TransformerConfig
@@ -109,7 +111,8 @@ def transformer_config(arch: ArchConfig, parallel: ParallelConfig, *, dtype: tor
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        **moe_config(arch, parallel, backend=backend, aux_loss_coeff=moe_aux_loss_coeff, grouped_gemm=use_te),
+        **moe_config(arch, parallel, backend=backend, aux_loss_coeff=moe_aux_loss_coeff, grouped_gemm=use_te,
+                     dispatcher=moe_dispatcher),
     )
 
 
@@ -155,9 +158,11 @@ def _with_local_norms(spec, norm, qk_layernorm: bool = False):
 
 def build_model(arch: ArchConfig, runtime: Runtime, *, dtype: Optional[torch.dtype] = None,
                 use_te: Optional[bool] = None, hidden_dropout: float = 0.0, attention_dropout: float = 0.0,
-                parallel: Optional[ParallelConfig] = None, moe_aux_loss_coeff: float = 0.0):
+                parallel: Optional[ParallelConfig] = None, moe_aux_loss_coeff: float = 0.0,
+                moe_dispatcher: Optional[str] = None):
     """This rank's stage of the model, on its device (bf16 on GPU, fp32 on CPU unless dtype is given).
-    `moe_aux_loss_coeff` weighs the routers' load-balancing loss of a MoE model in training.
+    `moe_aux_loss_coeff` weighs the routers' load-balancing loss of a MoE model in training;
+    `moe_dispatcher` ("allgather" or "alltoall") overrides the backend's MoE token dispatcher.
 
     `parallel` overrides the runtime's layout for this model only; its TP/PP sizes must be the
     runtime's, but its first/last stage layer counts may differ (a distillation teacher deeper than
@@ -179,7 +184,7 @@ def build_model(arch: ArchConfig, runtime: Runtime, *, dtype: Optional[torch.dty
         raise ConfigError(f"a model's layout {parallel} must keep the runtime's TP, PP, SP and EP ({runtime.parallel})")
     config = transformer_config(arch, parallel, dtype=dtype, hidden_dropout=hidden_dropout,
                                 attention_dropout=attention_dropout, backend=runtime.backend,
-                                moe_aux_loss_coeff=moe_aux_loss_coeff, use_te=use_te)
+                                moe_aux_loss_coeff=moe_aux_loss_coeff, use_te=use_te, moe_dispatcher=moe_dispatcher)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config, use_te=use_te, moe_layers=arch.moe_layers),

@@ -88,13 +88,46 @@ def test_evaluate_at_ep1_gives_the_validation_loss_of_training_at_ep2(run_dir, d
     assert result["val lm loss"] == pytest.approx(valid[-1]["val lm loss"], rel=1e-6)
 
 
-def test_scoring_and_pruning_refuse_a_moe_checkpoint_by_name(run_dir, tmp_path, capsys):
+def test_importance_scores_the_moe_checkpoint_at_ep2(run_dir, data_cache, tmp_path):
+    """`minitron importance` end to end on the checkpoint trained at EP2, at DP2 x EP2 under torchrun:
+    the scores directory holds the expert keys, and the trained router uses its experts unevenly."""
+    from megatron_minitron.importance.scores import load_scores
+
     save, _ = run_dir
-    assert main(["importance", "--load", str(save), "--out", str(tmp_path / "scores")]) == 2
-    assert "is a Mixture-of-Experts model (4 experts); importance scoring" in capsys.readouterr().err
+    output = torchrun("-m", "megatron_minitron", "importance", "--load", save, "--out", tmp_path / "scores", "--ep",
+                      "2", "--cache-dir", data_cache, "--num-samples", "8", "--seq-length", "64",
+                      "--micro-batch-size", "2", "--expert-weighting", "plain", "--lm-loss", nproc=2, timeout=600)
+    scores = load_scores(tmp_path / "scores")
+    assert scores.manifest.expert_weighting == "plain" and scores.manifest.layout["ep"] == 2
+    assert scores["experts"].shape == (4, 4) and scores["expert_ffn"].shape == (4, 4, 64) and "ffn" not in scores
+    torch.testing.assert_close(scores["experts_router_mass"].sum(-1), torch.ones(4))
+    assert scores["layers_lm_loss"].isfinite().all() and "experts" in output
+
+
+def test_moe_importance_bad_input_is_refused_by_name(run_dir, tmp_path, capsys):
+    from megatron_minitron.importance.run import ImportanceConfig
+
+    save, _ = run_dir
+    with pytest.raises(SystemExit):
+        main(["importance", "--load", str(save), "--out", str(tmp_path / "s"), "--expert-weighting", "sum"])
+    assert "argument --expert-weighting: invalid choice: 'sum'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--expert-weighting 'sum': choose one of router, plain"):
+        ImportanceConfig(expert_weighting="sum").validate(4)
+    cfg = ImportanceConfig(micro_batch_size=2, lm_loss=True, lm_loss_samples=6)
+    with pytest.raises(ValueError, match=r"--num-samples 10 is not a multiple of --micro-batch-size x data-parallel "
+                                         r"size = 2 x 4; at --ep 2 .* \(use 8\)"):
+        cfg.check_expert_parallel(10, data_parallel=4, expert_parallel=2)
+    with pytest.raises(ValueError, match="--lm-loss-samples 6 is not a multiple"):
+        cfg.check_expert_parallel(16, data_parallel=4, expert_parallel=2)
+    cfg.check_expert_parallel(10, data_parallel=4, expert_parallel=1)  # without EP any count runs
+    assert not (tmp_path / "s").exists()
+
+
+def test_pruning_refuses_a_moe_checkpoint_by_name(run_dir, tmp_path, capsys):
+    save, _ = run_dir
     assert main(["prune", "--load", str(save), "--save", str(tmp_path / "pruned"), "--plan", "plan.json"]) == 2
     assert "is a Mixture-of-Experts model (4 experts); pruning experts" in capsys.readouterr().err
-    assert not (tmp_path / "scores").exists() and not (tmp_path / "pruned").exists()
+    assert not (tmp_path / "pruned").exists()
 
 
 def test_trained_moe_exports_as_mixtral(run_dir, tmp_path, capsys):
