@@ -465,6 +465,7 @@ def _prepare(source: Path, plan: Plan, out: Path, overwrite: bool, head_scores, 
     info = resolve_source(source)
     plan.validate()
     ckpt.check_architecture(plan.source, info.arch, where=f"{info.path} (the plan's source)")
+    _check_moe_layout(plan)
     _check_paths(info.root, out, overwrite)
     metadata = storage.read_dcp_metadata(info.path)
     storage.check_storage_files(info.path, metadata)
@@ -478,6 +479,18 @@ def _prepare(source: Path, plan: Plan, out: Path, overwrite: bool, head_scores, 
                              f"could not carry it")
         tokenizer = None  # a Megatron-LM checkpoint naming a tokenizer on another machine
     return _Prepared(info=info, plan=plan, common=common, megatron_meta=megatron_meta, tokenizer=tokenizer)
+
+
+def _check_moe_layout(plan: Plan) -> None:
+    """megatron keys a stack that mixes dense and MoE layers per layer (`decoder.layers.{i}.…`) and a
+    homogeneous one stacked (`decoder.layers.…` [L, …]); the pruner keeps the source's key layout, so
+    a plan may not turn one into the other."""
+    src, dst = plan.source, plan.target
+    if src.is_moe and not all(src.moe_layers) and all(dst.moe_layers):
+        dense = [layer for layer, moe in enumerate(src.moe_layers) if not moe]
+        raise PruneError(f"the plan drops every dense layer ({dense}) of a model that mixes dense and MoE layers; "
+                         f"megatron stores such a model per layer but an all-MoE one stacked, a change of key layout "
+                         f"the pruner does not make: keep one of the dense layers {dense}")
 
 
 def _finalize(partial: Path, out: Path, prepared: _Prepared, records: list[storage.Record], overwrite: bool) -> None:

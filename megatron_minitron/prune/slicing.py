@@ -19,6 +19,14 @@ reads one contiguous row range of the source):
 - fc1 rows: the kept neurons; GLU models hold [gate; up], and the same neurons are kept in both
   halves. singleton layouts store them as `weight_w` (gate) / `weight_v` (up).
 - linear_fc2 columns: the kept neurons.
+- experts (Mixture-of-Experts layers, DESIGN.md §2c): the router's rows (and its expert bias, if
+  any) and the expert axis of the expert tensors ([layer, expert, rows, cols] globally) keep the
+  layer's kept experts, in source order. Each kept expert then keeps ITS OWN neurons (`expert_ffn`):
+  its fc1 rows ([gate; up] for GLU, as the dense MLP) and its fc2 columns; the index of that dim is
+  one row per kept expert ([experts, neurons]), the only per-row index of the pruner. Shared-expert
+  fc1 rows / fc2 columns keep `shared_ffn`. The MoE layer's pre-MLP norm is stored as a dense layer's
+  fused fc1 norm and prunes with the hidden channels like it. Expert `_extra_state` objects carry
+  the expert axis in their names (`shard_{layer}.{expert}_{L}.{E}`) and are renumbered likewise.
 - QK layernorm weights/biases ([kv_channels], shared by every head of a layer): kept whole; a plan never
   changes kv_channels, so only their layer axis is selected (their size is still checked).
 
@@ -84,7 +92,20 @@ LAYER_RULES: dict[str, tuple[Optional[str], ...]] = {
     "mlp.linear_fc1.bias_v": ("ffn",),
     "mlp.linear_fc2.weight": ("hidden", "ffn"),
     "mlp.linear_fc2.bias": ("hidden",),
+    # Mixture-of-Experts layers: router, routed experts (SequentialMLP `experts.experts.`, grouped GEMM
+    # `experts.`: the same global tensors), shared expert.
+    "mlp.router.weight": ("experts", "hidden"),
+    "mlp.router.expert_bias": ("experts",),
+    "mlp.experts.experts.linear_fc1.weight": ("experts", "expert_fc1", "hidden"),
+    "mlp.experts.experts.linear_fc2.weight": ("experts", "hidden", "expert_ffn"),
+    "mlp.experts.linear_fc1.weight": ("experts", "expert_fc1", "hidden"),
+    "mlp.experts.linear_fc2.weight": ("experts", "hidden", "expert_ffn"),
+    "mlp.shared_experts.linear_fc1.weight": ("shared_fc1", "hidden"),
+    "mlp.shared_experts.linear_fc2.weight": ("hidden", "shared_ffn"),
 }
+EXPERT_OBJECT_PREFIXES = ("mlp.experts.",)
+"""Per-layer names of stored objects with an expert axis (routed experts' `_extra_state`)."""
+
 
 # Tensors outside the layers.
 GLOBAL_RULES: dict[str, tuple[Optional[str], ...]] = {
@@ -149,7 +170,10 @@ class TensorRule:
                     start = int(idx[a]) if b > a else 0
                     out = out.index_select(0, idx[a:b] - start)
                 continue
-            if idx is not None:
+            if idx is not None and idx.dim() == 2:  # each expert (dim 0) its own indices
+                per_expert = idx if rows is None else idx[rows[0]:rows[1]]
+                out = torch.stack([out[e].index_select(dim - 1, per_expert[e]) for e in range(out.shape[0])])
+            elif idx is not None:
                 out = select(out, dim, idx, scratch, f"dim{dim}")
         return out
 
@@ -167,6 +191,11 @@ class TensorRule:
         if idx is None or b <= a:
             return a, b
         return int(idx[a]), int(idx[b - 1]) + 1
+
+
+def _glu_rows(neurons: Sequence[int], width: int) -> list[int]:
+    """fc1 rows of the kept neurons of a GLU MLP: [gate rows; up rows]."""
+    return list(neurons) + [width + i for i in neurons]
 
 
 def _range_or_none(indices: Sequence[int], size: int) -> Optional[torch.Tensor]:
@@ -203,6 +232,31 @@ class AxisIndices:
         if key not in self._cache:
             self._cache[key] = getattr(self, f"_{axis}")(j)
         return self._cache[key]
+
+    def _experts(self, j: int) -> Optional[torch.Tensor]:
+        return _range_or_none(self.plan.experts[j], self.src.num_experts)
+
+    def _expert_ffn(self, j: int) -> Optional[torch.Tensor]:
+        return self._per_expert(self.plan.expert_ffn[j], self.src.expert_ffn_hidden_size, gated=False)
+
+    def _expert_fc1(self, j: int) -> Optional[torch.Tensor]:
+        return self._per_expert(self.plan.expert_ffn[j], self.src.expert_ffn_hidden_size, gated=self.src.gated)
+
+    def _per_expert(self, rows: tuple, width: int, *, gated: bool) -> Optional[torch.Tensor]:
+        """[kept experts, kept rows]: each kept expert's own rows (None when every one keeps every row)."""
+        full = [_glu_rows(r, width) if gated else list(r) for r in rows]
+        size = width * (2 if gated else 1)
+        if all(_range_or_none(r, size) is None for r in full):
+            return None
+        return torch.as_tensor(full, dtype=torch.long)
+
+    def _shared_ffn(self, j: int) -> Optional[torch.Tensor]:
+        return _range_or_none(self.plan.shared_ffn[j], self.src.moe_shared_expert_ffn_hidden_size)
+
+    def _shared_fc1(self, j: int) -> Optional[torch.Tensor]:
+        F = self.src.moe_shared_expert_ffn_hidden_size
+        rows = self.plan.shared_ffn[j]
+        return _range_or_none(_glu_rows(rows, F) if self.src.gated else list(rows), F * (2 if self.src.gated else 1))
 
     def _ffn(self, j: int) -> Optional[torch.Tensor]:
         return _range_or_none(self.plan.ffn[j], self.src.ffn_hidden_size)
@@ -284,6 +338,8 @@ def rename_object(key: str, plan: Plan) -> Optional[str]:
     Layer-stacked objects are `decoder.layers.X/shard_{i}_{L}` (layer i of L; megatron prepends
     the layer axis); per-layer ones are `decoder.layers.{i}.X/shard_0_1`. Both get the target layer
     number and count (the loader's planner finds objects by these exact names, see DESIGN.md §2).
+    Routed experts' objects also carry the expert axis (`shard_{i}.{e}_{L}.{E}`, or `shard_{e}_{E}` per
+    layer): kept experts are renumbered in order, pruned ones dropped.
     """
     parsed = parse_shard_key(key)
     if parsed is None:
@@ -294,18 +350,31 @@ def rename_object(key: str, plan: Plan) -> Optional[str]:
         return key  # e.g. an output layer's extra state: no layer axis, nothing pruned
     new_of = {src: dst for dst, src in enumerate(plan.layers)}
     layer, suffix = _split_layer_key(name)
-    if layer is not None:  # singleton layout: the layer number is in the name
+    per_layer = layer is not None  # singleton/mixed layout: the layer number is in the name
+    if per_layer:
         if layer not in new_of:
             return None
         name = f"{LAYER_PREFIX}{new_of[layer]}.{suffix}"
-        return f"{name}/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"
-    if shape[0] != plan.source.num_layers:
-        raise PruneError(f"stored object {key!r} has a layer axis of {shape[0]}, but the source model has "
-                         f"{plan.source.num_layers} layers")
-    if offsets[0] not in new_of:
-        return None
-    offsets = (new_of[offsets[0]],) + offsets[1:]
-    shape = (plan.target.num_layers,) + shape[1:]
+        j = new_of[layer]
+    else:
+        if shape[0] != plan.source.num_layers:
+            raise PruneError(f"stored object {key!r} has a layer axis of {shape[0]}, but the source model has "
+                             f"{plan.source.num_layers} layers")
+        if offsets[0] not in new_of:
+            return None
+        j = new_of[offsets[0]]
+        offsets = (j,) + offsets[1:]
+        shape = (plan.target.num_layers,) + shape[1:]
+    if suffix.startswith(EXPERT_OBJECT_PREFIXES):  # the expert axis follows the layer axis (if any)
+        d = 0 if per_layer else 1
+        if len(shape) <= d or shape[d] != plan.source.num_experts:
+            raise PruneError(f"stored object {key!r} should have an expert axis of {plan.source.num_experts} "
+                             f"after its layer axis; the pruner does not know this layout")
+        kept = plan.experts[j]
+        if offsets[d] not in kept:
+            return None
+        offsets = offsets[:d] + (kept.index(offsets[d]),) + offsets[d + 1:]
+        shape = shape[:d] + (len(kept),) + shape[d + 1:]
     return f"{name}/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"
 
 
@@ -348,6 +417,9 @@ def rule_for(key: str, shape: Sequence[int], plan: Plan, axes_index: AxisIndices
     if len(per_layer) != len(axes):
         raise PruneError(f"checkpoint tensor {key!r} has shape {shape}; expected {len(axes)} dims per layer")
     for d, axis in enumerate(axes):
+        if axis is not None and axis not in expected:
+            raise PruneError(f"checkpoint tensor {key!r} belongs to a Mixture-of-Experts layer, but the plan's source "
+                             f"model is dense: the plan does not belong to this checkpoint")
         if axis is not None and per_layer[d] != expected[axis]:
             raise PruneError(f"checkpoint tensor {key!r} has size {per_layer[d]} on its {axis} dim, but the plan's "
                              f"source model has {expected[axis]}: the plan does not belong to this checkpoint")
@@ -374,8 +446,9 @@ def rule_for(key: str, shape: Sequence[int], plan: Plan, axes_index: AxisIndices
             out.append((torch.tensor(rows[0]), torch.tensor(rows[1])))
         return out
 
-    # Every kept layer keeps the same number of indices per axis (the plan validated it): use layer 0's.
-    target_layer = tuple(per_layer[d] if idx is None else len(idx) for d, idx in enumerate(index(0)))
+    # Every kept layer keeps the same number of indices per axis (the plan validated it): use layer 0's
+    # (the last dim of a per-expert index is the count each expert keeps).
+    target_layer = tuple(per_layer[d] if idx is None else idx.shape[-1] for d, idx in enumerate(index(0)))
     target_shape = ((plan.target.num_layers,) + target_layer) if layered else target_layer
     return TensorRule(source_key=key, target_key=target_key, source_shape=shape, target_shape=target_shape,
                       layered=layered, axes=axes, source_layer=source_layer, index=index, merge=merge,
@@ -385,9 +458,15 @@ def rule_for(key: str, shape: Sequence[int], plan: Plan, axes_index: AxisIndices
 def _expected_sizes(plan: Plan) -> dict[str, int]:
     src = plan.source.explicit()
     kv = src.head_dim
-    return {"hidden": src.hidden_size, "ffn": src.ffn_hidden_size, "kv_channels": kv,
-            "fc1": src.ffn_hidden_size * (2 if src.gated else 1), "heads": src.num_attention_heads * kv,
-            "qkv": (src.num_attention_heads + 2 * src.query_groups) * kv}
+    glu = 2 if src.gated else 1
+    sizes = {"hidden": src.hidden_size, "ffn": src.ffn_hidden_size, "kv_channels": kv,
+             "fc1": src.ffn_hidden_size * glu, "heads": src.num_attention_heads * kv,
+             "qkv": (src.num_attention_heads + 2 * src.query_groups) * kv}
+    if src.is_moe:
+        shared = src.moe_shared_expert_ffn_hidden_size or 0
+        sizes.update(experts=src.num_experts, expert_ffn=src.expert_ffn_hidden_size,
+                     expert_fc1=src.expert_ffn_hidden_size * glu, shared_ffn=shared, shared_fc1=shared * glu)
+    return sizes
 
 
 def slice_full(tensors: dict[str, torch.Tensor], plan: Plan, head_scores: Optional[torch.Tensor] = None
