@@ -70,9 +70,11 @@ def _plan(args: argparse.Namespace, arch):
 def _scores(args: argparse.Namespace):
     """--scores, refused when they were computed on another checkpoint than --load."""
     from megatron_minitron.importance.scores import load_scores
+    from megatron_minitron.plan.make import check_scores_kind
     from megatron_minitron.prune.rewrite import resolve_source
 
     scores, info = load_scores(args.scores), resolve_source(args.load)
+    check_scores_kind(scores, info.arch)
     scores.check_belongs_to(info.arch, what=f"checkpoint {args.load}")
     scores.check_computed_on(info.path, what=f"--load {args.load}", allow_foreign=args.allow_foreign_scores)
     return scores

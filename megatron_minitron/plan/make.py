@@ -33,7 +33,7 @@ def make_plan(scores: Union[Scores, str, os.PathLike], target: Target, *, source
         scores_dir = str(scores)
         scores = load_scores(scores)
     source = (source or scores.arch).explicit()
-    _check_same_kind(scores, source)
+    check_scores_kind(scores, source)
     scores.check_belongs_to(source, what="the model to prune")
     _check_score_tensors(scores, source)
     sizes = check_target(source, target, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
@@ -180,7 +180,7 @@ def _kept_layers_if_known(source: ArchConfig, target: Target, keep: int) -> list
     return list(range(source.num_layers)) if keep == source.num_layers else []
 
 
-def _check_same_kind(scores: Scores, source: ArchConfig) -> None:
+def check_scores_kind(scores: Scores, source: ArchConfig) -> None:
     """Scores of a dense model for a MoE one (or the reverse): said plainly, before the fingerprint."""
     scored = scores.arch
     if scored.is_moe != source.is_moe:

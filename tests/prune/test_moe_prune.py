@@ -109,3 +109,41 @@ def test_dropping_every_dense_layer_of_a_mixed_stack_is_refused(single_rank_runt
     with pytest.raises(PruneError, match=r"drops every dense layer \(\[0\]\) .* keep one of the dense layers \[0\]"):
         prune_checkpoint(tmp_path / "src", plan, tmp_path / "out", print_fn=lambda s: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_prunes_experts_in_one_shot_and_refuses_bad_targets(single_rank_runtime, tmp_path, capsys):
+    import dataclasses
+
+    from megatron_minitron.cli import main
+    from megatron_minitron.importance.scores import save_scores
+    from megatron_minitron.model.integrity import fingerprint
+    from megatron_minitron.plan import load_plan
+    from tests.plan.conftest import scores_for
+    from tests.plan.test_moe_plan import moe_scores
+
+    _save(MIXED, single_rank_runtime, tmp_path / "src", seed=5)
+    scores = moe_scores(MIXED.explicit(), seed=2)
+    save_scores(dataclasses.replace(scores, manifest=dataclasses.replace(
+        scores.manifest, checkpoint_fingerprint=fingerprint(ckpt.resolve(tmp_path / "src").path))), tmp_path / "scores")
+    save_scores(scores_for(preset("tiny")), tmp_path / "dense_scores")
+    base = ["prune", "--load", str(tmp_path / "src"), "--scores", str(tmp_path / "scores")]
+    for extra, message in [
+        (["--target-num-moe-experts", "1"], "fewer than the router's top-k (2 experts per token)"),
+        (["--target-num-moe-experts", "3", "--ep", "2"], "not divisible by the expert-parallel size 2"),
+        (["--target-moe-ffn-hidden-size", "33", "--tp", "2"], "tensor-parallel size 2 does not divide moe_ffn_hidden"),
+        (["--target-hidden-size", "32", "--scores", str(tmp_path / "dense_scores")], "computed on a dense model"),
+    ]:
+        assert main(base + ["--save", str(tmp_path / "bad")] + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert not (tmp_path / "bad").exists()
+    assert main(base + ["--save", str(tmp_path / "out"), "--target-num-moe-experts", "2", "--target-moe-ffn-hidden-size",
+                        "32", "--target-moe-shared-expert-intermediate-size", "16", "--target-hidden-size", "48",
+                        "--tp", "2", "--ep", "2", "--save-plan", str(tmp_path / "plan.json")]) == 0
+    assert "active parameters" in capsys.readouterr().out
+    info, plan = ckpt.resolve(tmp_path / "out"), load_plan(tmp_path / "plan.json")
+    arch = info.arch
+    assert (arch.num_experts, arch.moe_ffn_hidden_size, arch.moe_shared_expert_ffn_hidden_size) == (2, 32, 16)
+    assert plan.experts[1] == tuple(sorted(torch.argsort(scores["experts"][1], descending=True)[:2].tolist()))
+    got, want = ckpt.read_tensors(info.path), sliced(ckpt.read_tensors(ckpt.resolve(tmp_path / "src").path), plan)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
