@@ -147,3 +147,12 @@ def test_cli_prunes_experts_in_one_shot_and_refuses_bad_targets(single_rank_runt
     assert plan.experts[1] == tuple(sorted(torch.argsort(scores["experts"][1], descending=True)[:2].tolist()))
     got, want = ckpt.read_tensors(info.path), sliced(ckpt.read_tensors(ckpt.resolve(tmp_path / "src").path), plan)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_work_chunks_of_whole_experts_skip_pruned_ones():
+    from megatron_minitron.prune.rewrite import _row_spans
+
+    kept = torch.tensor([0, 1, 3, 6, 7])
+    assert _row_spans(kept, 5, 100) == [(0, 5)]  # small rows: one read across the gaps
+    assert _row_spans(kept, 5, 100, split_gaps=True) == [(0, 2), (2, 3), (3, 5)]  # no pruned expert read
+    assert _row_spans(kept, 5, 1, split_gaps=True) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
