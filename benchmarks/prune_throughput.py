@@ -195,13 +195,15 @@ def main() -> None:
                                   "bytes_written": best["bytes_written"], "bytes_per_s": rate,
                                   "ratio_vs_cp": rate / row["cp_bytes_per_s"],
                                   "peak_rss_mb_per_worker": max(max(r["peak_rss_mb"].values()) for r in runs)}
-                print(f"{name} {plan_name}: {rate / 1e6:.0f} MB/s read+written vs cp -r {row['cp_bytes_per_s'] / 1e6:.0f}"
+                print(f"{name} {plan_name}: {rate / 1e6:.0f} MB/s read+written vs cp -r "
+                      f"{row['cp_bytes_per_s'] / 1e6:.0f}"
                       f" MB/s (ratio {row[plan_name]['ratio_vs_cp']:.2f}); peak RSS per worker "
                       f"{row[plan_name]['peak_rss_mb_per_worker']:.0f} MB", flush=True)
             results["models"][name] = row
             shutil.rmtree(src)
     base, large = results["models"]["base"], results["models"]["4x"]
-    results["rss_growth_4x"] = large[pruned_name]["peak_rss_mb_per_worker"] / base[pruned_name]["peak_rss_mb_per_worker"]
+    peak = "peak_rss_mb_per_worker"
+    results["rss_growth_4x"] = large[pruned_name][peak] / base[pruned_name][peak]
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({"ratio_vs_cp": {m: results["models"][m][pruned_name]["ratio_vs_cp"] for m in results["models"]},
                       "rss_growth_4x": results["rss_growth_4x"]}))

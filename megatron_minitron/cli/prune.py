@@ -31,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=positive(), default=None, help="tensor-parallel size the pruned model must load at "
                                                              "(divisibility checks)")
     parser.add_argument("--pp", type=positive(), default=None, help="pipeline-parallel size the pruned model must load at")
-    parser.add_argument("--ep", type=positive(), default=None, help="expert-parallel size the pruned model must load at "
-                                                             "(Mixture-of-Experts models: divides the kept experts)")
+    parser.add_argument("--ep", type=positive(), default=None,
+                        help="expert-parallel size the pruned model must load at (Mixture-of-Experts models: it "
+                             "must divide the kept experts)")
     parser.add_argument("--chunk-mb", type=positive(float), default=64, help="largest source region a worker reads at once")
     parser.add_argument("--allow-foreign-scores", action="store_true",
                         help="use --scores computed on another checkpoint than --load (warns; by default refused)")

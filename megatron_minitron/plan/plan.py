@@ -277,6 +277,7 @@ def identity_plan(arch: ArchConfig) -> Plan:
         shared_ffn=[range(Fs) if m else () for m in moe], active_params_before=arch.num_active_parameters(),
         active_params_after=arch.num_active_parameters())
     return Plan(source=arch, target=arch, layers=range(L), hidden=range(arch.hidden_size),
-                ffn=[() if m else range(arch.ffn_hidden_size) for m in moe], query_groups=[range(arch.query_groups)] * L,
+                ffn=[() if m else range(arch.ffn_hidden_size) for m in moe],
+                query_groups=[range(arch.query_groups)] * L,
                 heads=[range(arch.num_attention_heads)] * L, params_before=arch.num_parameters(),
                 params_after=arch.num_parameters(), **experts).validate()

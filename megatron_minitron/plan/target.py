@@ -117,8 +117,9 @@ class Target:
                  "moe_ffn_hidden_size": _given(self.moe_ffn_hidden_size, source.expert_ffn_hidden_size)}
         shared = source.moe_shared_expert_ffn_hidden_size
         if shared is None and self.moe_shared_expert_ffn_hidden_size is not None:
-            raise PlanError(f"target moe_shared_expert_ffn_hidden_size ({SIZE_FLAGS['moe_shared_expert_ffn_hidden_size']}"
-                            f") prunes the shared expert, but the source's MoE layers have none; drop that flag")
+            flag = SIZE_FLAGS["moe_shared_expert_ffn_hidden_size"]
+            raise PlanError(f"target moe_shared_expert_ffn_hidden_size ({flag}) prunes the shared expert, but the "
+                            f"source's MoE layers have none; drop {flag}")
         if shared is not None:
             sizes["moe_shared_expert_ffn_hidden_size"] = _given(self.moe_shared_expert_ffn_hidden_size, shared)
         return sizes

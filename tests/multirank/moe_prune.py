@@ -1,4 +1,5 @@
-"""Pruning Mixture-of-Experts checkpoints at EP2 x TP2, run once under torchrun by tests/prune/test_moe_prune_multirank.py.
+"""Pruning Mixture-of-Experts checkpoints at EP2 x TP2, run once under torchrun by
+tests/prune/test_moe_prune_multirank.py.
 
 4 processes, phases: `sources` saves two perturbed tiny MoE models (every layer MoE, stacked keys; a dense
 first layer + shared expert, per-layer keys) at EP2 x TP2 (+SP); `prune` rewrites each with a random plan

@@ -137,9 +137,10 @@ def test_cli_prunes_experts_in_one_shot_and_refuses_bad_targets(single_rank_runt
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
         assert not (tmp_path / "bad").exists()
-    assert main(base + ["--save", str(tmp_path / "out"), "--target-num-moe-experts", "2", "--target-moe-ffn-hidden-size",
-                        "32", "--target-moe-shared-expert-intermediate-size", "16", "--target-hidden-size", "48",
-                        "--tp", "2", "--ep", "2", "--save-plan", str(tmp_path / "plan.json")]) == 0
+    assert main(base + ["--save", str(tmp_path / "out"), "--target-num-moe-experts", "2",
+                        "--target-moe-ffn-hidden-size", "32", "--target-moe-shared-expert-intermediate-size", "16",
+                        "--target-hidden-size", "48", "--tp", "2", "--ep", "2",
+                        "--save-plan", str(tmp_path / "plan.json")]) == 0
     assert "active parameters" in capsys.readouterr().out
     info, plan = ckpt.resolve(tmp_path / "out"), load_plan(tmp_path / "plan.json")
     arch = info.arch
