@@ -157,3 +157,20 @@ def test_work_chunks_of_whole_experts_skip_pruned_ones():
     assert _row_spans(kept, 5, 100) == [(0, 5)]  # small rows: one read across the gaps
     assert _row_spans(kept, 5, 100, split_gaps=True) == [(0, 2), (2, 3), (3, 5)]  # no pruned expert read
     assert _row_spans(kept, 5, 1, split_gaps=True) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+
+
+def test_identity_plan_rewrites_a_mixed_moe_checkpoint_bit_for_bit(single_rank_runtime, tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_minitron.plan import identity_plan
+
+    _save(MIXED, single_rank_runtime, tmp_path / "src", seed=6)
+    prune_checkpoint(tmp_path / "src", identity_plan(MIXED), tmp_path / "out", chunk_bytes=3000,
+                     print_fn=lambda s: None)
+    paths = [ckpt.resolve(tmp_path / name).path for name in ("src", "out")]
+    src, out = (ckpt.read_tensors(p) for p in paths)
+    assert src.keys() == out.keys() and all(torch.equal(src[k], out[k]) for k in src)
+    keys = [{k for k in FileSystemReader(str(p)).read_metadata().state_dict_metadata if not k.startswith("rng_state")}
+            for p in paths]
+    assert keys[0] == keys[1]  # every object too, expert extra states included
+    assert "decoder.layers.3.mlp.experts.experts.linear_fc2._extra_state/shard_3_4" in keys[1]
