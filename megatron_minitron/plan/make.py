@@ -296,6 +296,10 @@ def _build(source: ArchConfig, sizes: dict[str, int], tensors: dict[str, torch.T
     per_source = source.num_attention_heads // source.query_groups
     per_target = sizes["num_attention_heads"] // sizes["num_query_groups"]
     moe = source.moe_layers
+    if source.is_moe and not any(moe[layer] for layer in layers):
+        raise PlanError(f"the kept layers {list(layers)} hold no MoE layer (the source's are "
+                        f"{[i for i, m in enumerate(moe) if m]}); a pruned MoE model keeps at least one: keep more "
+                        f"layers or name them with drop_layers")
     ffn, groups, heads = [], [], []
     for layer in layers:
         ffn.append(() if moe[layer] else top_k(tensors["ffn"][layer], sizes["ffn_hidden_size"]))

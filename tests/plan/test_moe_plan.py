@@ -156,3 +156,11 @@ def test_scores_of_the_other_kind_and_expert_flags_on_a_dense_model():
         make_plan(broken, Target(num_experts=2))
     with pytest.raises(PlanError, match="the scores lack 'shared_ffn'"):
         make_plan(scores_for(MIXED, experts=torch.rand(4, 4), expert_ffn=torch.rand(4, 4, 64)), Target(num_experts=2))
+
+
+def test_a_ranking_that_keeps_no_moe_layer_is_refused():
+    mixed = preset("tiny-moe", moe_layer_freq=(1, 0, 0, 0)).explicit()
+    scores = moe_scores(mixed)
+    scores.tensors["layers_bi"] = torch.tensor([0.0, 1.0, 1.0, 1.0])  # the MoE layer 0 matters least
+    with pytest.raises(PlanError, match=r"the kept layers \[1, 2, 3\] hold no MoE layer \(the source's are \[0\]\)"):
+        make_plan(scores, Target(num_layers=3))
