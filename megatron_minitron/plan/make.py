@@ -133,6 +133,7 @@ def _check_experts(source: ArchConfig, target: Target, sizes: dict[str, int], ep
         raise PlanError(f"drop_layers {list(target.drop_layers)} removes every MoE layer; a pruned MoE model keeps "
                         f"at least one (or start from a dense model)")
 
+
 def _check_drop_layers(source: ArchConfig, target: Target) -> None:
     if target.drop_layers is None:
         return

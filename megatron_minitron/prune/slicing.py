@@ -92,14 +92,12 @@ LAYER_RULES: dict[str, tuple[Optional[str], ...]] = {
     "mlp.linear_fc1.bias_v": ("ffn",),
     "mlp.linear_fc2.weight": ("hidden", "ffn"),
     "mlp.linear_fc2.bias": ("hidden",),
-    # Mixture-of-Experts layers: router, routed experts (SequentialMLP `experts.experts.`, grouped GEMM
-    # `experts.`: the same global tensors), shared expert.
+    # Mixture-of-Experts layers: router, routed experts (SequentialMLP and the grouped-GEMM experts store
+    # the same global keys in megatron-core 0.16.1), shared expert.
     "mlp.router.weight": ("experts", "hidden"),
     "mlp.router.expert_bias": ("experts",),
     "mlp.experts.experts.linear_fc1.weight": ("experts", "expert_fc1", "hidden"),
     "mlp.experts.experts.linear_fc2.weight": ("experts", "hidden", "expert_ffn"),
-    "mlp.experts.linear_fc1.weight": ("experts", "expert_fc1", "hidden"),
-    "mlp.experts.linear_fc2.weight": ("experts", "hidden", "expert_ffn"),
     "mlp.shared_experts.linear_fc1.weight": ("shared_fc1", "hidden"),
     "mlp.shared_experts.linear_fc2.weight": ("hidden", "shared_ffn"),
 }
