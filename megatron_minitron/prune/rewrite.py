@@ -284,8 +284,8 @@ def _rewrite_unit(rule, unit: Unit, reader: storage.SourceReader, writer: storag
         target = rule.apply(source, j, rows=(a, b), rows_selected=True, scratch=scratch)
     if whole_layer:
         target = target[a:b]
-    lead = (unit.layer,) if rule.layered else ()
-    if rule.layered:
+    lead = (unit.layer,) if rule.layered else () if rule.stack_at is None else (rule.stack_at,)
+    if lead:
         target = target.unsqueeze(0)
     offsets = lead + (a,) + (0,) * (len(rule.layer_shape) - 1)
     writer.tensor(rule.target_key, target, offsets, rule.target_shape)
@@ -475,7 +475,6 @@ def _prepare(source: Path, plan: Plan, out: Path, overwrite: bool, head_scores, 
     info = resolve_source(source)
     plan.validate()
     ckpt.check_architecture(plan.source, info.arch, where=f"{info.path} (the plan's source)")
-    _check_moe_layout(plan)
     _check_paths(info.root, out, overwrite)
     metadata = storage.read_dcp_metadata(info.path)
     storage.check_storage_files(info.path, metadata)
@@ -489,18 +488,6 @@ def _prepare(source: Path, plan: Plan, out: Path, overwrite: bool, head_scores, 
                              f"could not carry it")
         tokenizer = None  # a Megatron-LM checkpoint naming a tokenizer on another machine
     return _Prepared(info=info, plan=plan, common=common, megatron_meta=megatron_meta, tokenizer=tokenizer)
-
-
-def _check_moe_layout(plan: Plan) -> None:
-    """megatron keys a stack that mixes dense and MoE layers per layer (`decoder.layers.{i}.…`) and a
-    homogeneous one stacked (`decoder.layers.…` [L, …]); the pruner keeps the source's key layout, so
-    a plan may not turn one into the other."""
-    src, dst = plan.source, plan.target
-    if src.is_moe and not all(src.moe_layers) and all(dst.moe_layers):
-        dense = [layer for layer, moe in enumerate(src.moe_layers) if not moe]
-        raise PruneError(f"the plan drops every dense layer ({dense}) of a model that mixes dense and MoE layers; "
-                         f"megatron stores such a model per layer but an all-MoE one stacked, a change of key layout "
-                         f"the pruner does not make: keep one of the dense layers {dense}")
 
 
 def _finalize(partial: Path, out: Path, prepared: _Prepared, records: list[storage.Record], overwrite: bool) -> None:

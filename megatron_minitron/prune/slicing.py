@@ -27,6 +27,9 @@ reads one contiguous row range of the source):
   fc1 rows / fc2 columns keep `shared_ffn`. The MoE layer's pre-MLP norm is stored as a dense layer's
   fused fc1 norm and prunes with the hidden channels like it. Expert `_extra_state` objects carry
   the expert axis in their names (`shard_{layer}.{expert}_{L}.{E}`) and are renumbered likewise.
+  megatron keys a stack that mixes dense and MoE layers per layer and an all-MoE stack stacked: a plan
+  that drops every dense layer of a mixed stack writes each per-layer source key as one layer of the
+  stacked target key (`restacks`), objects included.
 - QK layernorm weights/biases ([kv_channels], shared by every head of a layer): kept whole; a plan never
   changes kv_channels, so only their layer axis is selected (their size is still checked).
 
@@ -138,10 +141,12 @@ class TensorRule:
     """Per target layer: (kept rows, pruned rows) pairs of `merge_dim`, each pair kv_channels long."""
     merge_dim: Optional[int] = None
     """Per-layer dim the head merge edits (qkv rows or proj columns), None when it does not apply."""
+    stack_at: Optional[int] = None
+    """A per-layer source key written as layer `stack_at` of a stacked target key (see `restacks`)."""
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
-        return self.target_shape[1:] if self.layered else self.target_shape
+        return self.target_shape[1:] if self.layered or self.stack_at is not None else self.target_shape
 
     def apply(self, source: torch.Tensor, j: int = 0, rows: Optional[tuple[int, int]] = None,
               rows_selected: bool = False, scratch: Optional[Scratch] = None) -> torch.Tensor:
@@ -307,6 +312,14 @@ class AxisIndices:
         return pairs
 
 
+def restacks(plan: Plan) -> bool:
+    """Whether the plan turns megatron's per-layer keys into stacked ones: megatron keys a stack that mixes
+    dense and MoE layers per layer (`decoder.layers.{i}.…`) and a homogeneous one stacked
+    (`decoder.layers.…` [L, …]), so dropping every dense layer of a mixed stack changes the key layout."""
+    src, dst = plan.source, plan.target
+    return src.is_moe and not all(src.moe_layers) and all(dst.moe_layers)
+
+
 def parse_shard_key(key: str) -> Optional[tuple[str, tuple[int, ...], tuple[int, ...]]]:
     """`name/shard_{offsets}_{shape}` (a megatron ShardedObject) -> (name, offsets, shape), else None."""
     match = _SHARD_SUFFIX.match(key)
@@ -352,8 +365,14 @@ def rename_object(key: str, plan: Plan) -> Optional[str]:
     if per_layer:
         if layer not in new_of:
             return None
-        name = f"{LAYER_PREFIX}{new_of[layer]}.{suffix}"
         j = new_of[layer]
+        name = f"{LAYER_PREFIX}{j}.{suffix}"
+        if restacks(plan):  # the stacked name carries the layer axis: shard_0_1 -> shard_j_L, shard_e_E -> j.e
+            name = f"{LAYER_PREFIX}{suffix}"
+            is_expert = suffix.startswith(EXPERT_OBJECT_PREFIXES)
+            offsets = (j,) + (offsets if is_expert else offsets[1:])
+            shape = (plan.target.num_layers,) + (shape if is_expert else shape[1:])
+            per_layer = False
     else:
         if shape[0] != plan.source.num_layers:
             raise PruneError(f"stored object {key!r} has a layer axis of {shape[0]}, but the source model has "
@@ -380,6 +399,7 @@ def rule_for(key: str, shape: Sequence[int], plan: Plan, axes_index: AxisIndices
     """The rule for one stored tensor; None when the tensor is not carried over (a pruned layer of a
     per-layer checkpoint, or a dropped key). Unknown keys raise PruneError naming them."""
     shape = tuple(int(s) for s in shape)
+    stack_at = None
     if is_dropped(key):
         return None
     if key.startswith(LAYER_PREFIX):
@@ -400,6 +420,8 @@ def rule_for(key: str, shape: Sequence[int], plan: Plan, axes_index: AxisIndices
                 return None
             j_fixed = plan.layers.index(layer)
             target_key, layered, per_layer = f"{LAYER_PREFIX}{j_fixed}.{suffix}", False, shape
+            if restacks(plan):
+                target_key, stack_at = f"{LAYER_PREFIX}{suffix}", j_fixed
             source_layer = (lambda j: layer)
             j_of = (lambda j, _j=j_fixed: _j)
     elif key in GLOBAL_RULES:
@@ -447,10 +469,10 @@ def rule_for(key: str, shape: Sequence[int], plan: Plan, axes_index: AxisIndices
     # Every kept layer keeps the same number of indices per axis (the plan validated it): use layer 0's
     # (the last dim of a per-expert index is the count each expert keeps).
     target_layer = tuple(per_layer[d] if idx is None else idx.shape[-1] for d, idx in enumerate(index(0)))
-    target_shape = ((plan.target.num_layers,) + target_layer) if layered else target_layer
+    target_shape = ((plan.target.num_layers,) + target_layer) if layered or stack_at is not None else target_layer
     return TensorRule(source_key=key, target_key=target_key, source_shape=shape, target_shape=target_shape,
                       layered=layered, axes=axes, source_layer=source_layer, index=index, merge=merge,
-                      merge_dim=merge_dim)
+                      merge_dim=merge_dim, stack_at=stack_at)
 
 
 def _expected_sizes(plan: Plan) -> dict[str, int]:
@@ -471,7 +493,7 @@ def slice_full(tensors: dict[str, torch.Tensor], plan: Plan, head_scores: Option
                ) -> dict[str, torch.Tensor]:
     """Apply the plan to whole in-memory tensors (reference path for tests and small models)."""
     axes = AxisIndices(plan, head_scores)
-    out = {}
+    out, restacked = {}, {}
     for key, tensor in tensors.items():
         rule = rule_for(key, tensor.shape, plan, axes)
         if rule is None:
@@ -479,6 +501,10 @@ def slice_full(tensors: dict[str, torch.Tensor], plan: Plan, head_scores: Option
         if rule.layered:
             out[rule.target_key] = torch.stack([rule.apply(tensor[rule.source_layer(j)], j)
                                                 for j in range(plan.target.num_layers)])
+        elif rule.stack_at is not None:
+            restacked.setdefault(rule.target_key, {})[rule.stack_at] = rule.apply(tensor)
         else:
             out[rule.target_key] = rule.apply(tensor)
+    for key, layers in restacked.items():
+        out[key] = torch.stack([layers[j] for j in range(plan.target.num_layers)])
     return out

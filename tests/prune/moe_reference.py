@@ -47,7 +47,9 @@ def sliced(src: dict[str, torch.Tensor], plan) -> dict[str, torch.Tensor]:
     assert all(h == tuple(range(s.num_attention_heads)) for h in plan.heads), "the reference keeps every head"
     hid = torch.tensor(plan.hidden)
     new_of = {i: j for j, i in enumerate(plan.layers)}
-    out = {}
+    # megatron keys a stack mixing dense and MoE layers per layer, an all-MoE one stacked
+    restack = not all(s.moe_layers) and all(plan.target.moe_layers)
+    out, per_layer = {}, {}
     for key, w in src.items():
         if not key.startswith(PREFIX):
             out[key] = w[hid] if key.startswith("decoder.final_layernorm") else w[:, hid]
@@ -56,8 +58,13 @@ def sliced(src: dict[str, torch.Tensor], plan) -> dict[str, torch.Tensor]:
         if head.isdigit():  # per-layer keys
             if int(head) in new_of:
                 j = new_of[int(head)]
-                out[f"{PREFIX}{j}.{rest}"] = _layer(rest, w, plan, j, hid)
+                per_layer.setdefault(rest, {})[j] = _layer(rest, w, plan, j, hid)
         else:
             suffix = key[len(PREFIX):]
             out[key] = torch.stack([_layer(suffix, w[i], plan, j, hid) for j, i in enumerate(plan.layers)])
+    for rest, layers in per_layer.items():
+        if restack:
+            out[PREFIX + rest] = torch.stack([layers[j] for j in range(len(plan.layers))])
+        else:
+            out.update({f"{PREFIX}{j}.{rest}": w for j, w in layers.items()})
     return out

@@ -11,7 +11,6 @@ from megatron_minitron.config import preset
 from megatron_minitron.model import checkpoint as ckpt
 from megatron_minitron.plan import Plan, Target, random_plan
 from megatron_minitron.prune.rewrite import prune_checkpoint
-from megatron_minitron.prune.slicing import PruneError
 from tests.prune.moe_reference import sliced
 
 # 2 MoE layers of 8 experts, top-2, softmax over the top-2 logits (renormalised, as Mixtral / Qwen3-MoE).
@@ -103,12 +102,24 @@ def test_every_tensor_equals_an_independent_slicing(single_rank_runtime, tmp_pat
     _logits(info, single_rank_runtime)
 
 
-def test_dropping_every_dense_layer_of_a_mixed_stack_is_refused(single_rank_runtime, tmp_path):
+def test_dropping_every_dense_layer_of_a_mixed_stack_restacks_the_keys(single_rank_runtime, tmp_path):
+    """megatron keys a stack mixing dense and MoE layers per layer and an all-MoE stack stacked: dropping the
+    only dense layer must write stacked keys and layer-axis object names, or the model would not load."""
+    from torch.distributed.checkpoint import FileSystemReader
+
     _save(MIXED, single_rank_runtime, tmp_path / "src", seed=3)
-    plan = random_plan(MIXED, Target(drop_layers=(0,)), seed=0)
-    with pytest.raises(PruneError, match=r"drops every dense layer \(\[0\]\) .* keep one of the dense layers \[0\]"):
-        prune_checkpoint(tmp_path / "src", plan, tmp_path / "out", print_fn=lambda s: None)
-    assert not (tmp_path / "out").exists()
+    plan = random_plan(MIXED, Target(drop_layers=(0,), num_experts=2, hidden_size=48), seed=2)
+    assert plan.target.moe_layer_freq == 1
+    prune_checkpoint(tmp_path / "src", plan, tmp_path / "out", workers=2, chunk_bytes=4000, print_fn=lambda s: None)
+    info = ckpt.resolve(tmp_path / "out")
+    got = ckpt.read_tensors(info.path)
+    want = sliced(ckpt.read_tensors(ckpt.resolve(tmp_path / "src").path), plan)
+    assert got.keys() == want.keys() and "decoder.layers.mlp.router.weight" in got
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    names = set(FileSystemReader(str(info.path)).read_metadata().state_dict_metadata)
+    assert "decoder.layers.mlp.experts.experts.linear_fc1._extra_state/shard_2.1_3.2" in names
+    assert "decoder.layers.self_attention.linear_qkv._extra_state/shard_0_3" in names
+    _logits(info, single_rank_runtime)  # megatron finds every key and object
 
 
 def test_cli_prunes_experts_in_one_shot_and_refuses_bad_targets(single_rank_runtime, tmp_path, capsys):
