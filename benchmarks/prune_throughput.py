@@ -1,6 +1,7 @@
 """Pruner throughput vs `cp -r`, and peak RSS per worker for a model and one 4x larger.
 
     python benchmarks/prune_throughput.py [--workers 2] [--chunk-mb 64] [--out benchmarks/results/prune_throughput.json]
+    python benchmarks/prune_throughput.py --moe [--out benchmarks/results/prune_throughput_moe.json]
 
 The source checkpoints (random fp32 weights, SwiGLU/GQA, about 0.75 GB and 3 GB) are written once
 into a temporary directory in megatron's TP1 torch_dist layout: one DCP chunk per layer of every
@@ -15,6 +16,12 @@ reference. Both start after `sync` with the source in the page cache, best of th
 neither flushes to disk (the pruner runs with fsync=False here; by default it fsyncs, as DCP does). The larger model has 4x the layers
 and 4x the vocabulary, so its single embedding chunk is 4x larger too: peak RSS must stay flat
 because a worker reads row ranges, never whole stored chunks.
+
+--moe: the same with Mixture-of-Experts models (8 experts of width 1024, top-2, every layer MoE; about
+0.8 GB and 3.2 GB), stored as megatron stores them: router [L, E, H] one chunk per layer, expert fc1/fc2
+[L, E, rows, cols] one chunk per layer and expert (GLU halves separate), expert `_extra_state` objects
+per layer and expert. The pruned plan keeps half the experts (each layer its own), 3/4 of each expert's
+neurons (each expert its own), 3/4 of the hidden channels and of the layers.
 """
 
 from __future__ import annotations
@@ -43,6 +50,35 @@ from megatron_minitron.prune.rewrite import prune_checkpoint  # noqa: E402
 BASE = ArchConfig(num_layers=8, hidden_size=1024, ffn_hidden_size=4096, num_attention_heads=16, num_query_groups=4,
                   vocab_size=32000, padded_vocab_size=32000, max_position_embeddings=4096)
 LARGE = BASE.replace(num_layers=32, vocab_size=128000, padded_vocab_size=128000)
+BASE_MOE = BASE.replace(num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=1024)
+LARGE_MOE = BASE_MOE.replace(num_layers=32, vocab_size=128000, padded_vocab_size=128000)
+
+
+def _write_layer_mlp(writer, arch: ArchConfig, i: int, gen, extra: bytes) -> None:
+    """One layer's MLP: the dense fc1 (gate and up rows stored separately, as megatron does), or the router
+    and every expert of a MoE layer (one chunk per expert and GLU half) with their extra states."""
+    L, h = arch.num_layers, arch.hidden_size
+    if not arch.is_moe:
+        f = arch.ffn_hidden_size
+        for half in range(2):
+            writer.tensor("decoder.layers.mlp.linear_fc1.weight", torch.randn((1, f, h), generator=gen),
+                          (i, half * f, 0), (L, 2 * f, h))
+        writer.tensor("decoder.layers.mlp.linear_fc2.weight", torch.randn((1, h, f), generator=gen), (i, 0, 0),
+                      (L, h, f))
+        for module in ("mlp.linear_fc1", "mlp.linear_fc2"):
+            writer.object(f"decoder.layers.{module}._extra_state/shard_{i}_{L}", extra)
+        return
+    E, f = arch.num_experts, arch.expert_ffn_hidden_size
+    prefix = "decoder.layers.mlp.experts.experts."
+    writer.tensor("decoder.layers.mlp.router.weight", torch.randn((1, E, h), generator=gen), (i, 0, 0), (L, E, h))
+    for e in range(E):
+        for half in range(2):
+            writer.tensor(prefix + "linear_fc1.weight", torch.randn((1, 1, f, h), generator=gen),
+                          (i, e, half * f, 0), (L, E, 2 * f, h))
+        writer.tensor(prefix + "linear_fc2.weight", torch.randn((1, 1, h, f), generator=gen), (i, e, 0, 0),
+                      (L, E, h, f))
+        for module in ("linear_fc1", "linear_fc2"):
+            writer.object(f"{prefix}{module}._extra_state/shard_{i}.{e}_{L}.{E}", extra)
 
 
 def write_source(arch: ArchConfig, root: Path) -> int:
@@ -51,7 +87,7 @@ def write_source(arch: ArchConfig, root: Path) -> int:
     release = root / "release"
     release.mkdir(parents=True)
     writer = storage.ChunkWriter(release, "__0_0.distcp")
-    L, h, f, kv = arch.num_layers, arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
+    L, h, kv = arch.num_layers, arch.hidden_size, arch.head_dim
     qkv = (arch.num_attention_heads + 2 * arch.query_groups) * kv
     gen = torch.Generator().manual_seed(0)
     for key, shape in (("embedding.word_embeddings.weight", (arch.padded_vocab, h)),
@@ -59,17 +95,15 @@ def write_source(arch: ArchConfig, root: Path) -> int:
         writer.tensor(key, torch.randn(shape, generator=gen), (0,) * len(shape), shape)
     layered = {"self_attention.linear_qkv.layer_norm_weight": (h,), "self_attention.linear_qkv.weight": (qkv, h),
                "self_attention.linear_proj.weight": (h, arch.num_attention_heads * kv),
-               "mlp.linear_fc1.layer_norm_weight": (h,), "mlp.linear_fc2.weight": (h, f)}
+               "mlp.linear_fc1.layer_norm_weight": (h,)}
     extra = io.BytesIO()
     torch.save(None, extra)
     for i in range(L):
         for name, shape in layered.items():
             writer.tensor(f"decoder.layers.{name}", torch.randn((1,) + shape, generator=gen), (i,) + (0,) * len(shape),
                           (L,) + shape)
-        for half in range(2):  # GLU gate and up rows, stored separately as megatron does
-            writer.tensor("decoder.layers.mlp.linear_fc1.weight", torch.randn((1, f, h), generator=gen),
-                          (i, half * f, 0), (L, 2 * f, h))
-        for module in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"):
+        _write_layer_mlp(writer, arch, i, gen, extra.getvalue())
+        for module in ("self_attention.linear_qkv", "self_attention.linear_proj"):
             writer.object(f"decoder.layers.{module}._extra_state/shard_{i}_{L}", extra.getvalue())
     writer.close()
     storage.write_metadata(release, writer.records)
@@ -101,6 +135,16 @@ def minitron_plan(arch: ArchConfig) -> Plan:
                 params_before=arch.num_parameters(), params_after=target.num_parameters()).validate()
 
 
+def moe_plan(arch: ArchConfig) -> Plan:
+    """Half the experts (each layer its own), 3/4 of each expert's neurons (each expert its own), 3/4 of the
+    hidden channels and of the layers: a random ranking of those axes."""
+    from megatron_minitron.plan import Target, random_plan
+
+    return random_plan(arch, Target(num_experts=arch.num_experts // 2, moe_ffn_hidden_size=arch.expert_ffn_hidden_size
+                                    * 3 // 4, hidden_size=arch.hidden_size * 3 // 4,
+                                    num_layers=arch.num_layers * 3 // 4), seed=1)
+
+
 def time_cp(src: Path, dst: Path) -> float:
     os.sync()  # both sides start with no dirty pages of earlier runs to flush (the disk here is slow)
     start = time.perf_counter()
@@ -123,13 +167,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--chunk-mb", type=int, default=64)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "prune_throughput.json"))
+    parser.add_argument("--moe", action="store_true", help="Mixture-of-Experts models and an expert-pruning plan")
+    parser.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/prune_throughput"
+                                                    "[_moe].json)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = str(Path(__file__).parent / "results" / f"prune_throughput{'_moe' if args.moe else ''}.json")
+    models = (("base", BASE_MOE), ("4x", LARGE_MOE)) if args.moe else (("base", BASE), ("4x", LARGE))
+    pruned_name, pruned_plan = ("moe", moe_plan) if args.moe else ("minitron", minitron_plan)
     chunk = args.chunk_mb << 20
     results: dict = {"workers": args.workers, "chunk_mb": args.chunk_mb, "models": {}}
     with tempfile.TemporaryDirectory(dir=Path(args.out).parent) as tmp:
         tmp = Path(tmp)
-        for name, arch in (("base", BASE), ("4x", LARGE)):
+        for name, arch in models:
             src = tmp / f"src_{name}"
             t0 = time.perf_counter()
             size = write_source(arch, src)
@@ -137,7 +187,7 @@ def main() -> None:
             cp_s = min(time_cp(src, tmp / "cp") for _ in range(3))
             row = {"parameters": arch.num_parameters(), "checkpoint_bytes": size, "cp_seconds": cp_s,
                    "cp_bytes_per_s": 2 * size / cp_s}
-            for plan_name, plan in (("identity", identity_plan(arch)), ("minitron", minitron_plan(arch))):
+            for plan_name, plan in (("identity", identity_plan(arch)), (pruned_name, pruned_plan(arch))):
                 runs = [time_prune(src, plan, tmp / "pruned", args.workers, chunk) for _ in range(3)]
                 best = min(runs, key=lambda s: s["seconds"])
                 rate = (best["bytes_read"] + best["bytes_written"]) / best["seconds"]
@@ -145,15 +195,17 @@ def main() -> None:
                                   "bytes_written": best["bytes_written"], "bytes_per_s": rate,
                                   "ratio_vs_cp": rate / row["cp_bytes_per_s"],
                                   "peak_rss_mb_per_worker": max(max(r["peak_rss_mb"].values()) for r in runs)}
-                print(f"{name} {plan_name}: {rate / 1e6:.0f} MB/s read+written vs cp -r {row['cp_bytes_per_s'] / 1e6:.0f}"
+                print(f"{name} {plan_name}: {rate / 1e6:.0f} MB/s read+written vs cp -r "
+                      f"{row['cp_bytes_per_s'] / 1e6:.0f}"
                       f" MB/s (ratio {row[plan_name]['ratio_vs_cp']:.2f}); peak RSS per worker "
                       f"{row[plan_name]['peak_rss_mb_per_worker']:.0f} MB", flush=True)
             results["models"][name] = row
             shutil.rmtree(src)
     base, large = results["models"]["base"], results["models"]["4x"]
-    results["rss_growth_4x"] = large["minitron"]["peak_rss_mb_per_worker"] / base["minitron"]["peak_rss_mb_per_worker"]
+    peak = "peak_rss_mb_per_worker"
+    results["rss_growth_4x"] = large[pruned_name][peak] / base[pruned_name][peak]
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps({"ratio_vs_cp": {m: results["models"][m]["minitron"]["ratio_vs_cp"] for m in results["models"]},
+    print(json.dumps({"ratio_vs_cp": {m: results["models"][m][pruned_name]["ratio_vs_cp"] for m in results["models"]},
                       "rss_growth_4x": results["rss_growth_4x"]}))
 
 

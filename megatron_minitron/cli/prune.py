@@ -3,6 +3,8 @@
     minitron prune --load runs/teacher --scores runs/scores --target-ffn-hidden-size 512 \
         --target-num-layers 6 --save runs/pruned --workers 4
 
+Mixture-of-Experts models prune experts and expert widths in the same shot (--target-num-moe-experts,
+--target-moe-ffn-hidden-size, --target-moe-shared-expert-intermediate-size; --ep checks the layout).
 The target comes from flags, one --export-config JSON, or a ready --plan PLAN.json (then --scores is
 needed only for --head-merge). Under torchrun the ranks share the work instead of spawned workers:
 
@@ -29,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=positive(), default=None, help="tensor-parallel size the pruned model must load at "
                                                              "(divisibility checks)")
     parser.add_argument("--pp", type=positive(), default=None, help="pipeline-parallel size the pruned model must load at")
+    parser.add_argument("--ep", type=positive(), default=None,
+                        help="expert-parallel size the pruned model must load at (Mixture-of-Experts models: it "
+                             "must divide the kept experts)")
     parser.add_argument("--chunk-mb", type=positive(float), default=64, help="largest source region a worker reads at once")
     parser.add_argument("--allow-foreign-scores", action="store_true",
                         help="use --scores computed on another checkpoint than --load (warns; by default refused)")
@@ -49,8 +54,9 @@ def _plan(args: argparse.Namespace, arch):
             import dataclasses
 
             plan = dataclasses.replace(plan, head_merge=True)
-        if args.tp or args.pp:
-            plan.target.check_parallel(tensor_parallel=args.tp or 1, pipeline_parallel=args.pp or 1)
+        if args.tp or args.pp or args.ep:
+            plan.target.check_parallel(tensor_parallel=args.tp or 1, pipeline_parallel=args.pp or 1,
+                                       expert_parallel=args.ep or 1)
         return plan
     if args.scores is None:
         raise ConfigError("--scores DIR is needed to compute a plan from target flags (or give --plan PLAN.json)")
@@ -58,15 +64,18 @@ def _plan(args: argparse.Namespace, arch):
         raise ConfigError("nothing to prune: give target flags (--target-num-layers, --target-hidden-size, ...), "
                           "--export-config or --plan")
     _scores(args)  # refused here when computed on another checkpoint
-    return make_plan(args.scores, target, source=arch, tensor_parallel=args.tp, pipeline_parallel=args.pp)
+    return make_plan(args.scores, target, source=arch, tensor_parallel=args.tp, pipeline_parallel=args.pp,
+                     expert_parallel=args.ep)
 
 
 def _scores(args: argparse.Namespace):
     """--scores, refused when they were computed on another checkpoint than --load."""
     from megatron_minitron.importance.scores import load_scores
+    from megatron_minitron.plan.make import check_scores_kind
     from megatron_minitron.prune.rewrite import resolve_source
 
     scores, info = load_scores(args.scores), resolve_source(args.load)
+    check_scores_kind(scores, info.arch)
     scores.check_belongs_to(info.arch, what=f"checkpoint {args.load}")
     scores.check_computed_on(info.path, what=f"--load {args.load}", allow_foreign=args.allow_foreign_scores)
     return scores
@@ -77,11 +86,6 @@ def run(args: argparse.Namespace) -> int:
     from megatron_minitron.runtime.dist import host_group
 
     info = resolve_source(args.load)
-    if info.arch.is_moe:
-        from megatron_minitron.config import ConfigError
-
-        raise ConfigError(f"--load {args.load} is a Mixture-of-Experts model ({info.arch.num_experts} experts); "
-                          f"pruning experts and routers is not implemented yet, only dense models are pruned")
     plan = _plan(args, info.arch)
     head_scores = None
     if plan.head_merge:

@@ -34,6 +34,7 @@ from megatron_minitron.hf.files import HFError, PlannedTensor
 from megatron_minitron.hf.importer import CHUNK_BYTES, DTYPES, HF_DIR, check_output
 from megatron_minitron.hf.rules import Copy, Vocab, megatron_shape
 from megatron_minitron.model import checkpoint as ckpt
+from megatron_minitron.model.storage import is_training_state
 from megatron_minitron.runtime.host_memory import peak_rss_mb
 
 DEFAULT_SHARD_BYTES = 5 * 1000 ** 3
@@ -181,7 +182,7 @@ def plan_export(load: str | os.PathLike, *, family: Optional[str] = None, dtype:
     # HF order: embeddings, then layer by layer (table order within a layer), then final norm and head.
     items.sort(key=lambda it: (0 if it.entry.megatron.startswith("embedding.") else 1 if it.entry.layered else 2,
                                it.layer or 0))
-    extra = sorted(k for k in stored if not _training_state(k) and "_extra_state" not in k
+    extra = sorted(k for k in stored if not is_training_state(k) and "_extra_state" not in k
                    and k not in {it.entry.megatron for it in items})
     if extra:
         raise HFError(f"{info.path} holds tensors the {fam.model_type} table does not export, e.g. {extra[:4]}: "
@@ -195,14 +196,6 @@ def plan_export(load: str | os.PathLike, *, family: Optional[str] = None, dtype:
     return ExportPlan(info=info, family=fam, config=config, generation_config=_generation_config(source, config),
                       items=tuple(items), shards=tuple(tuple(s) for s in shards),
                       tokenizer_files=tuple(_tokenizer_files(info, source)))
-
-
-def _training_state(key: str) -> bool:
-    """Optimizer and RNG state of a training checkpoint: `optimizer.*`, `rng_state*`, and `chained_{i}.optimizer.*`
-    (megatron's ChainedOptimizer, which a MoE model's separate expert optimizer brings)."""
-    head, _, rest = key.partition(".")
-    return key.startswith(("optimizer", "rng_state")) or (
-        head.startswith("chained_") and head[len("chained_"):].isdigit() and rest.startswith("optimizer"))
 
 
 def _plan_entry(entry: TensorMap, arch: ArchConfig, stored: dict, info: ckpt.CheckpointInfo,

@@ -64,6 +64,15 @@ def select(x: torch.Tensor, dim: int, index: torch.Tensor, scratch: Optional[Scr
 
 
 # --------------------------------------------------------------------------------------- metadata
+def is_training_state(key: str) -> bool:
+    """A stored key of a training checkpoint's optimizer or RNG state rather than of the model: `optimizer.*`,
+    `rng_state*`, and `chained_{i}.optimizer.*` (megatron's ChainedOptimizer, which a MoE model's separate
+    expert optimizer brings). Its shapes belong to the layout and model that saved it."""
+    head, _, rest = key.partition(".")
+    return key.startswith(("optimizer.", "rng_state")) or (
+        head.startswith("chained_") and head[len("chained_"):].isdigit() and rest.startswith("optimizer."))
+
+
 def read_dcp_metadata(ckpt: Path):
     """The DCP Metadata of a torch_dist directory, with a clear error for a missing, truncated or
     corrupted file (torch raises bare pickle/EOF errors that name no file)."""

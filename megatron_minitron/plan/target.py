@@ -24,6 +24,9 @@ from megatron_minitron.plan.plan import PlanError
 
 LAYER_METRICS = ("bi", "lm_loss", "block")
 AXES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+MOE_AXES = ("num_experts", "moe_ffn_hidden_size", "moe_shared_expert_ffn_hidden_size")
+"""Mixture-of-Experts axes (ArchConfig's field names); a dense source refuses them."""
+ALL_AXES = AXES + MOE_AXES
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,6 +45,14 @@ class Target:
     where each group holds one head, the groups follow the heads)."""
     num_query_groups: Optional[int] = None
     """Query groups (key/value heads) to keep, whole. Given alone, each kept group keeps all its heads."""
+    num_experts: Optional[int] = None
+    """Routed experts to keep in every MoE layer (each layer keeps its own best ones, in their source order);
+    at least moe_router_topk."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Intermediate width of every routed expert (one width for all, as megatron requires; each expert
+    keeps its own best neurons)."""
+    moe_shared_expert_ffn_hidden_size: Optional[int] = None
+    """Intermediate width of the shared expert of every MoE layer (the source must have one)."""
     drop_layers: Optional[tuple[int, ...]] = None
     """Explicit source layers to remove (instead of a ranking); num_layers, if given, must agree."""
     layer_metric: Optional[str] = None
@@ -52,7 +63,7 @@ class Target:
     """Fold pruned heads into kept ones as the Minitron paper does (the pruner applies it)."""
 
     def __post_init__(self) -> None:
-        for name in AXES:
+        for name in ALL_AXES:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise PlanError(f"target {name} must be an integer, got {value!r}")
@@ -75,10 +86,12 @@ class Target:
 
     def is_empty(self) -> bool:
         """Nothing requested: the plan keeps everything."""
-        return all(getattr(self, name) is None for name in AXES) and not self.drop_layers
+        return all(getattr(self, name) is None for name in ALL_AXES) and not self.drop_layers
 
     def resolve(self, source: ArchConfig) -> dict[str, int]:
-        """The five target sizes, untouched axes filled from the source (not yet validated)."""
+        """The target sizes, untouched axes filled from the source (not yet validated): the five dense
+        axes, and for a MoE source the three expert axes too (a shared-expert width only when the source
+        has a shared expert). A dense source given an expert axis is refused."""
         per_group = source.num_attention_heads // source.query_groups
         layers = self.num_layers
         if layers is None:
@@ -88,14 +101,33 @@ class Target:
             groups = heads if (heads is not None and per_group == 1) else source.query_groups
         if heads is None:
             heads = groups * per_group
-        return {"num_layers": layers, "hidden_size": _given(self.hidden_size, source.hidden_size),
-                "ffn_hidden_size": _given(self.ffn_hidden_size, source.ffn_hidden_size),
-                "num_attention_heads": heads, "num_query_groups": groups}
+        sizes = {"num_layers": layers, "hidden_size": _given(self.hidden_size, source.hidden_size),
+                 "ffn_hidden_size": _given(self.ffn_hidden_size, source.ffn_hidden_size),
+                 "num_attention_heads": heads, "num_query_groups": groups}
+        return {**sizes, **self._resolve_moe(source)}
+
+    def _resolve_moe(self, source: ArchConfig) -> dict[str, int]:
+        given = [name for name in MOE_AXES if getattr(self, name) is not None]
+        if not source.is_moe:
+            if given:
+                raise PlanError(f"target {given[0]} ({SIZE_FLAGS[given[0]]}) prunes experts, but the source model "
+                                f"is dense (num_experts is None); drop {SIZE_FLAGS[given[0]]}")
+            return {}
+        sizes = {"num_experts": _given(self.num_experts, source.num_experts),
+                 "moe_ffn_hidden_size": _given(self.moe_ffn_hidden_size, source.expert_ffn_hidden_size)}
+        shared = source.moe_shared_expert_ffn_hidden_size
+        if shared is None and self.moe_shared_expert_ffn_hidden_size is not None:
+            flag = SIZE_FLAGS["moe_shared_expert_ffn_hidden_size"]
+            raise PlanError(f"target moe_shared_expert_ffn_hidden_size ({flag}) prunes the shared expert, but the "
+                            f"source's MoE layers have none; drop {flag}")
+        if shared is not None:
+            sizes["moe_shared_expert_ffn_hidden_size"] = _given(self.moe_shared_expert_ffn_hidden_size, shared)
+        return sizes
 
     # ---------------------------------------------------------------------------- serialisation
     def to_json(self) -> dict[str, Any]:
         """The export-config form: only the fields that were set."""
-        data = {name: getattr(self, name) for name in AXES + ("layer_metric",) if getattr(self, name) is not None}
+        data = {name: getattr(self, name) for name in ALL_AXES + ("layer_metric",) if getattr(self, name) is not None}
         if self.drop_layers is not None:
             data["drop_layers"] = list(self.drop_layers)
         if self.head_merge:
@@ -133,6 +165,9 @@ def load_target(path: str | os.PathLike) -> Target:
 
 # ------------------------------------------------------------------------------------- argparse
 SIZE_FLAGS = {name: f"--target-{name.replace('_', '-')}" for name in AXES}
+# The expert flags use megatron-core's names (num_moe_experts, moe_shared_expert_intermediate_size).
+SIZE_FLAGS.update(num_experts="--target-num-moe-experts", moe_ffn_hidden_size="--target-moe-ffn-hidden-size",
+                  moe_shared_expert_ffn_hidden_size="--target-moe-shared-expert-intermediate-size")
 _FLAGS = {f"target_{name}": flag for name, flag in SIZE_FLAGS.items()}
 _FLAGS.update(drop_layers="--drop-layers", layer_metric="--layer-metric")
 
@@ -141,7 +176,8 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     """The pruning-target flags: per-axis sizes, layer choice, head merge, or one --export-config."""
     group = parser.add_argument_group("pruning target (sizes to keep; untouched axes keep the source's)")
     for name, flag in SIZE_FLAGS.items():
-        group.add_argument(flag, type=positive(), default=None, metavar="N", help=f"target {name}")
+        group.add_argument(flag, type=positive(), default=None, metavar="N", dest=f"target_{name}",
+                           help=f"target {name}" + (" (Mixture-of-Experts models)" if name in MOE_AXES else ""))
     group.add_argument("--drop-layers", type=non_negative(), nargs="+", default=None, metavar="LAYER",
                        help="source layers to remove (0-based), instead of ranking them")
     group.add_argument("--layer-metric", choices=LAYER_METRICS, default=None,
@@ -150,7 +186,8 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
                        help="fold pruned heads into kept ones (Minitron paper); may be combined with --export-config")
     group.add_argument("--export-config", default=None, metavar="FILE.json",
                        help="all target sizes in one JSON object (num_layers, hidden_size, ffn_hidden_size, "
-                            "num_attention_heads, num_query_groups, drop_layers, layer_metric) instead of flags")
+                            "num_attention_heads, num_query_groups, num_experts, moe_ffn_hidden_size, "
+                            "moe_shared_expert_ffn_hidden_size, drop_layers, layer_metric) instead of flags")
 
 
 def target_from_args(args: argparse.Namespace) -> Target:
@@ -162,6 +199,6 @@ def target_from_args(args: argparse.Namespace) -> Target:
                             f"put every size in the export config or use flags only")
         target = load_target(args.export_config)
         return dataclasses.replace(target, head_merge=target.head_merge or args.head_merge)
-    sizes = {name: getattr(args, f"target_{name}") for name in AXES}
+    sizes = {name: getattr(args, f"target_{name}") for name in ALL_AXES}
     drop = tuple(args.drop_layers) if args.drop_layers is not None else None
     return Target(**sizes, drop_layers=drop, layer_metric=args.layer_metric, head_merge=args.head_merge)

@@ -55,6 +55,9 @@ from megatron_minitron.prune.slicing import AxisIndices, PruneError, is_dropped,
 from megatron_minitron.runtime.host_memory import peak_rss_mb
 
 DEFAULT_CHUNK_BYTES = 64 << 20
+GAP_ROW_BYTES = 1 << 20
+"""Source rows this large (a whole expert per row) are never read only to be dropped: a chunk of work
+stops at a pruned row. Smaller rows are read across gaps (fewer, larger reads)."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,7 @@ def plan_units(metadata, plan: Plan, head_scores: Optional[torch.Tensor], chunk_
             if rule.merge_dim == 0 and rule.merge(j):
                 spans = [(0, rows_total)]  # the head merge reads rows of other heads: whole layer
             else:
-                spans = _row_spans(idx, rows_total, max_src_rows)
+                spans = _row_spans(idx, rows_total, max_src_rows, split_gaps=src_row >= GAP_ROW_BYTES)
             for a, b in spans:
                 s0, s1 = (0, per_layer_src[0]) if rule.merge_dim == 0 and rule.merge(j) else rule.source_rows(j, a, b)
                 units.append(Unit(key, rule.target_key, layer=layer, rows=(a, b), read_bytes=(s1 - s0) * src_row,
@@ -182,8 +185,10 @@ def plan_units(metadata, plan: Plan, head_scores: Optional[torch.Tensor], chunk_
     return units
 
 
-def _row_spans(idx: Optional[torch.Tensor], rows: int, max_src_rows: int) -> list[tuple[int, int]]:
-    """Target row ranges whose source rows (idx[a]..idx[b-1]) span at most max_src_rows."""
+def _row_spans(idx: Optional[torch.Tensor], rows: int, max_src_rows: int, *, split_gaps: bool = False
+               ) -> list[tuple[int, int]]:
+    """Target row ranges whose source rows (idx[a]..idx[b-1]) span at most max_src_rows; with split_gaps,
+    also ranges of consecutive source rows only, so that no pruned row is read (rows of whole experts)."""
     if rows == 0:
         return [(0, 0)]
     if idx is None:
@@ -193,6 +198,11 @@ def _row_spans(idx: Optional[torch.Tensor], rows: int, max_src_rows: int) -> lis
         limit = int(idx[a]) + max_src_rows
         b = int(torch.searchsorted(idx, limit))
         b = max(b, a + 1)
+        if split_gaps:
+            run = a + 1
+            while run < b and int(idx[run]) == int(idx[run - 1]) + 1:
+                run += 1
+            b = run
         spans.append((a, b))
         a = b
     return spans
@@ -274,8 +284,8 @@ def _rewrite_unit(rule, unit: Unit, reader: storage.SourceReader, writer: storag
         target = rule.apply(source, j, rows=(a, b), rows_selected=True, scratch=scratch)
     if whole_layer:
         target = target[a:b]
-    lead = (unit.layer,) if rule.layered else ()
-    if rule.layered:
+    lead = (unit.layer,) if rule.layered else () if rule.stack_at is None else (rule.stack_at,)
+    if lead:
         target = target.unsqueeze(0)
     offsets = lead + (a,) + (0,) * (len(rule.layer_shape) - 1)
     writer.tensor(rule.target_key, target, offsets, rule.target_shape)

@@ -19,6 +19,17 @@ reads one contiguous row range of the source):
 - fc1 rows: the kept neurons; GLU models hold [gate; up], and the same neurons are kept in both
   halves. singleton layouts store them as `weight_w` (gate) / `weight_v` (up).
 - linear_fc2 columns: the kept neurons.
+- experts (Mixture-of-Experts layers, DESIGN.md §2c): the router's rows (and its expert bias, if
+  any) and the expert axis of the expert tensors ([layer, expert, rows, cols] globally) keep the
+  layer's kept experts, in source order. Each kept expert then keeps ITS OWN neurons (`expert_ffn`):
+  its fc1 rows ([gate; up] for GLU, as the dense MLP) and its fc2 columns; the index of that dim is
+  one row per kept expert ([experts, neurons]), the only per-row index of the pruner. Shared-expert
+  fc1 rows / fc2 columns keep `shared_ffn`. The MoE layer's pre-MLP norm is stored as a dense layer's
+  fused fc1 norm and prunes with the hidden channels like it. Expert `_extra_state` objects carry
+  the expert axis in their names (`shard_{layer}.{expert}_{L}.{E}`) and are renumbered likewise.
+  megatron keys a stack that mixes dense and MoE layers per layer and an all-MoE stack stacked: a plan
+  that drops every dense layer of a mixed stack writes each per-layer source key as one layer of the
+  stacked target key (`restacks`), objects included.
 - QK layernorm weights/biases ([kv_channels], shared by every head of a layer): kept whole; a plan never
   changes kv_channels, so only their layer axis is selected (their size is still checked).
 
@@ -42,14 +53,10 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from megatron_minitron.config import ConfigError
-from megatron_minitron.model.storage import Scratch, select
+from megatron_minitron.model.storage import Scratch, is_training_state, select
 from megatron_minitron.plan.plan import Plan
 
 LAYER_PREFIX = "decoder.layers."
-DROPPED_PREFIXES = ("optimizer.", "rng_state")
-"""Stored keys the pruned checkpoint leaves out: optimizer state (its shapes and the distributed
-optimizer's flat layout belong to the source model; distillation starts a fresh optimizer) and the
-RNG states of the ranks that saved the source (their shape is that layout's)."""
 
 _SHARD_SUFFIX = re.compile(r"^(?P<name>.+)/shard_(?P<offsets>[0-9.]+)_(?P<shape>[0-9.]+)$")
 
@@ -84,7 +91,18 @@ LAYER_RULES: dict[str, tuple[Optional[str], ...]] = {
     "mlp.linear_fc1.bias_v": ("ffn",),
     "mlp.linear_fc2.weight": ("hidden", "ffn"),
     "mlp.linear_fc2.bias": ("hidden",),
+    # Mixture-of-Experts layers: router, routed experts (SequentialMLP and the grouped-GEMM experts store
+    # the same global keys in megatron-core 0.16.1), shared expert.
+    "mlp.router.weight": ("experts", "hidden"),
+    "mlp.router.expert_bias": ("experts",),
+    "mlp.experts.experts.linear_fc1.weight": ("experts", "expert_fc1", "hidden"),
+    "mlp.experts.experts.linear_fc2.weight": ("experts", "hidden", "expert_ffn"),
+    "mlp.shared_experts.linear_fc1.weight": ("shared_fc1", "hidden"),
+    "mlp.shared_experts.linear_fc2.weight": ("hidden", "shared_ffn"),
 }
+EXPERT_OBJECT_PREFIXES = ("mlp.experts.",)
+"""Per-layer names of stored objects with an expert axis (routed experts' `_extra_state`)."""
+
 
 # Tensors outside the layers.
 GLOBAL_RULES: dict[str, tuple[Optional[str], ...]] = {
@@ -119,10 +137,12 @@ class TensorRule:
     """Per target layer: (kept rows, pruned rows) pairs of `merge_dim`, each pair kv_channels long."""
     merge_dim: Optional[int] = None
     """Per-layer dim the head merge edits (qkv rows or proj columns), None when it does not apply."""
+    stack_at: Optional[int] = None
+    """A per-layer source key written as layer `stack_at` of a stacked target key (see `restacks`)."""
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
-        return self.target_shape[1:] if self.layered else self.target_shape
+        return self.target_shape[1:] if self.layered or self.stack_at is not None else self.target_shape
 
     def apply(self, source: torch.Tensor, j: int = 0, rows: Optional[tuple[int, int]] = None,
               rows_selected: bool = False, scratch: Optional[Scratch] = None) -> torch.Tensor:
@@ -149,7 +169,10 @@ class TensorRule:
                     start = int(idx[a]) if b > a else 0
                     out = out.index_select(0, idx[a:b] - start)
                 continue
-            if idx is not None:
+            if idx is not None and idx.dim() == 2:  # each expert (dim 0) its own indices
+                per_expert = idx if rows is None else idx[rows[0]:rows[1]]
+                out = torch.stack([out[e].index_select(dim - 1, per_expert[e]) for e in range(out.shape[0])])
+            elif idx is not None:
                 out = select(out, dim, idx, scratch, f"dim{dim}")
         return out
 
@@ -167,6 +190,11 @@ class TensorRule:
         if idx is None or b <= a:
             return a, b
         return int(idx[a]), int(idx[b - 1]) + 1
+
+
+def _glu_rows(neurons: Sequence[int], width: int) -> list[int]:
+    """fc1 rows of the kept neurons of a GLU MLP: [gate rows; up rows]."""
+    return list(neurons) + [width + i for i in neurons]
 
 
 def _range_or_none(indices: Sequence[int], size: int) -> Optional[torch.Tensor]:
@@ -203,6 +231,31 @@ class AxisIndices:
         if key not in self._cache:
             self._cache[key] = getattr(self, f"_{axis}")(j)
         return self._cache[key]
+
+    def _experts(self, j: int) -> Optional[torch.Tensor]:
+        return _range_or_none(self.plan.experts[j], self.src.num_experts)
+
+    def _expert_ffn(self, j: int) -> Optional[torch.Tensor]:
+        return self._per_expert(self.plan.expert_ffn[j], self.src.expert_ffn_hidden_size, gated=False)
+
+    def _expert_fc1(self, j: int) -> Optional[torch.Tensor]:
+        return self._per_expert(self.plan.expert_ffn[j], self.src.expert_ffn_hidden_size, gated=self.src.gated)
+
+    def _per_expert(self, rows: tuple, width: int, *, gated: bool) -> Optional[torch.Tensor]:
+        """[kept experts, kept rows]: each kept expert's own rows (None when every one keeps every row)."""
+        full = [_glu_rows(r, width) if gated else list(r) for r in rows]
+        size = width * (2 if gated else 1)
+        if all(_range_or_none(r, size) is None for r in full):
+            return None
+        return torch.as_tensor(full, dtype=torch.long)
+
+    def _shared_ffn(self, j: int) -> Optional[torch.Tensor]:
+        return _range_or_none(self.plan.shared_ffn[j], self.src.moe_shared_expert_ffn_hidden_size)
+
+    def _shared_fc1(self, j: int) -> Optional[torch.Tensor]:
+        F = self.src.moe_shared_expert_ffn_hidden_size
+        rows = self.plan.shared_ffn[j]
+        return _range_or_none(_glu_rows(rows, F) if self.src.gated else list(rows), F * (2 if self.src.gated else 1))
 
     def _ffn(self, j: int) -> Optional[torch.Tensor]:
         return _range_or_none(self.plan.ffn[j], self.src.ffn_hidden_size)
@@ -255,6 +308,14 @@ class AxisIndices:
         return pairs
 
 
+def restacks(plan: Plan) -> bool:
+    """Whether the plan turns megatron's per-layer keys into stacked ones: megatron keys a stack that mixes
+    dense and MoE layers per layer (`decoder.layers.{i}.…`) and a homogeneous one stacked
+    (`decoder.layers.…` [L, …]), so dropping every dense layer of a mixed stack changes the key layout."""
+    src, dst = plan.source, plan.target
+    return src.is_moe and not all(src.moe_layers) and all(dst.moe_layers)
+
+
 def parse_shard_key(key: str) -> Optional[tuple[str, tuple[int, ...], tuple[int, ...]]]:
     """`name/shard_{offsets}_{shape}` (a megatron ShardedObject) -> (name, offsets, shape), else None."""
     match = _SHARD_SUFFIX.match(key)
@@ -275,7 +336,10 @@ def _split_layer_key(key: str) -> tuple[Optional[int], str]:
 
 
 def is_dropped(key: str) -> bool:
-    return key.startswith(DROPPED_PREFIXES)
+    """Stored keys the pruned checkpoint leaves out: optimizer state (its shapes and the distributed
+    optimizer's flat layout belong to the source model; distillation starts a fresh optimizer), a MoE
+    model's chained expert optimizer included, and the RNG states of the ranks that saved the source."""
+    return is_training_state(key)
 
 
 def rename_object(key: str, plan: Plan) -> Optional[str]:
@@ -284,6 +348,8 @@ def rename_object(key: str, plan: Plan) -> Optional[str]:
     Layer-stacked objects are `decoder.layers.X/shard_{i}_{L}` (layer i of L; megatron prepends
     the layer axis); per-layer ones are `decoder.layers.{i}.X/shard_0_1`. Both get the target layer
     number and count (the loader's planner finds objects by these exact names, see DESIGN.md §2).
+    Routed experts' objects also carry the expert axis (`shard_{i}.{e}_{L}.{E}`, or `shard_{e}_{E}` per
+    layer): kept experts are renumbered in order, pruned ones dropped.
     """
     parsed = parse_shard_key(key)
     if parsed is None:
@@ -294,18 +360,37 @@ def rename_object(key: str, plan: Plan) -> Optional[str]:
         return key  # e.g. an output layer's extra state: no layer axis, nothing pruned
     new_of = {src: dst for dst, src in enumerate(plan.layers)}
     layer, suffix = _split_layer_key(name)
-    if layer is not None:  # singleton layout: the layer number is in the name
+    per_layer = layer is not None  # singleton/mixed layout: the layer number is in the name
+    if per_layer:
         if layer not in new_of:
             return None
-        name = f"{LAYER_PREFIX}{new_of[layer]}.{suffix}"
-        return f"{name}/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"
-    if shape[0] != plan.source.num_layers:
-        raise PruneError(f"stored object {key!r} has a layer axis of {shape[0]}, but the source model has "
-                         f"{plan.source.num_layers} layers")
-    if offsets[0] not in new_of:
-        return None
-    offsets = (new_of[offsets[0]],) + offsets[1:]
-    shape = (plan.target.num_layers,) + shape[1:]
+        j = new_of[layer]
+        name = f"{LAYER_PREFIX}{j}.{suffix}"
+        if restacks(plan):  # the stacked name carries the layer axis: shard_0_1 -> shard_j_L, shard_e_E -> j.e
+            name = f"{LAYER_PREFIX}{suffix}"
+            is_expert = suffix.startswith(EXPERT_OBJECT_PREFIXES)
+            offsets = (j,) + (offsets if is_expert else offsets[1:])
+            shape = (plan.target.num_layers,) + (shape if is_expert else shape[1:])
+            per_layer = False
+    else:
+        if shape[0] != plan.source.num_layers:
+            raise PruneError(f"stored object {key!r} has a layer axis of {shape[0]}, but the source model has "
+                             f"{plan.source.num_layers} layers")
+        if offsets[0] not in new_of:
+            return None
+        j = new_of[offsets[0]]
+        offsets = (j,) + offsets[1:]
+        shape = (plan.target.num_layers,) + shape[1:]
+    if suffix.startswith(EXPERT_OBJECT_PREFIXES):  # the expert axis follows the layer axis (if any)
+        d = 0 if per_layer else 1
+        if len(shape) <= d or shape[d] != plan.source.num_experts:
+            raise PruneError(f"stored object {key!r} should have an expert axis of {plan.source.num_experts} "
+                             f"after its layer axis; the pruner does not know this layout")
+        kept = plan.experts[j]
+        if offsets[d] not in kept:
+            return None
+        offsets = offsets[:d] + (kept.index(offsets[d]),) + offsets[d + 1:]
+        shape = shape[:d] + (len(kept),) + shape[d + 1:]
     return f"{name}/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"
 
 
@@ -313,6 +398,7 @@ def rule_for(key: str, shape: Sequence[int], plan: Plan, axes_index: AxisIndices
     """The rule for one stored tensor; None when the tensor is not carried over (a pruned layer of a
     per-layer checkpoint, or a dropped key). Unknown keys raise PruneError naming them."""
     shape = tuple(int(s) for s in shape)
+    stack_at = None
     if is_dropped(key):
         return None
     if key.startswith(LAYER_PREFIX):
@@ -333,6 +419,8 @@ def rule_for(key: str, shape: Sequence[int], plan: Plan, axes_index: AxisIndices
                 return None
             j_fixed = plan.layers.index(layer)
             target_key, layered, per_layer = f"{LAYER_PREFIX}{j_fixed}.{suffix}", False, shape
+            if restacks(plan):
+                target_key, stack_at = f"{LAYER_PREFIX}{suffix}", j_fixed
             source_layer = (lambda j: layer)
             j_of = (lambda j, _j=j_fixed: _j)
     elif key in GLOBAL_RULES:
@@ -348,6 +436,9 @@ def rule_for(key: str, shape: Sequence[int], plan: Plan, axes_index: AxisIndices
     if len(per_layer) != len(axes):
         raise PruneError(f"checkpoint tensor {key!r} has shape {shape}; expected {len(axes)} dims per layer")
     for d, axis in enumerate(axes):
+        if axis is not None and axis not in expected:
+            raise PruneError(f"checkpoint tensor {key!r} belongs to a Mixture-of-Experts layer, but the plan's source "
+                             f"model is dense: the plan does not belong to this checkpoint")
         if axis is not None and per_layer[d] != expected[axis]:
             raise PruneError(f"checkpoint tensor {key!r} has size {per_layer[d]} on its {axis} dim, but the plan's "
                              f"source model has {expected[axis]}: the plan does not belong to this checkpoint")
@@ -374,27 +465,34 @@ def rule_for(key: str, shape: Sequence[int], plan: Plan, axes_index: AxisIndices
             out.append((torch.tensor(rows[0]), torch.tensor(rows[1])))
         return out
 
-    # Every kept layer keeps the same number of indices per axis (the plan validated it): use layer 0's.
-    target_layer = tuple(per_layer[d] if idx is None else len(idx) for d, idx in enumerate(index(0)))
-    target_shape = ((plan.target.num_layers,) + target_layer) if layered else target_layer
+    # Every kept layer keeps the same number of indices per axis (the plan validated it): use layer 0's
+    # (the last dim of a per-expert index is the count each expert keeps).
+    target_layer = tuple(per_layer[d] if idx is None else idx.shape[-1] for d, idx in enumerate(index(0)))
+    target_shape = ((plan.target.num_layers,) + target_layer) if layered or stack_at is not None else target_layer
     return TensorRule(source_key=key, target_key=target_key, source_shape=shape, target_shape=target_shape,
                       layered=layered, axes=axes, source_layer=source_layer, index=index, merge=merge,
-                      merge_dim=merge_dim)
+                      merge_dim=merge_dim, stack_at=stack_at)
 
 
 def _expected_sizes(plan: Plan) -> dict[str, int]:
     src = plan.source.explicit()
     kv = src.head_dim
-    return {"hidden": src.hidden_size, "ffn": src.ffn_hidden_size, "kv_channels": kv,
-            "fc1": src.ffn_hidden_size * (2 if src.gated else 1), "heads": src.num_attention_heads * kv,
-            "qkv": (src.num_attention_heads + 2 * src.query_groups) * kv}
+    glu = 2 if src.gated else 1
+    sizes = {"hidden": src.hidden_size, "ffn": src.ffn_hidden_size, "kv_channels": kv,
+             "fc1": src.ffn_hidden_size * glu, "heads": src.num_attention_heads * kv,
+             "qkv": (src.num_attention_heads + 2 * src.query_groups) * kv}
+    if src.is_moe:
+        shared = src.moe_shared_expert_ffn_hidden_size or 0
+        sizes.update(experts=src.num_experts, expert_ffn=src.expert_ffn_hidden_size,
+                     expert_fc1=src.expert_ffn_hidden_size * glu, shared_ffn=shared, shared_fc1=shared * glu)
+    return sizes
 
 
 def slice_full(tensors: dict[str, torch.Tensor], plan: Plan, head_scores: Optional[torch.Tensor] = None
                ) -> dict[str, torch.Tensor]:
     """Apply the plan to whole in-memory tensors (reference path for tests and small models)."""
     axes = AxisIndices(plan, head_scores)
-    out = {}
+    out, restacked = {}, {}
     for key, tensor in tensors.items():
         rule = rule_for(key, tensor.shape, plan, axes)
         if rule is None:
@@ -402,6 +500,10 @@ def slice_full(tensors: dict[str, torch.Tensor], plan: Plan, head_scores: Option
         if rule.layered:
             out[rule.target_key] = torch.stack([rule.apply(tensor[rule.source_layer(j)], j)
                                                 for j in range(plan.target.num_layers)])
+        elif rule.stack_at is not None:
+            restacked.setdefault(rule.target_key, {})[rule.stack_at] = rule.apply(tensor)
         else:
             out[rule.target_key] = rule.apply(tensor)
+    for key, layers in restacked.items():
+        out[key] = torch.stack([layers[j] for j in range(plan.target.num_layers)])
     return out

@@ -1,5 +1,6 @@
 """`minitron pretrain` of a Mixture-of-Experts model: end to end at DP2 x EP2 under torchrun (router
-statistics in metrics.jsonl, a self-describing checkpoint), and its input errors before any process."""
+statistics in metrics.jsonl, a self-describing checkpoint), and its input errors before any process; the
+trained checkpoint then scored by `importance` at EP2 and pruned by `prune` from those scores."""
 
 from __future__ import annotations
 
@@ -102,6 +103,17 @@ def test_importance_scores_the_moe_checkpoint_at_ep2(run_dir, data_cache, tmp_pa
     assert scores["experts"].shape == (4, 4) and scores["expert_ffn"].shape == (4, 4, 64) and "ffn" not in scores
     torch.testing.assert_close(scores["experts_router_mass"].sum(-1), torch.ones(4))
     assert scores["layers_lm_loss"].isfinite().all() and "experts" in output
+    # the scores prune the checkpoint they came from: each layer keeps its two highest-scored experts
+    from megatron_minitron.model import checkpoint as ckpt
+    from megatron_minitron.plan import load_plan
+
+    assert main(["prune", "--load", str(save), "--scores", str(tmp_path / "scores"), "--save", str(tmp_path / "pruned"),
+                 "--target-num-moe-experts", "2", "--target-moe-ffn-hidden-size", "32",
+                 "--save-plan", str(tmp_path / "plan.json")]) == 0
+    plan = load_plan(tmp_path / "plan.json")
+    assert ckpt.resolve(tmp_path / "pruned").arch.num_experts == 2
+    assert list(plan.experts) == [tuple(sorted(torch.argsort(row, descending=True)[:2].tolist()))
+                                  for row in scores["experts"]]
 
 
 def test_moe_importance_bad_input_is_refused_by_name(run_dir, tmp_path, capsys):
@@ -121,13 +133,6 @@ def test_moe_importance_bad_input_is_refused_by_name(run_dir, tmp_path, capsys):
         cfg.check_expert_parallel(16, data_parallel=4, expert_parallel=2)
     cfg.check_expert_parallel(10, data_parallel=4, expert_parallel=1)  # without EP any count runs
     assert not (tmp_path / "s").exists()
-
-
-def test_pruning_refuses_a_moe_checkpoint_by_name(run_dir, tmp_path, capsys):
-    save, _ = run_dir
-    assert main(["prune", "--load", str(save), "--save", str(tmp_path / "pruned"), "--plan", "plan.json"]) == 2
-    assert "is a Mixture-of-Experts model (4 experts); pruning experts" in capsys.readouterr().err
-    assert not (tmp_path / "pruned").exists()
 
 
 def test_trained_moe_exports_as_mixtral(run_dir, tmp_path, capsys):

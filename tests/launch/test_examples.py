@@ -59,6 +59,25 @@ PUBLISHED = {
 }
 TP, PP = 8, 1  # the layout the examples' commands use
 
+# Mixture-of-Experts examples: no pruned model of these shapes is published, so the count is checked exactly
+# against an independent count of the Hugging Face tensors of the pruned config.json (and the sources' published
+# totals, 30.5B and 46.7B, in tests/test_config_moe.py).
+# name: (source preset, pruned config.json fields, TP, EP of the commands)
+MOE_EXAMPLES = {
+    "qwen3-30b-a3b-to-64-experts": (
+        "qwen3-30b-a3b", dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                              num_hidden_layers=48, vocab_size=151936, num_experts=64, num_experts_per_tok=8,
+                              moe_intermediate_size=768, qk_norm=True), 1, 8),
+    "mixtral-8x7b-to-4x7b": (
+        "mixtral-8x7b", dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                             num_hidden_layers=32, vocab_size=32000, num_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=14336), 1, 4),
+    "mixtral-8x7b-narrow-experts": (
+        "mixtral-8x7b", dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                             num_hidden_layers=32, vocab_size=32000, num_experts=8, num_experts_per_tok=2,
+                             moe_intermediate_size=7168), 1, 4),
+}
+
 
 def hf_parameter_count(c: dict) -> int:
     """Parameters of a Hugging Face Llama/Mistral/Qwen3 (silu: RMSNorm, gated MLP; Qwen3 adds q_norm and k_norm
@@ -72,9 +91,36 @@ def hf_parameter_count(c: dict) -> int:
     return L * (attn + mlp + 2 * norm + qk_norms) + norm + 2 * c["vocab_size"] * h
 
 
+def hf_moe_parameter_counts(c: dict) -> tuple[int, int]:
+    """(total, active) parameters of a Hugging Face Qwen3-MoE / Mixtral checkpoint with these config.json fields:
+    per layer q/k/v/o, two RMSNorms (+ q_norm/k_norm for Qwen3), a router [experts, hidden] and per expert
+    gate/up/down; untied embeddings. Active: num_experts_per_tok experts per layer instead of all."""
+    h, hd, L, E, k, fe = (c[key] for key in ("hidden_size", "head_dim", "num_hidden_layers", "num_experts",
+                                             "num_experts_per_tok", "moe_intermediate_size"))
+    shared = L * (h * hd * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"]) + 2 * h + E * h
+                  + (2 * hd if c.get("qk_norm") else 0)) + h + 2 * c["vocab_size"] * h
+    return shared + L * E * 3 * h * fe, shared + L * k * 3 * h * fe
+
+
+@pytest.mark.parametrize("name", sorted(MOE_EXAMPLES))
+def test_moe_target_has_the_independent_count(name):
+    source_name, released, tp, ep = MOE_EXAMPLES[name]
+    target = load_target(EXAMPLES / f"{name}.json")
+    pruned = random_plan(preset(source_name), target, seed=0, tensor_parallel=tp, expert_parallel=ep).target
+    got = (pruned.hidden_size, pruned.num_attention_heads, pruned.query_groups, pruned.head_dim, pruned.num_layers,
+           pruned.vocab_size, pruned.num_experts, pruned.moe_router_topk, pruned.expert_ffn_hidden_size)
+    assert got == tuple(released[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                                              "num_hidden_layers", "vocab_size", "num_experts", "num_experts_per_tok",
+                                              "moe_intermediate_size"))
+    total, active = pruned.num_parameters(), pruned.num_active_parameters()
+    assert (total, active) == hf_moe_parameter_counts(released)
+    readme = (EXAMPLES / "README.md").read_text()
+    assert f"{total:,}" in readme and f"{active:,}" in readme, f"examples/README.md should state {name}'s counts"
+
+
 def test_every_example_has_its_config_commands_and_a_published_size():
     names = {p.stem for p in EXAMPLES.glob("*.json")}
-    assert names == set(PUBLISHED)
+    assert names == set(PUBLISHED) | set(MOE_EXAMPLES)
     assert names == {p.stem for p in EXAMPLES.glob("*.md")} - {"README"}
 
 
@@ -103,15 +149,16 @@ def _commands(markdown: str) -> list[list[str]]:
     return [shlex.split(line) for line in logical.splitlines() if line.strip() and not line.startswith("#")]
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
+@pytest.mark.parametrize("name", sorted(PUBLISHED) + sorted(MOE_EXAMPLES))
 def test_example_commands_parse_with_the_real_cli(name):
+    tp = MOE_EXAMPLES[name][2] if name in MOE_EXAMPLES else TP
     commands = _commands((EXAMPLES / f"{name}.md").read_text())
     parser, jobs = build_parser(), []
     hf_jobs = [argv[1] for argv in commands if argv[0] == "minitron"]
     assert hf_jobs in ([], ["import-hf", "export-hf"])  # a Hugging Face source: imported first, exported last
     if hf_jobs:
         imported = parser.parse_args(commands[0][1:])
-        assert commands[0][1] == "import-hf" and imported.tp == TP
+        assert commands[0][1] == "import-hf" and imported.tp == tp
         exported = parser.parse_args(commands[4][1:])
         assert commands[4][1] == "export-hf"
         commands = commands[1:4] + commands[5:]
@@ -123,7 +170,9 @@ def test_example_commands_parse_with_the_real_cli(name):
         job = Path(argv[launcher]).name.split(".")[0]
         args = [w.rstrip(")") for w in argv[launcher + 1:]]
         parsed = parser.parse_args([job, *args])
-        assert parsed.tp == TP
+        assert parsed.tp == tp
+        if name in MOE_EXAMPLES:
+            assert parsed.ep == MOE_EXAMPLES[name][3]
         if job == "prune":
             assert parsed.export_config == f"examples/{name}.json"
         jobs.append(job)
