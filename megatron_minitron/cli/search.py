@@ -20,11 +20,12 @@ below X.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
                                            check_data_files, parallel_config, train_config)
-from megatron_minitron.flags import non_negative, positive
+from megatron_minitron.flags import Bounded, non_negative, positive
 from megatron_minitron.config import ConfigError
 from megatron_minitron.data.blend import parse_blend
 
@@ -77,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="rank candidates by this lm-eval task's metric after their distillation, e.g. "
                         "minitron_continuation:acc (built in, offline) or hellaswag:acc_norm; default metric: the "
                         "task's first; smaller is better where the task says so (perplexities)")
-    t.add_argument("--min-score", type=float, default=None,
+    t.add_argument("--min-score", type=Bounded(float, -math.inf), default=None,  # any finite number
                    help="fail, before --winner-iters, when the best candidate's score is below this")
     t.add_argument("--score-limit", type=positive(float), default=None, help="documents scored (default: all)")
     t.add_argument("--score-batch-size", type=positive(), default=8, help="sequences per forward pass per replica")
@@ -87,11 +88,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_loss_arguments(parser)
 
 
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
 def search_space(args, source):
     from megatron_minitron.search.space import SearchSpace, load_space
 
-    flags = {axis: tuple(getattr(args, flag[2:])) for axis, flag in AXIS_FLAGS.items()
-             if getattr(args, flag[2:]) is not None}
+    flags = {axis: tuple(getattr(args, _dest(flag))) for axis, flag in AXIS_FLAGS.items()
+             if getattr(args, _dest(flag)) is not None}
     if args.space and flags:
         raise ConfigError(f"give the space as --space or as axis flags ({', '.join(AXIS_FLAGS[a] for a in flags)}), "
                           f"not both")

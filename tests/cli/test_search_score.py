@@ -77,6 +77,8 @@ def test_bad_score_requests_are_refused_before_out_is_written(tiny_teacher, tiny
     assert "--min-score needs --score TASK[:METRIC]" in capsys.readouterr().err
     assert main([*base, "--score", f"{TASK}:"]) == 2
     assert "give one task and optionally its metric" in capsys.readouterr().err
+    assert main([*base, "--expert-ffn", "32"]) == 2  # the MoE axes' flags reach the space
+    assert "search space axis moe_ffn_hidden_size needs a Mixture-of-Experts source" in capsys.readouterr().err
 
 
 def _result(name, val, score):
