@@ -383,7 +383,8 @@ def write_report(out: Path, setup_json: dict, results: list[dict], ranking: dict
              "|---:|---|---:|---:|---:|" + ("" if score is None else "---:|")]
     for r in sorted(results, key=lambda r: order[r["name"]]):
         lines.append(f"| {order[r['name']]} | {r['name']} | {r['params']:,} | {r['zero_shot_lm_loss']:.4f} "
-                     f"({zero[r['name']]}) | {r['val_lm_loss']:.4f} |" + ("" if score is None else f" {r['score']:.4f} |"))
+                     f"({zero[r['name']]}) | {r['val_lm_loss']:.4f} |"
+                     + ("" if score is None else f" {r['score']:.4f} |"))
     if winner is not None:
         steps = winner["curve"][-1][0] if winner["curve"] else 0
         scored = "" if score is None else f", {score['task']} {score['metric']} {winner['score']:.4f}"

@@ -5,7 +5,8 @@ Mixture-of-Experts source also routed experts and expert width); an axis left ou
 size. Every combination becomes a candidate `Target`; a candidate survives if its exact parameter count
 (every parameter, or with budget_kind "active" those one token passes through) lies within ±tolerance of the
 budget and if the plan checks accept it (nothing larger than the source, GQA structure, at least top-k
-experts, divisibility for the TP/PP/EP the student must run at). Enumeration order and names are deterministic, so runs and resumed runs agree.
+experts, divisibility for the TP/PP/EP the student must run at). Enumeration order and names are
+deterministic, so runs and resumed runs agree.
 """
 
 from __future__ import annotations

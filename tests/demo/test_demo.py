@@ -149,11 +149,14 @@ def test_task_accuracy_of_teacher_and_students_in_the_report(demo, data_cache):
     tasks = results["tasks"]
     assert (tasks["task"], tasks["chance"], tasks["documents"]) == ("minitron_continuation", 0.25, TASK_LIMIT)
     assert set(tasks["models"]) == {"teacher", *ARMS}
-    assert "minitron_continuation accuracy (chance 0.25)" in report and "a uniform guess scores 0.25" in report
+    assert "| minitron_continuation acc (chance 0.25) | acc_mutual_info |" in report
+    assert "a uniform guess scores 0.25" in report
     for name, label in (("teacher", "teacher"), *((arm, results["arms"][arm]["label"]) for arm in ARMS)):
         m = tasks["models"][name]
         assert 0.0 <= m["acc"] <= 1.0
-        assert _row(report, label, after="## Retraining")[6] == f"{m['acc']:.3f} ± {m['acc_stderr']:.3f}"
+        row = _row(report, label, after="## Retraining")
+        assert row[6:] == [f"{m['acc']:.3f} ± {m['acc_stderr']:.3f}",
+                           f"{m['acc_mutual_info']:.3f} ± {m['acc_mutual_info_stderr']:.3f}"]
     student = Path(results["arms"]["width_kd"]["path"])
     cmd = [sys.executable, "-m", "megatron_minitron", "evaluate", "--load", str(student), "--tasks",
            "minitron_continuation", "--limit", str(TASK_LIMIT), "--cache-dir", str(data_cache), "--out",
@@ -162,6 +165,7 @@ def test_task_accuracy_of_teacher_and_students_in_the_report(demo, data_cache):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     again = json.loads((root / "eval" / "results.json").read_text())["results"]["minitron_continuation"]
     assert again["acc,none"] == tasks["models"]["width_kd"]["acc"]
+    assert again["acc_mutual_info,none"] == tasks["models"]["width_kd"]["acc_mutual_info"]
 
 
 def test_plots_are_written(demo):

@@ -69,8 +69,8 @@ def test_bad_spaces_are_refused_with_the_reason():
 def moe_parameters(arch, *, active: bool, **sizes) -> int:
     """Written from the architecture, not from ArchConfig's counter: RMSNorm, SwiGLU experts, no biases, every
     layer MoE, rotary positions. A token's path holds top-k experts; the model holds them all."""
-    a = {"num_layers": arch.num_layers, "hidden_size": arch.hidden_size, "num_attention_heads": arch.num_attention_heads,
-         "num_query_groups": arch.query_groups, "num_experts": arch.num_experts,
+    a = {"num_layers": arch.num_layers, "hidden_size": arch.hidden_size,
+         "num_attention_heads": arch.num_attention_heads, "num_query_groups": arch.query_groups, "num_experts": arch.num_experts,
          "moe_ffn_hidden_size": arch.moe_ffn_hidden_size, **sizes}
     h, kv, E, w = a["hidden_size"], arch.head_dim, a["num_experts"], a["moe_ffn_hidden_size"]
     attention = h * kv * (a["num_attention_heads"] + 2 * a["num_query_groups"]) + a["num_attention_heads"] * kv * h
