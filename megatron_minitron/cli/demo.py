@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         field_argument(t, *DEMO, name, type=positive())
     for name in ("teacher_lr", "retrain_lr"):
         field_argument(t, *DEMO, name, type=positive(float))
-    for name in ("warmup_iters", "retrain_warmup_iters", "eval_interval", "random_seed", "seed"):
+    for name in ("warmup_iters", "retrain_warmup_iters", "eval_interval", "random_seed", "seed", "task_limit"):
         field_argument(t, *DEMO, name, type=non_negative())
     g = parser.add_argument_group("data (default: the embedded CPython-docs corpus)")
     for name in ("data_path", "valid_data_path"):

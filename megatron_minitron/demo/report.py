@@ -82,7 +82,7 @@ def build_results(raw: dict) -> dict:
     grid = [[zero[f"grid-{seq}-{batch}"] for batch in AGGREGATIONS] for seq in AGGREGATIONS]
     results = {"config": cfg, "layout": raw["layout"], "timings_s": raw["timings"], "teacher": {
         **raw["teacher"], "val_loss": zero["teacher"], "params": teacher_params}, "models": models,
-        "importance": importance, "zero_shot": zero, "arms": arms,
+        "importance": importance, "zero_shot": zero, "arms": arms, "tasks": raw.get("tasks"),
         "grid": {"seq": list(AGGREGATIONS), "batch": list(AGGREGATIONS), "loss": grid},
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "cpu_count": _cpu_count()}}
@@ -187,14 +187,36 @@ def render(results: dict, plots: list[str]) -> str:
 
     out += ["", f"## Retraining at equal tokens ({arms['width_kd']['train_tokens']:,} tokens, "
                 f"{arms['width_kd']['train_steps']} steps each)", ""]
-    rows = [["teacher", f"{results['teacher']['params']:,}", "-", f"{zero['teacher']:.3f}", "-", "-"]]
+    tasks = results.get("tasks")
+
+    def accuracy(name: str) -> list[str]:
+        if not tasks:
+            return []
+        m = tasks["models"][name]
+        return [f"{m[key]:.3f} ± {m[key + '_stderr']:.3f}" for key in ("acc", "acc_mutual_info")]
+
+    rows = [["teacher", f"{results['teacher']['params']:,}", "-", f"{zero['teacher']:.3f}", "-", "-",
+             *accuracy("teacher")]]
     for arm in ARMS:
         a = arms[arm]
         rows.append([a["label"], f"{a['params']:,}", "KD (forward KL, logits)" if a["loss"] == "kd" else "LM loss",
-                     f"{a['initial']:.3f}", f"{a['final']:.3f}", f"{a['seconds']:.0f} s"])
+                     f"{a['initial']:.3f}", f"{a['final']:.3f}", f"{a['seconds']:.0f} s", *accuracy(arm)])
     rows.append(["random-ranked width pruning (zero-shot)", f"{models['random']['params']:,}", "-",
-                 f"{zero['random']:.3f}", "-", "-"])
-    out += _table(["model", "parameters", "retraining loss", "loss before", "loss after", "time"], rows)
+                 f"{zero['random']:.3f}", "-", "-", *(["-", "-"] if tasks else [])])
+    header = ["model", "parameters", "retraining loss", "loss before", "loss after", "time"]
+    if tasks:
+        header += [f"{tasks['task']} acc (chance {tasks['chance']:.2f})", "acc_mutual_info"]
+    out += _table(header, rows)
+    if tasks:
+        out += ["", f"Accuracy (± its standard error) on the built-in task `{tasks['task']}`: choose the true "
+                f"continuation of a held-out passage among four, so a uniform guess scores {tasks['chance']:.2f}; "
+                f"{tasks['documents']} documents, the same for every model, each model after its retraining. `acc` "
+                f"picks the likeliest continuation; `acc_mutual_info` the one the passage makes most likely relative "
+                f"to the continuation alone, which separates weak models better (plain `acc` of a model this small "
+                f"stays near chance)."]
+    else:
+        out += ["", "The built-in task was not scored (`--task-limit 0`, or lm-eval missing: "
+                    "`pip install -e .[eval]`)."]
 
     out += ["", "## Importance (teacher)", ""]
     out.append(f"{imp['calibration_samples']} calibration samples x {imp['seq_length']} tokens "

@@ -156,6 +156,25 @@ def check_tasks(manager, cfg: TaskConfig, offline: bool) -> None:
                                       f"{available}")
 
 
+def metric_direction(manager, task: str, metric: Optional[str] = None) -> tuple[str, bool]:
+    """(the metric, whether a larger value is better) of a task or group, as its tasks declare them; metric None
+    means the task's first metric. EvaluationError names the task's metrics when `metric` is not one of them."""
+    directions: dict[str, set] = {}
+    for loaded in manager.load([task])["tasks"].values():
+        for name, higher in loaded.higher_is_better().items():
+            directions.setdefault(name, set()).add(bool(higher))
+    if not directions:
+        raise EvaluationError(f"task {task!r} declares no metric to rank by")
+    metric = metric or next(iter(directions))
+    if metric not in directions:
+        raise EvaluationError(f"task {task!r} has no metric {metric!r}; its metrics: {', '.join(directions)} "
+                              f"(give one as {task}:METRIC)")
+    if len(directions[metric]) > 1:
+        raise EvaluationError(f"the tasks of group {task!r} disagree on whether a larger {metric!r} is better; "
+                              f"rank by one of its tasks instead")
+    return metric, directions[metric].pop()
+
+
 def prepare_tasks(cfg: TaskConfig):
     """Offline mode if needed, then the TaskManager with every task checked (rank 0 only)."""
     offline = use_offline_mode_if_unreachable()
@@ -205,6 +224,20 @@ class TaskScorer:
         self.manager = checked_tasks(cfg, runtime, self.control)
         self.tokenizer = tokenizer_ref.load()
         self.vocab_size, self.max_length = vocab_size, max_length
+
+    def metric(self, task: str, metric: Optional[str] = None) -> tuple[str, bool]:
+        """metric_direction of one of the scored tasks, checked on rank 0; every rank calls this and a bad metric
+        raises the same EvaluationError on every rank."""
+        verdict = [None]
+        if self.runtime.rank == 0:
+            try:
+                verdict = [metric_direction(self.manager, task, metric)]
+            except EvaluationError as error:
+                verdict = [str(error)]
+        torch.distributed.broadcast_object_list(verdict, src=0, group=self.control)
+        if isinstance(verdict[0], str):
+            raise EvaluationError(verdict[0])
+        return tuple(verdict[0])
 
     def __call__(self, trainer) -> dict[str, float]:
         from megatron_minitron.evaluation.engine import Engine

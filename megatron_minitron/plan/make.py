@@ -118,7 +118,7 @@ def _check_experts(source: ArchConfig, target: Target, sizes: dict[str, int], ep
         if value > have[name]:
             raise PlanError(f"target {name}={value} ({SIZE_FLAGS[name]}) is larger than the source's {have[name]}; "
                             f"pruning only removes, so choose at most {have[name]}")
-    if all(source.moe_layers) and target.ffn_hidden_size is not None:
+    if all(source.moe_layers) and target.ffn_hidden_size not in (None, source.ffn_hidden_size):
         raise PlanError(f"target ffn_hidden_size ({SIZE_FLAGS['ffn_hidden_size']}) prunes dense MLPs, but every layer "
                         f"of the source is a MoE layer; use {SIZE_FLAGS['moe_ffn_hidden_size']} for the experts' width")
     k = source.moe_router_topk

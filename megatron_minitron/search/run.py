@@ -45,6 +45,32 @@ class SearchSetup:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ScoreConfig:
+    """Rank the candidates by a downstream task score (`--score TASK[:metric]`) instead of validation loss."""
+
+    tasks: Any
+    """evaluation.run.TaskConfig of the one task scored on every candidate after its distillation."""
+    metric: Optional[str] = None
+    """The task's metric that ranks the candidates (None: the task's first metric, e.g. acc). Its direction is
+    the task's own: larger is better for accuracies, smaller for perplexities."""
+    min_score: Optional[float] = None
+    """Stop with an error, before the winner's longer distillation, when the best candidate's score is below
+    this (metrics where larger is better only)."""
+
+    @property
+    def task(self) -> str:
+        return self.tasks.tasks[0]
+
+    def to_json(self) -> dict:
+        """What a resumed search must share (the floor may change between runs)."""
+        return {"task": self.task, "metric": self.metric, "limit": self.tasks.limit}
+
+
+class ScoreFloorError(ConfigError):
+    """The best candidate's task score is below --min-score."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class SearchJob:
     """A whole search, its inputs checked: what `search` runs."""
 
@@ -54,6 +80,8 @@ class SearchJob:
     """The scores directory as given (recorded in space.json)."""
     budget: int
     """Target parameter count."""
+    budget_kind: str = "total"
+    """What the budget counts: "total" parameters or "active" ones (one token's path through an MoE model)."""
     tolerance: float
     """Candidates lie within ±tolerance × budget."""
     space: SearchSpace
@@ -72,12 +100,18 @@ class SearchJob:
     """Then distill the winner this many steps into OUT/winner (0: no)."""
     overwrite: bool = False
     """Delete a previous search in OUT first."""
+    score: Optional[ScoreConfig] = None
+    """Rank by this task score (validation loss still reported); None ranks by validation loss."""
 
     def setup_json(self) -> dict:
         """The settings a resumed search must share with the one it continues (OUT/space.json), as stored."""
         raw = {"source": str(self.setup.source.root), "scores": self.scores_path, "budget": self.budget,
                "tolerance": self.tolerance, "space": self.space.to_json(), "train": self.train.to_json(),
                "distill": self.distill.to_json(), "removed": dict(self.removed)}
+        if self.score is not None:
+            raw["score"] = self.score.to_json()
+        if self.budget_kind != "total":  # absent for total, so searches started before it existed resume
+            raw["budget_kind"] = self.budget_kind
         return json.loads(json.dumps(raw))  # tuples become lists, as in the file
 
 
@@ -116,16 +150,18 @@ def search(job: SearchJob, runtime) -> dict:
             print(line, flush=True)
 
     out, source, cfg = job.setup.out, job.setup.source, job.train
+    tokenizer = load_tokenizer(job.data)
+    scorer, score = _scorer(job, runtime, tokenizer.ref)  # a bad task or metric stops every rank before OUT is touched
     setup_json = _open_out(job, runtime)
-    log(f"search: {len(job.candidates)} candidates within {job.tolerance:.0%} of {job.budget:,} parameters "
+    kind = " active" if job.budget_kind == "active" else ""
+    log(f"search: {len(job.candidates)} candidates within {job.tolerance:.0%} of {job.budget:,}{kind} parameters "
         f"({sum(job.removed.values())} combinations removed: {dict(job.removed)}); {cfg.train_iters} distillation "
         f"steps each")
-    tokenizer = load_tokenizer(job.data)
     batches = run_batches(job.data, tokenizer, cfg, runtime, model_vocab_size=source.arch.vocab_size)
     teacher = load_teacher(source, runtime, job.distill, dtype=_dtype(cfg, runtime),
                            padded_vocab=source.arch.padded_vocab)
     common = dict(runtime=runtime, distill_cfg=job.distill, teacher=teacher,
-                  tokenizer=tokenizer_json(job.data, tokenizer), log=log)
+                  tokenizer=tokenizer_json(job.data, tokenizer), log=log, scorer=scorer, score=score)
     results = []
     for i, candidate in enumerate(job.candidates):
         done = finished(out, candidate)
@@ -134,14 +170,17 @@ def search(job: SearchJob, runtime) -> dict:
                 f"{done['val_lm_loss']:.4f})")
             results.append(done)
             continue
-        log(f"[{i + 1}/{len(job.candidates)}] {candidate.name}: {candidate.params:,} parameters")
+        active = "" if candidate.active_params is None else f" ({candidate.active_params:,} active)"
+        log(f"[{i + 1}/{len(job.candidates)}] {candidate.name}: {candidate.params:,} parameters{active}")
         results.append(run_candidate(job.setup, candidate, train_cfg=cfg, **common, **batches))
-    ranking = rank(results)
+    ranking = rank(results, score)
     if runtime.rank == 0:
         write_report(out, setup_json, results, ranking)
         (out / "best_plan.json").write_text((out / "candidates" / ranking["winner"] / "plan.json").read_text())
     runtime.barrier()
     log("\n".join((out / "search.md").read_text().splitlines()[:4 + len(results) + 3]))
+    if job.score is not None and job.score.min_score is not None:
+        check_floor(results, ranking, job.score.min_score)
     if job.winner_iters:
         winner = next(c for c in job.candidates if c.name == ranking["winner"])
         full = dataclasses.replace(cfg, train_iters=job.winner_iters)
@@ -157,6 +196,23 @@ def search(job: SearchJob, runtime) -> dict:
             write_report(out, setup_json, results, ranking, winner=distilled)
         runtime.barrier()
     return ranking
+
+
+def _scorer(job: SearchJob, runtime, tokenizer_ref) -> tuple[Any, Optional[dict]]:
+    """(TaskScorer, {"task", "metric", "higher_is_better"}) of --score, its task and metric checked on rank 0;
+    (None, None) without --score. Every rank calls this."""
+    if job.score is None:
+        return None, None
+    from megatron_minitron.evaluation.run import TaskScorer
+
+    arch = job.setup.source.arch  # pruning keeps the vocabulary and the positions
+    scorer = TaskScorer(job.score.tasks, runtime=runtime, tokenizer_ref=tokenizer_ref,
+                        vocab_size=arch.vocab_size, max_length=arch.max_position_embeddings)
+    metric, higher = scorer.metric(job.score.task, job.score.metric)
+    if job.score.min_score is not None and not higher:
+        raise ConfigError(f"--min-score: {job.score.task}:{metric} is better when smaller, so a floor on it means "
+                          f"nothing; rank by a metric where larger is better or drop --min-score")
+    return scorer, {"task": job.score.task, "metric": metric, "higher_is_better": higher}
 
 
 def _open_out(job: SearchJob, runtime) -> dict:
@@ -192,8 +248,10 @@ def finished(out: Path, candidate: Candidate) -> Optional[dict]:
 
 
 def run_candidate(setup: SearchSetup, candidate: Candidate, *, runtime, train_cfg, distill_cfg, teacher,
-                  train_batches, valid_batches, tokenizer: Optional[dict], log: Callable[[str], None]) -> dict:
-    """Plan, prune (rank 0), distill (all ranks) and record one candidate; returns its result."""
+                  train_batches, valid_batches, tokenizer: Optional[dict], log: Callable[[str], None],
+                  scorer=None, score: Optional[dict] = None) -> dict:
+    """Plan, prune (rank 0), distill (all ranks) and record one candidate; returns its result. With a scorer,
+    the task is scored on the distilled student (at its last step) and the result gains "score"."""
     from megatron_minitron.distill.loop import distill
     from megatron_minitron.model.checkpoint import latest_iteration, resolve
     from megatron_minitron.plan import make_plan
@@ -216,8 +274,11 @@ def run_candidate(setup: SearchSetup, candidate: Candidate, *, runtime, train_cf
     final = distill(teacher_info=setup.source, student_info=resolve(cdir / "student"), runtime=runtime,
                     train_cfg=train_cfg, cfg=distill_cfg, train_batches=train_batches, valid_batches=valid_batches,
                     save=cdir / "run", tokenizer=tokenizer, teacher=teacher,
-                    provenance={"command": "search", "candidate": candidate.name, "plan": plan.to_json()})
+                    provenance={"command": "search", "candidate": candidate.name, "plan": plan.to_json()},
+                    task_scores=scorer)
     result = {**candidate.to_json(), **read_curves(cdir / "run" / "metrics.jsonl"), "final": final}
+    if score is not None:
+        result["score"] = task_score(result["tasks"], score, cdir / "run" / "metrics.jsonl")
     if runtime.rank == 0:
         tmp = cdir / (RESULT + ".tmp")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -227,9 +288,20 @@ def run_candidate(setup: SearchSetup, candidate: Candidate, *, runtime, train_cf
             for path in (cdir / "run").glob("iter_*"):
                 shutil.rmtree(path, ignore_errors=True)
     runtime.barrier()
+    scored = f", {score['task']} {score['metric']} {result['score']:.4f}" if score is not None else ""
     log(f"candidate {candidate.name}: {candidate.params:,} parameters, zero-shot LM loss "
-        f"{result['zero_shot_lm_loss']:.4f}, after {train_cfg.train_iters} steps {result['val_lm_loss']:.4f}")
+        f"{result['zero_shot_lm_loss']:.4f}, after {train_cfg.train_iters} steps {result['val_lm_loss']:.4f}{scored}")
     return result
+
+
+def task_score(tasks: dict, score: dict, where: Path) -> float:
+    """The ranking metric among a candidate's last task scores."""
+    key = f"{score['task']}/{score['metric']}"
+    if key not in tasks:
+        raise ConfigError(f"--score {score['task']}:{score['metric']}: {where} holds no {key} after distillation "
+                          f"(scores: {', '.join(tasks) or 'none'}); a group needs an aggregate of that metric, or "
+                          f"rank by one of its tasks")
+    return tasks[key]
 
 
 def read_curves(metrics: Path) -> dict:
@@ -238,18 +310,46 @@ def read_curves(metrics: Path) -> dict:
     valid = [r for r in records if r["kind"] == "valid"]
     zero = next((r for r in valid if r["iteration"] == 0), None)
     curve = [[r["iteration"], r["val lm loss"]] for r in valid if r["iteration"] > 0]
+    tasks = [r for r in records if r["kind"] == "tasks"]
+    last_tasks = {k: v for k, v in tasks[-1].items() if k not in ("kind", "iteration")} if tasks else {}
     return {"zero_shot_lm_loss": zero["val lm loss"] if zero else math.nan,
             "val_lm_loss": curve[-1][1] if curve else math.nan, "curve": curve,
-            "train_curve": [[r["iteration"], r["loss"]] for r in records if r["kind"] == "train"]}
+            "train_curve": [[r["iteration"], r["loss"]] for r in records if r["kind"] == "train"],
+            **({"tasks": last_tasks} if tasks else {})}
 
 
-def rank(results: list[dict]) -> dict:
-    """Rankings by validation loss after retraining and zero-shot, and how well they agree."""
+def rank(results: list[dict], score: Optional[dict] = None) -> dict:
+    """Rankings by validation loss after retraining and zero-shot, and how well they agree. With `score`
+    ({"task", "metric", "higher_is_better"}), "ranking" and "winner" follow each result's "score" instead (ties
+    broken by validation loss; a NaN score ranks last), and "loss_ranking" / "loss_winner" keep the loss's."""
     by_val = sorted(results, key=lambda r: (r["val_lm_loss"], r["name"]))
     by_zero = sorted(results, key=lambda r: (r["zero_shot_lm_loss"], r["name"]))
-    return {"ranking": [r["name"] for r in by_val], "zero_shot_ranking": [r["name"] for r in by_zero],
-            "winner": by_val[0]["name"], "zero_shot_winner": by_zero[0]["name"],
-            "spearman": spearman([r["name"] for r in by_val], [r["name"] for r in by_zero])}
+    ranking = {"ranking": [r["name"] for r in by_val], "zero_shot_ranking": [r["name"] for r in by_zero],
+               "winner": by_val[0]["name"], "zero_shot_winner": by_zero[0]["name"],
+               "loss_ranking": [r["name"] for r in by_val], "loss_winner": by_val[0]["name"],
+               "spearman": spearman([r["name"] for r in by_val], [r["name"] for r in by_zero])}
+    if score is not None:
+        sign = -1 if score["higher_is_better"] else 1
+
+        def key(r: dict) -> tuple:
+            value = r["score"]
+            return (math.inf if math.isnan(value) else sign * value, r["val_lm_loss"], r["name"])
+
+        by_score = sorted(results, key=key)
+        ranking.update(ranking=[r["name"] for r in by_score], winner=by_score[0]["name"], score=dict(score))
+    return ranking
+
+
+def check_floor(results: list[dict], ranking: dict, min_score: float) -> None:
+    """ScoreFloorError naming the best candidate, its score and the floor when it scores below --min-score."""
+    best = next(r for r in results if r["name"] == ranking["winner"])
+    score = ranking["score"]
+    if not best["score"] >= min_score:  # NaN fails too
+        raise ScoreFloorError(
+            f"--min-score {min_score:g}: the best candidate, {best['name']}, scores {score['task']} "
+            f"{score['metric']} {best['score']:.4f}, below the floor; no winner was distilled further (every "
+            f"candidate is in search.md). Lower --min-score, raise --budget or distill candidates longer "
+            f"(--train-iters)")
 
 
 def spearman(a: list[str], b: list[str]) -> float:
@@ -271,18 +371,25 @@ def write_report(out: Path, setup_json: dict, results: list[dict], ranking: dict
                                                 indent=2) + "\n")
     order = {name: i + 1 for i, name in enumerate(ranking["ranking"])}
     zero = {name: i + 1 for i, name in enumerate(ranking["zero_shot_ranking"])}
-    lines = [f"# Architecture search: {len(results)} candidates near {setup_json['budget']:,} parameters", "",
-             f"Winner after retraining: **{ranking['winner']}**; zero-shot winner: {ranking['zero_shot_winner']}; "
-             f"Spearman correlation of the two rankings: {ranking['spearman']:.2f}.", "",
-             "| rank | candidate | parameters | zero-shot LM loss (rank) | LM loss after retraining |",
-             "|---:|---|---:|---:|---:|"]
+    score = ranking.get("score")
+    by = "" if score is None else (f" by {score['task']} {score['metric']} "
+                                   f"({'larger' if score['higher_is_better'] else 'smaller'} is better)")
+    kind = " active" if setup_json.get("budget_kind") == "active" else ""
+    lines = [f"# Architecture search: {len(results)} candidates near {setup_json['budget']:,}{kind} parameters", "",
+             f"Winner after retraining{by}: **{ranking['winner']}**; zero-shot winner: {ranking['zero_shot_winner']}; "
+             f"Spearman correlation of the loss rankings after retraining and zero-shot: {ranking['spearman']:.2f}.",
+             "", "| rank | candidate | parameters | zero-shot LM loss (rank) | LM loss after retraining |"
+             + ("" if score is None else f" {score['task']} {score['metric']} |"),
+             "|---:|---|---:|---:|---:|" + ("" if score is None else "---:|")]
     for r in sorted(results, key=lambda r: order[r["name"]]):
         lines.append(f"| {order[r['name']]} | {r['name']} | {r['params']:,} | {r['zero_shot_lm_loss']:.4f} "
-                     f"({zero[r['name']]}) | {r['val_lm_loss']:.4f} |")
+                     f"({zero[r['name']]}) | {r['val_lm_loss']:.4f} |"
+                     + ("" if score is None else f" {r['score']:.4f} |"))
     if winner is not None:
         steps = winner["curve"][-1][0] if winner["curve"] else 0
+        scored = "" if score is None else f", {score['task']} {score['metric']} {winner['score']:.4f}"
         lines += ["", f"The winner distilled for {steps} steps (`winner/`): validation LM loss "
-                  f"{winner['val_lm_loss']:.4f}, zero-shot {winner['zero_shot_lm_loss']:.4f}."]
+                  f"{winner['val_lm_loss']:.4f}, zero-shot {winner['zero_shot_lm_loss']:.4f}{scored}."]
     lines += ["", "Names: L layers, h hidden, f MLP, H query heads, G query groups. "
               "![validation loss vs step](search.png)", ""]
     (out / "search.md").write_text("\n".join(lines))

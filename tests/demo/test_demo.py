@@ -23,10 +23,18 @@ SIZE = ["--arch", "tiny", "--tp", "2", "--teacher-iters", "50", "--teacher-lr", 
 ARMS = ("width_kd", "depth_kd", "scratch", "width_lm")
 
 
+TASK_LIMIT = 24
+
+
+def _env(root: Path) -> dict:
+    """Offline Hugging Face libraries (the built-in task needs no download), their cache in the test's directory."""
+    return child_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(root / "hf-datasets"))
+
+
 def _demo(out: Path, cache: Path, data_cache: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "megatron_minitron", "demo", "--out", str(out), "--teacher-cache", str(cache),
            "--cache-dir", str(data_cache), *SIZE, *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(out.parent), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
     return proc
 
@@ -34,7 +42,8 @@ def _demo(out: Path, cache: Path, data_cache: Path, *extra: str) -> subprocess.C
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, data_cache):
     root = tmp_path_factory.mktemp("demo")
-    proc = _demo(root / "run", root / "teachers", data_cache, "--retrain-iters", str(ITERS))
+    proc = _demo(root / "run", root / "teachers", data_cache, "--retrain-iters", str(ITERS), "--task-limit",
+                 str(TASK_LIMIT))
     return root, proc.stdout
 
 
@@ -43,8 +52,9 @@ def _records(run_dir: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def _row(report: str, first_cell: str) -> list[str]:
-    for line in report.splitlines():
+def _row(report: str, first_cell: str, after: str = "") -> list[str]:
+    """The first table row starting with first_cell, below the line containing `after`."""
+    for line in report[report.index(after):].splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if cells[0] == first_cell:
             return cells
@@ -128,6 +138,36 @@ def test_aggregation_grid_and_findings_follow_from_the_numbers(demo):
     assert f"agrees with {sum(expected.values())} of the 5 paper findings" in report
 
 
+def test_task_accuracy_of_teacher_and_students_in_the_report(demo, data_cache):
+    """The built-in task's accuracy of the teacher and every retrained student sits beside their losses, equal
+    to results.json, with its chance level; a separate `minitron evaluate` of a student (TP=1, not the demo's
+    TP=2) gives the same accuracy."""
+    pytest.importorskip("lm_eval", reason="the demo scores the built-in task with lm-eval (pip install -e .[test])")
+    root = demo[0]
+    results = json.loads((root / "run" / "results.json").read_text())
+    report = (root / "run" / "report.md").read_text()
+    tasks = results["tasks"]
+    assert (tasks["task"], tasks["chance"], tasks["documents"]) == ("minitron_continuation", 0.25, TASK_LIMIT)
+    assert set(tasks["models"]) == {"teacher", *ARMS}
+    assert "| minitron_continuation acc (chance 0.25) | acc_mutual_info |" in report
+    assert "a uniform guess scores 0.25" in report
+    for name, label in (("teacher", "teacher"), *((arm, results["arms"][arm]["label"]) for arm in ARMS)):
+        m = tasks["models"][name]
+        assert 0.0 <= m["acc"] <= 1.0
+        row = _row(report, label, after="## Retraining")
+        assert row[6:] == [f"{m['acc']:.3f} ± {m['acc_stderr']:.3f}",
+                           f"{m['acc_mutual_info']:.3f} ± {m['acc_mutual_info_stderr']:.3f}"]
+    student = Path(results["arms"]["width_kd"]["path"])
+    cmd = [sys.executable, "-m", "megatron_minitron", "evaluate", "--load", str(student), "--tasks",
+           "minitron_continuation", "--limit", str(TASK_LIMIT), "--cache-dir", str(data_cache), "--out",
+           str(root / "eval")]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(root), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = json.loads((root / "eval" / "results.json").read_text())["results"]["minitron_continuation"]
+    assert again["acc,none"] == tasks["models"]["width_kd"]["acc"]
+    assert again["acc_mutual_info,none"] == tasks["models"]["width_kd"]["acc_mutual_info"]
+
+
 def test_plots_are_written(demo):
     run = demo[0] / "run"
     results = json.loads((run / "results.json").read_text())
@@ -147,13 +187,14 @@ def test_a_second_run_reuses_the_teacher_and_replaces_its_own_output(demo, data_
     assert results["teacher"]["source"] == "trained" and teacher.parent == root / "teachers"
     before = (teacher / "metrics.jsonl").stat().st_mtime_ns
     proc = _demo(root / "run", root / "teachers", data_cache, "--retrain-iters", "3", "--retrain-warmup-iters", "1",
-                 "--eval-interval", "0", "--no-plots")
+                 "--eval-interval", "0", "--no-plots", "--task-limit", "0")
     again = json.loads((root / "run" / "results.json").read_text())
     assert again["teacher"]["source"] == "cache" and again["teacher"]["path"] == str(teacher)
     assert again["teacher"]["val_loss"] == pytest.approx(results["teacher"]["val_loss"], rel=1e-6)
     assert (teacher / "metrics.jsonl").stat().st_mtime_ns == before
     assert "teacher: reusing" in proc.stdout and not re.search(r"teacher: training", proc.stdout)
     assert again["arms"]["width_kd"]["train_steps"] == 3 and again["plots"] == []
+    assert again["tasks"] is None and "The built-in task was not scored" in (root / "run" / "report.md").read_text()
     assert not (root / "run" / "plots").exists()  # the previous run's output was replaced
 
 
