@@ -354,3 +354,39 @@ def cache_logits(*, teacher_info, runtime, data_cfg, tokenizer, train_iters: int
         write_manifest(out, manifest)
     runtime.barrier()
     return manifest
+
+
+def check_run(cache: "LogitsCache", *, student_arch, data_cfg, train_cfg, distill_cfg,
+              teacher_fingerprint: Optional[str] = None) -> None:
+    """Refuse a cache that does not hold this distillation run's targets, naming the field: other data,
+    order or sequence length, another vocabulary or temperature, another teacher (when --teacher is also
+    given), or too few samples; and the options a cache cannot serve."""
+    m, where = cache.manifest, str(cache.root)
+    if distill_cfg.intermediate_layers:
+        raise ConfigError("--intermediate-layers needs the teacher's hidden states, a logits cache holds only its "
+                          "top-k logits; distill with --teacher instead of --teacher-logits")
+    if distill_cfg.top_k is not None:
+        raise ConfigError(f"--kd-top-k: with --teacher-logits the cache's top-{m.top_k} tokens are the support; "
+                          f"write a cache with another `cache-logits --top-k` instead")
+    expected = {f"data.{key}": value for key, value in data_settings(data_cfg).items()}
+    expected.update(vocab_size=student_arch.vocab_size, padded_vocab=student_arch.padded_vocab,
+                    temperature=float(distill_cfg.temperature))
+    if teacher_fingerprint is not None:
+        expected["teacher_fingerprint"] = teacher_fingerprint
+    compare(m, expected, where=where)
+    gbs = train_cfg.global_batch_size
+    if train_cfg.train_iters * gbs > m.samples("train"):
+        raise ConfigError(f"--teacher-logits {where} holds {m.samples('train')} training samples, --train-iters "
+                          f"{train_cfg.train_iters} x --global-batch-size {gbs} needs {train_cfg.train_iters * gbs}; "
+                          f"write a cache with a larger --train-iters")
+    if m.samples("valid") and train_cfg.eval_iters * gbs > m.samples("valid"):
+        raise ConfigError(f"--teacher-logits {where} holds {m.samples('valid')} validation samples, --eval-iters "
+                          f"{train_cfg.eval_iters} x --global-batch-size {gbs} needs {train_cfg.eval_iters * gbs}; "
+                          f"lower --eval-iters or write a cache with a larger one")
+
+
+def check_tokenizer(cache: "LogitsCache", tokenizer) -> None:
+    if tokenizer.fingerprint != cache.manifest.tokenizer_fingerprint:
+        raise ConfigError(f"--teacher-logits {cache.root} was written for tokenizer_fingerprint "
+                          f"{cache.manifest.tokenizer_fingerprint!r}, this run's tokenizer is {tokenizer.fingerprint!r}; "
+                          f"write a cache with this run's tokenizer")
