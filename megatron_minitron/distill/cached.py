@@ -92,8 +92,13 @@ def distill_from_cache(*, student_info, runtime, train_cfg, cfg: DistillConfig, 
     trainer = build_trainer(student_info.arch, runtime, train_cfg)
     task = cached_task(runtime, cfg)
     if latest_iteration(save) is None:
-        MetricsLog(save / "metrics.jsonl", enabled=runtime.is_logging_rank).keep_until(-1)
+        log = MetricsLog(save / "metrics.jsonl", enabled=runtime.is_logging_rank)
+        log.keep_until(-1)  # a run killed before its first checkpoint starts again from nothing
         init_from(trainer, student_info.root)
+        if valid_batches is not None:  # the student before training (search ranks candidates by it too)
+            val = evaluate(trainer, task, valid_batches(), train_cfg.eval_iters)
+            log.say(f"before training: student lm loss {val['lm loss']:.4f}, kd loss {val['kd loss']:.4f}")
+            log.write({"kind": "valid", "iteration": 0, **{f"val {k}": v for k, v in val.items()}})
     train(trainer, task=task, train_batches=train_batches, valid_batches=valid_batches,
           paths=RunPaths(save=save, metrics=save / "metrics.jsonl"), tokenizer=tokenizer, provenance=provenance,
           task_scores=task_scores, task_scores_interval=task_scores_interval)

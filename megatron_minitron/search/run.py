@@ -72,12 +72,17 @@ class SearchJob:
     """Then distill the winner this many steps into OUT/winner (0: no)."""
     overwrite: bool = False
     """Delete a previous search in OUT first."""
+    teacher_logits: Optional[str] = None
+    """A logits cache of the source (`minitron cache-logits`) every candidate distills from instead of the
+    teacher (already checked against this search's data and source); the winner too if it covers its run."""
 
     def setup_json(self) -> dict:
         """The settings a resumed search must share with the one it continues (OUT/space.json), as stored."""
         raw = {"source": str(self.setup.source.root), "scores": self.scores_path, "budget": self.budget,
                "tolerance": self.tolerance, "space": self.space.to_json(), "train": self.train.to_json(),
                "distill": self.distill.to_json(), "removed": dict(self.removed)}
+        if self.teacher_logits is not None:
+            raw["teacher_logits"] = self.teacher_logits
         return json.loads(json.dumps(raw))  # tuples become lists, as in the file
 
 
@@ -121,9 +126,18 @@ def search(job: SearchJob, runtime) -> dict:
         f"({sum(job.removed.values())} combinations removed: {dict(job.removed)}); {cfg.train_iters} distillation "
         f"steps each")
     tokenizer = load_tokenizer(job.data)
-    batches = run_batches(job.data, tokenizer, cfg, runtime, model_vocab_size=source.arch.vocab_size)
-    teacher = load_teacher(source, runtime, job.distill, dtype=_dtype(cfg, runtime),
-                           padded_vocab=source.arch.padded_vocab)
+    cache, teacher = None, None
+    if job.teacher_logits is not None:  # every candidate reads the same cached targets; no teacher built
+        from megatron_minitron.distill.cached import cached_batches
+        from megatron_minitron.distill.logits_cache import LogitsCache
+
+        cache = LogitsCache(job.teacher_logits)
+        batches = cached_batches(cache, job.data, tokenizer, cfg, runtime, model_vocab_size=source.arch.vocab_size)
+        log(f"distilling every candidate from the cached top-{cache.manifest.top_k} in {cache.root}")
+    else:
+        batches = run_batches(job.data, tokenizer, cfg, runtime, model_vocab_size=source.arch.vocab_size)
+        teacher = load_teacher(source, runtime, job.distill, dtype=_dtype(cfg, runtime),
+                               padded_vocab=source.arch.padded_vocab)
     common = dict(runtime=runtime, distill_cfg=job.distill, teacher=teacher,
                   tokenizer=tokenizer_json(job.data, tokenizer), log=log)
     results = []
@@ -145,8 +159,15 @@ def search(job: SearchJob, runtime) -> dict:
     if job.winner_iters:
         winner = next(c for c in job.candidates if c.name == ranking["winner"])
         full = dataclasses.replace(cfg, train_iters=job.winner_iters)
-        # data sized for the winner's run: the same order a separate `minitron distill` of that length sees
-        batches = run_batches(job.data, tokenizer, full, runtime, model_vocab_size=source.arch.vocab_size)
+        if cache is not None and job.winner_iters * cfg.global_batch_size <= cache.manifest.samples("train"):
+            log(f"the winner's {job.winner_iters} steps are in the cache too")  # batches as they are
+        else:
+            # data sized for the winner's run: the same order a separate `minitron distill` of that length sees
+            batches = run_batches(job.data, tokenizer, full, runtime, model_vocab_size=source.arch.vocab_size)
+            if common["teacher"] is None:
+                log(f"the cache does not cover the winner's {job.winner_iters} steps: loading the teacher")
+                common["teacher"] = load_teacher(source, runtime, job.distill, dtype=_dtype(cfg, runtime),
+                                                 padded_vocab=source.arch.padded_vocab)
         if runtime.rank == 0:
             (out / "winner").mkdir(exist_ok=True)
             (out / "winner" / "winner.json").write_text(json.dumps({"winner_iters": job.winner_iters}) + "\n")
@@ -213,10 +234,15 @@ def run_candidate(setup: SearchSetup, candidate: Candidate, *, runtime, train_cf
             prune_checkpoint(setup.source.root, plan, cdir / "student", print_fn=lambda _: None)
     runtime.barrier()
     set_seed(setup.seed)
-    final = distill(teacher_info=setup.source, student_info=resolve(cdir / "student"), runtime=runtime,
-                    train_cfg=train_cfg, cfg=distill_cfg, train_batches=train_batches, valid_batches=valid_batches,
-                    save=cdir / "run", tokenizer=tokenizer, teacher=teacher,
-                    provenance={"command": "search", "candidate": candidate.name, "plan": plan.to_json()})
+    common = dict(student_info=resolve(cdir / "student"), runtime=runtime, train_cfg=train_cfg, cfg=distill_cfg,
+                  train_batches=train_batches, valid_batches=valid_batches, save=cdir / "run", tokenizer=tokenizer,
+                  provenance={"command": "search", "candidate": candidate.name, "plan": plan.to_json()})
+    if teacher is None:  # the cached targets come with the batches
+        from megatron_minitron.distill.cached import distill_from_cache
+
+        final = distill_from_cache(**common)
+    else:
+        final = distill(teacher_info=setup.source, teacher=teacher, **common)
     result = {**candidate.to_json(), **read_curves(cdir / "run" / "metrics.jsonl"), "final": final}
     if runtime.rank == 0:
         tmp = cdir / (RESULT + ".tmp")

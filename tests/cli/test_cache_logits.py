@@ -6,6 +6,7 @@ again, and a disk too small for the announced size is refused before the first f
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -107,7 +108,7 @@ def test_a_student_learns_from_the_cache_without_its_teacher(cache, student, dat
 
 def _fails(argv, capsys) -> str:
     assert main([*map(str, argv)]) == 2
-    return capsys.readouterr().err
+    return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_a_cache_for_another_run_is_refused_naming_the_field(cache, student, tiny_teacher, data_cache, tmp_path,
@@ -152,3 +153,29 @@ def test_a_disk_too_small_for_the_announced_size_is_refused(small_disk, tiny_tea
     line = proc.stderr.strip().splitlines()[-1]
     assert "the cache needs 25.2 MB more, its filesystem has" in line and "lower --top-k" in line, line
     assert not any(disk.iterdir())
+
+
+def test_every_search_candidate_and_the_winner_read_the_same_cache(cache, tiny_teacher, tiny_scores, data_cache,
+                                                                    tmp_path, capsys):
+    out = tmp_path / "search"
+    proc = _minitron("search", "--load", tiny_teacher, "--scores", tiny_scores, "--out", out, "--cache-dir",
+                     data_cache, "--teacher-logits", cache[0], "--hidden", "56", "48", "--ffn", "96", "--budget",
+                     "950k", "--tolerance", "0.1", "--train-iters", ITERS, *DATA, "--lr", "2e-3", "--lr-warmup-iters",
+                     "1", "--eval-interval", "2", "--log-interval", "2", "--winner-iters", ITERS)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"distilling every candidate from the cached top-{K}" in proc.stdout
+    assert f"the winner's {ITERS} steps are in the cache too" in proc.stdout and "loading the teacher" not in proc.stdout
+    result = json.loads((out / "search.json").read_text())
+    assert result["teacher_logits"] == str(cache[0]) and len(result["candidates"]) == 2
+    by_name = {c["name"]: c for c in result["candidates"]}
+    assert by_name["L4-h48-f96-H4-G2"]["train_curve"][0][1] > by_name["L4-h56-f96-H4-G2"]["train_curve"][0][1] > 0
+    # the winner's run has the candidate's length here: from the same cache it repeats the candidate's run exactly
+    winner, again = by_name[result["winner"]], result["winner_distilled"]
+    assert len(again["train_curve"]) == ITERS and all(math.isfinite(loss) for _, loss in again["train_curve"])
+    losses = [[loss for _, loss in run["train_curve"]] for run in (again, winner)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert again["val_lm_loss"] == pytest.approx(winner["val_lm_loss"], rel=1e-6)
+    err = _fails(["search", "--load", tiny_teacher, "--scores", tiny_scores, "--out", tmp_path / "s2",
+                  "--cache-dir", data_cache, "--teacher-logits", cache[0], "--hidden", "56", "--ffn", "96", "--budget", "950k",
+                  "--tolerance", "0.1", "--train-iters", ITERS, *DATA, "--seed", "3"], capsys)
+    assert "written for data.seed 1234, this run has 3" in err
