@@ -78,15 +78,17 @@ def _cache(args, parallel, env, cfg, data_cfg, teacher, out: Path) -> int:
 
     runtime = initialize(parallel, seed=cfg.seed, env=env)
     try:
-        log = print if runtime.is_logging_rank else (lambda *_: None)
+        def log(line: str) -> None:
+            if runtime.is_logging_rank:
+                print(line, flush=True)
+
         manifest = cache_logits(teacher_info=teacher, runtime=runtime, data_cfg=data_cfg,
                                 tokenizer=load_tokenizer(data_cfg), train_iters=cfg.train_iters,
                                 global_batch_size=cfg.global_batch_size, micro_batch_size=cfg.micro_batch_size,
                                 eval_iters=cfg.eval_iters, top_k=args.top_k, temperature=args.kd_temperature, out=out,
-                                overwrite=args.overwrite, dtype=torch.bfloat16 if args.bf16 else None,
-                                log=lambda line: log(line, flush=True))
+                                overwrite=args.overwrite, dtype=torch.bfloat16 if args.bf16 else None, log=log)
         log(f"wrote {out}: {manifest.samples('train')} training and {manifest.samples('valid')} validation samples "
-            f"of the teacher's top-{manifest.top_k}", flush=True)
+            f"of the teacher's top-{manifest.top_k}")
     finally:
         shutdown()
     return 0

@@ -179,3 +179,18 @@ def test_every_search_candidate_and_the_winner_read_the_same_cache(cache, tiny_t
                   "--cache-dir", data_cache, "--teacher-logits", cache[0], "--hidden", "56", "--ffn", "96", "--budget", "950k",
                   "--tolerance", "0.1", "--train-iters", ITERS, *DATA, "--seed", "3"], capsys)
     assert "written for data.seed 1234, this run has 3" in err
+
+
+def test_the_command_at_tp2_writes_the_ids_of_tp1(cache, tiny_teacher, data_cache, tmp_path):
+    from megatron_minitron.distill.logits_cache import LogitsCache
+    from tests.conftest import torchrun
+
+    torchrun("-m", "megatron_minitron", *_cache_cmd(tiny_teacher, tmp_path / "tp2", data_cache, "--tp", "2"),
+             nproc=2, timeout=600)
+    tp1, tp2 = LogitsCache(cache[0]), LogitsCache(tmp_path / "tp2")
+    for split in ("train", "valid"):
+        for i in range(tp1.manifest.samples(split)):
+            a, b = tp1.sample(split, i), tp2.sample(split, i)
+            assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["teacher_ids"], b["teacher_ids"]), (split, i)
+            assert torch.allclose(a["teacher_logp"], b["teacher_logp"], atol=1e-5)
+            assert torch.allclose(a["teacher_rest"], b["teacher_rest"], atol=1e-5)
