@@ -35,8 +35,9 @@ def minitron(*args) -> tuple[float, str]:
 
 def final(run: Path) -> dict:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    valid = [r for r in records if r["kind"] == "valid"][-1]
-    return {"val lm loss": valid["val lm loss"], "val kd loss": valid["val kd loss"]}
+    valid = [r for r in records if r["kind"] == "valid"]
+    return {"val lm loss": valid[-1]["val lm loss"], "val kd loss": valid[-1]["val kd loss"],
+            "start val lm loss": valid[0]["val lm loss"]}
 
 
 def main() -> None:
