@@ -4,7 +4,8 @@ distills from it (`minitron distill/search --teacher-logits`) instead of running
 Layout of a cache directory:
     manifest.json            what the cache was made from (`CacheManifest`); `complete` once every shard is written
     train_000000.bin ...     one shard per global batch of samples of the training split (sample i in
-    valid_000000.bin ...     shard i // shard_samples), then the validation split the same way
+    valid_000000.bin ...     shard i // global_batch_size), then the validation split the same way
+    metrics.json             throughput of the last run that wrote into it
 Each shard holds, for its n samples of S tokens, four little-endian arrays one after the other:
     tokens int32 [n, S] | ids int32 [n, S, K] | log-probabilities float32 [n, S, K] | log rest float32 [n, S]
 (`cached_kl.teacher_top_k`'s three tensors, and the input tokens, so that a reader proves it pairs each
@@ -23,6 +24,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -34,6 +36,8 @@ from megatron_minitron.config import ConfigError
 
 FORMAT = "minitron-logits-cache/1"
 MANIFEST = "manifest.json"
+METRICS = "metrics.json"
+"""Throughput of the last `cache-logits` run into the directory (samples and bytes it wrote, seconds)."""
 SPLITS = ("train", "valid")
 TARGET_KEYS = ("teacher_ids", "teacher_logp", "teacher_rest")
 """Keys a cached micro-batch carries beside data/loader.BATCH_KEYS."""
@@ -341,6 +345,7 @@ def cache_logits(*, teacher_info, runtime, data_cfg, tokenizer, train_iters: int
     load_checkpoint(teacher_info, model=model)
     total = sum(manifest.shard_samples(split, i) for split in SPLITS for i in todo[split])
     progress = Progress("cache-logits", total, runtime.is_logging_rank)
+    start = time.perf_counter()
     for split, dataset in (("train", train_ds), ("valid", valid_ds)):
         if todo[split]:
             write_split(model, runtime, dataset, split=split, manifest=manifest, out=out,
@@ -352,6 +357,11 @@ def cache_logits(*, teacher_info, runtime, data_cfg, tokenizer, train_iters: int
             if missing_shards(out, manifest, split):
                 raise RuntimeError(f"{out}: shards of {split} missing after every rank finished")
         write_manifest(out, manifest)
+        seconds = time.perf_counter() - start
+        metrics = {"samples_written": total, "bytes_written": need, "seconds": seconds,
+                   "tokens_per_s": total * manifest.seq_length / max(seconds, 1e-9), "world_size": runtime.world_size}
+        (out / METRICS).write_text(json.dumps(metrics, indent=1) + "\n")
+        log(f"cache-logits: {total} samples in {seconds:.1f} s ({metrics['tokens_per_s']:,.0f} tokens/s)")
     runtime.barrier()
     return manifest
 

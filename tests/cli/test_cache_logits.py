@@ -59,6 +59,8 @@ def test_the_announced_size_is_what_is_written(cache):
     assert f"{tokens:,} tokens x top-{K} = {tokens * per_token / 1e6:,.1f} MB ({per_token} bytes/token)" in stdout
     assert sum(p.stat().st_size for p in out.glob("*.bin")) == tokens * per_token
     assert json.loads((out / "manifest.json").read_text())["complete"] is True
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["samples_written"] == (ITERS + 2) * 8 and metrics["bytes_written"] == tokens * per_token
 
 
 @pytest.mark.parametrize("dp", [1, 2])
@@ -141,6 +143,7 @@ def test_a_truncated_cache_is_refused_then_completed_by_the_same_command(cache, 
     proc = _minitron(*_cache_cmd(tiny_teacher, cut, data_cache))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"{len(whole) / 1e6:,.1f} MB still to write" in proc.stdout
+    assert json.loads((cut / "metrics.json").read_text())["samples_written"] == 8  # the one shard redone
     assert shard.read_bytes() == whole  # redone, bit for bit
     other = _minitron(*_cache_cmd(tiny_teacher, cut, data_cache, "--seed", "7"))
     assert other.returncode == 2 and "holds a cache written for data.seed 1234, this command asks for 7" in other.stderr
