@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -197,3 +200,30 @@ def test_the_command_at_tp2_writes_the_ids_of_tp1(cache, tiny_teacher, data_cach
             assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["teacher_ids"], b["teacher_ids"]), (split, i)
             assert torch.allclose(a["teacher_logp"], b["teacher_logp"], atol=1e-5)
             assert torch.allclose(a["teacher_rest"], b["teacher_rest"], atol=1e-5)
+
+
+def test_a_killed_cache_run_is_completed_by_the_same_command(tiny_teacher, data_cache, tmp_path):
+    """SIGKILL (the whole process group, as a scheduler does) once a few shards are in place; the same
+    command then writes only the rest, and the cache equals an uninterrupted one byte for byte."""
+    iters = ["--train-iters", "40"]
+    reference = _minitron(*_cache_cmd(tiny_teacher, tmp_path / "whole", data_cache, *iters))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "megatron_minitron", *map(str, _cache_cmd(tiny_teacher, out, data_cache, *iters))]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while len(list(out.glob("train_*.bin"))) < 3:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(out.glob("*.bin")))
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False and done < 42
+    again = _minitron(*_cache_cmd(tiny_teacher, out, data_cache, *iters))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["samples_written"] <= (42 - done + 1) * 8
+    names = sorted(p.name for p in (tmp_path / "whole").glob("*.bin"))
+    assert names == sorted(p.name for p in out.glob("*.bin")) and len(names) == 42
+    assert all((out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes() for name in names)
+    assert json.loads((out / "manifest.json").read_text())["complete"] is True
