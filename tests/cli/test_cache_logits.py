@@ -227,3 +227,19 @@ def test_a_killed_cache_run_is_completed_by_the_same_command(tiny_teacher, data_
     assert names == sorted(p.name for p in out.glob("*.bin")) and len(names) == 42
     assert all((out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes() for name in names)
     assert json.loads((out / "manifest.json").read_text())["complete"] is True
+
+
+def test_a_cached_run_stopped_and_resumed_equals_the_uninterrupted_one(cache, student, data_cache, tmp_path):
+    flags = ["distill", "--teacher-logits", cache[0], "--student", student, "--cache-dir", data_cache,
+             "--train-iters", ITERS, *DATA, "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "1",
+             "--eval-interval", str(ITERS)]
+    runs = {}
+    for name, extra in (("whole", [[]]), ("split", [["--exit-interval", "2"], ["--resume"]])):
+        for more in extra:
+            proc = _minitron(*flags, "--save", tmp_path / name, *more)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [(r["iteration"], r["loss"]) for r in records if r["kind"] == "train"]
+    assert len(runs["whole"]) == ITERS and runs["split"] == runs["whole"]
+    resumes = json.loads((tmp_path / "split" / "run.json").read_text())["resumes"]
+    assert resumes[-1]["iteration"] == 2
