@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "importance": ("megatron_minitron.cli.importance", "score heads, neurons, hidden channels and layers"),
     "prune": ("megatron_minitron.cli.prune", "rewrite a checkpoint into its pruned version (streaming, N workers)"),
     "distill": ("megatron_minitron.cli.distill", "retrain a pruned student by distillation from its teacher"),
+    "cache-logits": ("megatron_minitron.cli.cache_logits", "store the teacher's top-k logits once for many students"),
     "search": ("megatron_minitron.cli.search", "find the best student shape within a parameter budget"),
     "inspect": ("megatron_minitron.cli.inspect", "print a checkpoint's architecture and parameter count"),
     "demo": ("megatron_minitron.cli.demo", "the whole method on the embedded corpus, with a report"),

@@ -26,7 +26,12 @@ from megatron_minitron.data.blend import parse_blend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", required=True, help="the unpruned model's checkpoint")
+    parser.add_argument("--teacher", default=None,
+                        help="the unpruned model's checkpoint (with --teacher-logits: optional, and then it must be "
+                             "the cache's teacher)")
+    parser.add_argument("--teacher-logits", default=None, metavar="DIR",
+                        help="distill from the teacher's top-k logits cached by `minitron cache-logits` (no teacher is "
+                             "built); the cache must have been written with this run's data flags")
     parser.add_argument("--student", required=True, help="the student's initial checkpoint (e.g. a pruned one)")
     parser.add_argument("--save", required=True, help="run directory: checkpoints, metrics.jsonl, run.json")
     parser.add_argument("--resume", action="store_true", help="continue the run already in --save")
@@ -115,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
     eval_cfg = eval_task_config(args)
     save = Path(args.save)
     check_run_dir(save, resume=args.resume, overwrite=args.overwrite)
+    if args.teacher_logits is not None:
+        return _run_cached(args, parallel, cfg, dcfg, eval_cfg, save)
+    if args.teacher is None:
+        raise ConfigError("--teacher is required (or --teacher-logits DIR, written by `minitron cache-logits`)")
     teacher, student = ckpt.resolve(args.teacher), ckpt.resolve(args.student)
     check_checkpoint_space(save, student.arch)
     for name, info in (("--teacher", teacher), ("--student", student)):
@@ -202,6 +211,89 @@ def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: P
                 task_scores_interval=interval,
                 provenance={"command": "distill", "teacher": str(teacher.root), "student": str(student.root),
                             "plan": student.metadata.get("plan"), "distill": dcfg.to_json()})
+    finally:
+        shutdown()
+    return 0
+
+
+def _run_cached(args, parallel, cfg, dcfg, eval_cfg, save: Path) -> int:
+    """--teacher-logits: the checks of a cached run (the cache against this run, field by field), then train."""
+    from megatron_minitron.config import ArchConfig
+    from megatron_minitron.data.loader import DataConfig
+    from megatron_minitron.distill.logits_cache import LogitsCache, check_run
+    from megatron_minitron.distill.loop import check_models
+    from megatron_minitron.model import checkpoint as ckpt
+    from megatron_minitron.model.integrity import fingerprint
+    from megatron_minitron.runtime import LaunchEnv
+
+    cache, student = LogitsCache(args.teacher_logits), ckpt.resolve(args.student)
+    check_checkpoint_space(save, student.arch)
+    for name, root in (("--student", student.root), ("--teacher-logits", cache.root)):
+        if save.resolve() == root.resolve() or save.resolve().is_relative_to(root.resolve()):
+            raise ConfigError(f"--save {save} is inside {name} {root}; write the run elsewhere")
+    teacher_print = fingerprint(ckpt.resolve(args.teacher).path) if args.teacher else None
+    check_models(ArchConfig.from_json(cache.manifest.teacher_arch), student.arch, seq_length=cfg.seq_length,
+                 truncate_teacher_vocab=dcfg.truncate_teacher_vocab)
+    parallel.check_arch(student.arch)
+    env = LaunchEnv.from_environ()
+    cfg.num_microbatches(parallel.data_parallel(env.world_size))
+    data_cfg = DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
+                          split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
+                          tokenizer=shared_tokenizer(args.tokenizer, student, student))
+    check_run(cache, student_arch=student.arch, data_cfg=data_cfg, train_cfg=cfg, distill_cfg=dcfg,
+              teacher_fingerprint=teacher_print)
+    check_data_files(data_cfg)
+    settings = {"train": cfg.to_json(), "distill": dcfg.to_json(), "data": data_cfg.to_json(),
+                "cache": {"teacher_fingerprint": cache.manifest.teacher_fingerprint, "top_k": cache.manifest.top_k}}
+    check = None
+    if args.resume:
+        from megatron_minitron.training.resume import check_resume
+
+        check = check_resume(save, settings, train_iters=cfg.train_iters, exit_interval=cfg.exit_interval)
+        if check.done:
+            print(f"the run in {save} is already at iteration {check.iteration} (--train-iters); nothing to do, "
+                  f"nothing was changed", flush=True)
+            return 0
+    return _distill_cached(args, parallel, env, cfg, dcfg, cache, student, data_cfg, settings, save, check, eval_cfg)
+
+
+def _distill_cached(args, parallel, env, cfg, dcfg, cache, student, data_cfg, settings, save, check, eval_cfg) -> int:
+    from megatron_minitron.data.loader import load_tokenizer, tokenizer_json
+    from megatron_minitron.distill.cached import cached_batches, distill_from_cache
+    from megatron_minitron.training.resume import run_record
+    from megatron_minitron.runtime import initialize, shutdown
+
+    runtime = initialize(parallel, seed=cfg.seed, env=env)
+    try:
+        if args.overwrite and runtime.rank == 0 and save.exists():
+            shutil.rmtree(save)
+        runtime.barrier()
+        tokenizer = load_tokenizer(data_cfg)
+        batches = cached_batches(cache, data_cfg, tokenizer, cfg, runtime, model_vocab_size=student.arch.vocab_size)
+        if runtime.rank == 0:
+            save.mkdir(parents=True, exist_ok=True)
+            record = run_record(settings, save=save, check=check, teacher_logits=str(cache.root.resolve()),
+                                student=str(student.root), arch=student.arch.to_json(), world_size=env.world_size,
+                                parallel=vars(parallel))
+            (save / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+        if runtime.is_logging_rank:
+            print(f"distilling {student.arch.num_parameters() / 1e6:.2f}M parameters from the teacher's cached "
+                  f"top-{cache.manifest.top_k} in {cache.root} at TP={parallel.tensor_parallel} "
+                  f"PP={parallel.pipeline_parallel} DP={runtime.data_parallel} (no teacher in memory)", flush=True)
+        scorer = None
+        if eval_cfg is not None:
+            from megatron_minitron.evaluation.run import TaskScorer
+
+            scorer = TaskScorer(eval_cfg, runtime=runtime, tokenizer_ref=tokenizer.ref,
+                                vocab_size=student.arch.vocab_size, max_length=student.arch.max_position_embeddings)
+        interval = cfg.eval_interval if args.eval_tasks_interval is None else args.eval_tasks_interval
+        distill_from_cache(student_info=student, runtime=runtime, train_cfg=cfg, cfg=dcfg, **batches, save=save,
+                           tokenizer=tokenizer_json(data_cfg, tokenizer), task_scores=scorer,
+                           task_scores_interval=interval,
+                           provenance={"command": "distill", "teacher_logits": str(cache.root.resolve()),
+                                       "teacher_fingerprint": cache.manifest.teacher_fingerprint,
+                                       "student": str(student.root), "plan": student.metadata.get("plan"),
+                                       "distill": dcfg.to_json()})
     finally:
         shutdown()
     return 0

@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-foreign-scores", action="store_true",
                         help="use --scores computed on another checkpoint than --load (warns; by default refused)")
     parser.add_argument("--out", required=True, help="search directory")
+    parser.add_argument("--teacher-logits", default=None, metavar="DIR",
+                        help="every candidate distills from this cache of --load's top-k logits (`minitron "
+                             "cache-logits` with the same data flags) instead of running the teacher")
     parser.add_argument("--resume", action="store_true", help="continue the search in --out")
     parser.add_argument("--overwrite", action="store_true", help="delete a previous search in --out first")
     s = parser.add_argument_group("search space")
@@ -171,13 +174,19 @@ def run(args: argparse.Namespace) -> int:
                           split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
                           tokenizer=tokenizer)
     check_data_files(data_cfg)
+    if args.teacher_logits is not None:
+        from megatron_minitron.distill.logits_cache import LogitsCache, check_run
+        from megatron_minitron.model.integrity import fingerprint
+
+        check_run(LogitsCache(args.teacher_logits), student_arch=source.arch, data_cfg=data_cfg, train_cfg=cfg,
+                  distill_cfg=dcfg, teacher_fingerprint=fingerprint(source.path))
     setup = SearchSetup(source=source, scores=scores, out=out, layer_metric=args.layer_metric, seed=cfg.seed,
                         keep_checkpoints=args.keep_checkpoints)
     job = SearchJob(setup=setup, scores_path=str(args.scores), budget=args.budget, budget_kind=args.budget_kind,
                     tolerance=args.tolerance,
                     space=space, candidates=tuple(candidates), removed=dict(removed), train=cfg, distill=dcfg,
                     data=data_cfg, winner_iters=args.winner_iters, overwrite=args.overwrite,
-                    score=score)
+                    score=score, teacher_logits=args.teacher_logits)
     with session(parallel, seed=cfg.seed, env=env) as runtime:
         search(job, runtime)
     return 0

@@ -381,17 +381,22 @@ def build_datasets(
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack samples into a micro-batch with ``BATCH_KEYS`` and fixed dtypes."""
+    """Stack samples into a micro-batch with ``BATCH_KEYS`` and fixed dtypes; any other key whose
+    value is a tensor (a cached teacher target, distill/logits_cache.py) is stacked as it is."""
     dtypes = {
         "tokens": torch.int64,
         "labels": torch.int64,
         "loss_mask": torch.float32,
         "position_ids": torch.int64,
     }
-    return {
+    batch = {
         key: torch.stack([torch.as_tensor(sample[key]) for sample in samples]).to(dtype)
         for key, dtype in dtypes.items()
     }
+    for key, value in samples[0].items():
+        if key not in batch and isinstance(value, torch.Tensor):
+            batch[key] = torch.stack([sample[key] for sample in samples])
+    return batch
 
 
 def _check_sharding(micro_batch_size: int, dp_rank: int, dp_size: int, start_sample: int) -> None:

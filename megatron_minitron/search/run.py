@@ -102,6 +102,9 @@ class SearchJob:
     """Delete a previous search in OUT first."""
     score: Optional[ScoreConfig] = None
     """Rank by this task score (validation loss still reported); None ranks by validation loss."""
+    teacher_logits: Optional[str] = None
+    """A logits cache of the source (`minitron cache-logits`) every candidate distills from instead of the
+    teacher (already checked against this search's data and source); the winner too if it covers its run."""
 
     def setup_json(self) -> dict:
         """The settings a resumed search must share with the one it continues (OUT/space.json), as stored."""
@@ -112,6 +115,8 @@ class SearchJob:
             raw["score"] = self.score.to_json()
         if self.budget_kind != "total":  # absent for total, so searches started before it existed resume
             raw["budget_kind"] = self.budget_kind
+        if self.teacher_logits is not None:
+            raw["teacher_logits"] = self.teacher_logits
         return json.loads(json.dumps(raw))  # tuples become lists, as in the file
 
 
@@ -157,9 +162,18 @@ def search(job: SearchJob, runtime) -> dict:
     log(f"search: {len(job.candidates)} candidates within {job.tolerance:.0%} of {job.budget:,}{kind} parameters "
         f"({sum(job.removed.values())} combinations removed: {dict(job.removed)}); {cfg.train_iters} distillation "
         f"steps each")
-    batches = run_batches(job.data, tokenizer, cfg, runtime, model_vocab_size=source.arch.vocab_size)
-    teacher = load_teacher(source, runtime, job.distill, dtype=_dtype(cfg, runtime),
-                           padded_vocab=source.arch.padded_vocab)
+    cache, teacher = None, None
+    if job.teacher_logits is not None:  # every candidate reads the same cached targets; no teacher built
+        from megatron_minitron.distill.cached import cached_batches
+        from megatron_minitron.distill.logits_cache import LogitsCache
+
+        cache = LogitsCache(job.teacher_logits)
+        batches = cached_batches(cache, job.data, tokenizer, cfg, runtime, model_vocab_size=source.arch.vocab_size)
+        log(f"distilling every candidate from the cached top-{cache.manifest.top_k} in {cache.root}")
+    else:
+        batches = run_batches(job.data, tokenizer, cfg, runtime, model_vocab_size=source.arch.vocab_size)
+        teacher = load_teacher(source, runtime, job.distill, dtype=_dtype(cfg, runtime),
+                               padded_vocab=source.arch.padded_vocab)
     common = dict(runtime=runtime, distill_cfg=job.distill, teacher=teacher,
                   tokenizer=tokenizer_json(job.data, tokenizer), log=log, scorer=scorer, score=score)
     results = []
@@ -184,8 +198,15 @@ def search(job: SearchJob, runtime) -> dict:
     if job.winner_iters:
         winner = next(c for c in job.candidates if c.name == ranking["winner"])
         full = dataclasses.replace(cfg, train_iters=job.winner_iters)
-        # data sized for the winner's run: the same order a separate `minitron distill` of that length sees
-        batches = run_batches(job.data, tokenizer, full, runtime, model_vocab_size=source.arch.vocab_size)
+        if cache is not None and job.winner_iters * cfg.global_batch_size <= cache.manifest.samples("train"):
+            log(f"the winner's {job.winner_iters} steps are in the cache too")  # batches as they are
+        else:
+            # data sized for the winner's run: the same order a separate `minitron distill` of that length sees
+            batches = run_batches(job.data, tokenizer, full, runtime, model_vocab_size=source.arch.vocab_size)
+            if common["teacher"] is None:
+                log(f"the cache does not cover the winner's {job.winner_iters} steps: loading the teacher")
+                common["teacher"] = load_teacher(source, runtime, job.distill, dtype=_dtype(cfg, runtime),
+                                                 padded_vocab=source.arch.padded_vocab)
         if runtime.rank == 0:
             (out / "winner").mkdir(exist_ok=True)
             (out / "winner" / "winner.json").write_text(json.dumps({"winner_iters": job.winner_iters}) + "\n")
@@ -271,11 +292,16 @@ def run_candidate(setup: SearchSetup, candidate: Candidate, *, runtime, train_cf
             prune_checkpoint(setup.source.root, plan, cdir / "student", print_fn=lambda _: None)
     runtime.barrier()
     set_seed(setup.seed)
-    final = distill(teacher_info=setup.source, student_info=resolve(cdir / "student"), runtime=runtime,
-                    train_cfg=train_cfg, cfg=distill_cfg, train_batches=train_batches, valid_batches=valid_batches,
-                    save=cdir / "run", tokenizer=tokenizer, teacher=teacher,
-                    provenance={"command": "search", "candidate": candidate.name, "plan": plan.to_json()},
-                    task_scores=scorer)
+    common = dict(student_info=resolve(cdir / "student"), runtime=runtime, train_cfg=train_cfg, cfg=distill_cfg,
+                  train_batches=train_batches, valid_batches=valid_batches, save=cdir / "run", tokenizer=tokenizer,
+                  provenance={"command": "search", "candidate": candidate.name, "plan": plan.to_json()},
+                  task_scores=scorer)
+    if teacher is None:  # the cached targets come with the batches
+        from megatron_minitron.distill.cached import distill_from_cache
+
+        final = distill_from_cache(**common)
+    else:
+        final = distill(teacher_info=setup.source, teacher=teacher, **common)
     result = {**candidate.to_json(), **read_curves(cdir / "run" / "metrics.jsonl"), "final": final}
     if score is not None:
         result["score"] = task_score(result["tasks"], score, cdir / "run" / "metrics.jsonl")

@@ -1,0 +1,110 @@
+"""Distillation from a logits cache (distill/logits_cache.py): the student alone in the training loop, the
+teacher's targets read with the data. No teacher is built or loaded, so its memory and its forward pass
+are gone; what the student optimises is `cached_kl` over the cached support and the rest, at any layout
+(the targets are per sample, the loss vocab-parallel over the student's TP group).
+
+Per micro-batch the last stage's loss is  kd_weight * KL + lm_weight * CE(student), summed over unmasked
+tokens, as in loop.py. With K = the padded vocabulary the KL is the online one, so a run from the cache
+follows the online run step for step. Intermediate-layer losses need the teacher's hidden states, which
+a cache does not hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+
+from megatron_minitron.distill.loop import DistillConfig
+from megatron_minitron.distill.logits_cache import TARGET_KEYS, LogitsCache, WithTeacherTargets
+from megatron_minitron.training.losses import masked_sum
+
+LOSSES = ("loss", "kd loss", "lm loss")
+
+
+def cached_task(runtime, cfg: DistillConfig):
+    """megatron forward step + loss function of distillation against cached targets."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from megatron_minitron.distill.cached_kl import cached_kl
+    from megatron_minitron.training.loop import Task
+
+    device = runtime.device
+
+    def forward_step(data_iterator: Iterator[dict], model):
+        batch = next(data_iterator)
+        keys = ("tokens", "position_ids", "labels", "loss_mask", *(TARGET_KEYS if runtime.is_last_stage else ()))
+        batch = {k: batch[k].to(device, non_blocking=True) for k in keys}
+        logits = model(batch["tokens"], batch["position_ids"], None)
+
+        def loss_func(student_logits):
+            kd = cached_kl(student_logits, *(batch[k] for k in TARGET_KEYS), group=runtime.tp_group,
+                           temperature=cfg.temperature, reverse=cfg.kd_loss == "reverse",
+                           scale_by_temperature_squared=cfg.temperature_squared)
+            # megatron's vocab-parallel CE writes into its input: give it its own fp32 copy
+            with contextlib.nullcontext() if cfg.lm_weight > 0 else torch.no_grad():
+                copy = student_logits.float() if student_logits.dtype != torch.float32 else student_logits.clone()
+                lm = vocab_parallel_cross_entropy(copy, batch["labels"])
+            total = cfg.kd_weight * kd + cfg.lm_weight * lm
+            mask = batch["loss_mask"]
+            loss_sum, count = masked_sum(total, mask)
+            report = {}
+            for name, value in zip(LOSSES, (total, kd, lm)):
+                value_sum, value_count = masked_sum(value.detach(), mask)
+                report[name] = torch.stack([value_sum, value_count.float()])
+            return loss_sum, count, report
+
+        return logits, loss_func
+
+    return Task(forward_step=forward_step, losses=LOSSES)
+
+
+def cached_batches(cache: LogitsCache, data_cfg, tokenizer, train_cfg, runtime, *, model_vocab_size: int) -> dict:
+    """`train_batches(start)` / `valid_batches()` as data/loader.run_batches gives them, each sample with its
+    cached targets. The datasets are built for the cache's sample counts (megatron's shuffle depends on
+    them), so a run shorter than the cache sees the cache's first samples, in its order."""
+    from megatron_minitron.data.loader import batch_iterator, build_datasets
+
+    from megatron_minitron.distill.logits_cache import check_tokenizer
+
+    check_tokenizer(cache, tokenizer)
+    m = cache.manifest
+    train_ds, valid_ds, _ = build_datasets(data_cfg, tokenizer, (m.samples("train"), m.samples("valid"), 0),
+                                           model_vocab_size=model_vocab_size)
+    dp = dict(micro_batch_size=train_cfg.micro_batch_size, dp_rank=runtime.dp_rank, dp_size=runtime.data_parallel)
+    train = WithTeacherTargets(train_ds, cache, "train")
+    valid = WithTeacherTargets(valid_ds, cache, "valid") if valid_ds is not None and m.eval_iters else None
+    return {"train_batches": lambda start: batch_iterator(train, start_sample=start, **dp),
+            "valid_batches": (lambda: batch_iterator(valid, **dp)) if valid is not None else None}
+
+
+def distill_from_cache(*, student_info, runtime, train_cfg, cfg: DistillConfig, train_batches, valid_batches, save,
+                       tokenizer: Optional[dict], provenance: dict, task_scores=None,
+                       task_scores_interval: int = 0) -> dict:
+    """Train (or resume) the student to train_cfg.train_iters against the cached targets; returns the final
+    validation (also SAVE/final_validation.json), empty without validation data."""
+    import json
+
+    from megatron_minitron.model.checkpoint import latest_iteration
+    from megatron_minitron.training.loop import MetricsLog, RunPaths, build_trainer, evaluate, init_from, train
+
+    trainer = build_trainer(student_info.arch, runtime, train_cfg)
+    task = cached_task(runtime, cfg)
+    if latest_iteration(save) is None:
+        log = MetricsLog(save / "metrics.jsonl", enabled=runtime.is_logging_rank)
+        log.keep_until(-1)  # a run killed before its first checkpoint starts again from nothing
+        init_from(trainer, student_info.root)
+        if valid_batches is not None:  # the student before training (search ranks candidates by it too)
+            val = evaluate(trainer, task, valid_batches(), train_cfg.eval_iters)
+            log.say(f"before training: student lm loss {val['lm loss']:.4f}, kd loss {val['kd loss']:.4f}")
+            log.write({"kind": "valid", "iteration": 0, **{f"val {k}": v for k, v in val.items()}})
+    train(trainer, task=task, train_batches=train_batches, valid_batches=valid_batches,
+          paths=RunPaths(save=save, metrics=save / "metrics.jsonl"), tokenizer=tokenizer, provenance=provenance,
+          task_scores=task_scores, task_scores_interval=task_scores_interval)
+    final = evaluate(trainer, task, valid_batches(), train_cfg.eval_iters) if valid_batches is not None else {}
+    if runtime.rank == 0 and final:
+        (save / "final_validation.json").write_text(json.dumps(
+            {"iteration": trainer.iteration, "student lm loss": final["lm loss"], "kd loss": final["kd loss"],
+             **final}, indent=2) + "\n")
+    return final

@@ -1,0 +1,67 @@
+"""Logits caches at TP2 and TP1 x DP2, and distillation from them against the teacher online (one torchrun
+launch of 2 processes, tests/multirank/cache_layouts.py): the vocab-parallel top-k does not depend on the
+layout, and with K = the padded vocabulary a cached run is the online run step for step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megatron_minitron.distill.logits_cache import LogitsCache
+from tests.conftest import REPO, torchrun
+from tests.multirank.cache_layouts import ARCH, GBS, SEQ, STEPS
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache-layouts")
+    torchrun(REPO / "tests/multirank/cache_layouts.py", out, nproc=2, timeout=600)
+    return out
+
+
+def _runs(out):
+    return json.loads((out / "runs.json").read_text())
+
+
+@pytest.mark.parametrize("k", [16, ARCH.padded_vocab])
+def test_top_k_at_tp2_is_the_top_k_at_tp1(out, k):
+    tp2, tp1 = LogitsCache(out / f"cache_tp2_k{k}"), LogitsCache(out / f"cache_tp1_dp2_k{k}")
+    for i in range(STEPS * GBS):
+        a, b = tp2.sample("train", i), tp1.sample("train", i)
+        assert a["teacher_ids"].shape == (SEQ, k) and torch.equal(a["tokens"], b["tokens"])
+        if k == 16:
+            assert torch.equal(a["teacher_ids"], b["teacher_ids"]), f"sample {i}"
+        else:  # the whole vocabulary; a random teacher's tail holds ties within the TP rounding (~1e-7)
+            assert torch.equal(a["teacher_ids"].sort(-1).values, torch.arange(k).expand(SEQ, k).int())
+            assert torch.isneginf(a["teacher_rest"]).all()
+        # the teacher's logits at TP2 and TP1 differ by fp32 rounding of the split matmuls
+        assert torch.allclose(a["teacher_logp"], b["teacher_logp"], atol=1e-5)
+        assert (a["teacher_logp"].diff(dim=-1) <= 0).all()  # sorted, most likely first
+
+
+@pytest.mark.parametrize("run", ["tp1_dp2_forward_cache_tp1_dp2", "tp2_forward_cache_tp2"])
+def test_cached_distillation_with_the_whole_vocabulary_is_online_distillation(out, run):
+    result = _runs(out)[run]
+    assert len(result["cached"]) == len(result["online"]) == STEPS
+    for step, (online, cached) in enumerate(zip(result["online"], result["cached"])):
+        for key in online:
+            assert cached[key] == pytest.approx(online[key], rel=1e-6), f"step {step + 1} {key}"
+    assert result["online"][-1]["kd loss"] != result["online"][0]["kd loss"]  # the student moved
+    # same sums in the same order on the student side: the same fp32 weights
+    assert result["weight_diff"] <= 1e-6
+
+
+def test_reverse_kl_and_a_cache_from_another_layout_stay_within_fp32_rounding(out):
+    """Reverse KL's gradient uses the KL value, summed over the cached bins in another order than online
+    (~1e-7 on step 1, grown to a few 1e-6 by Adam over 6 steps); a cache written at TP2 read at TP1 holds
+    the TP2 teacher's logits, which differ from TP1's by fp32 rounding."""
+    for run in ("tp2_reverse_cache_tp2", "tp1_dp2_forward_cache_tp2"):
+        result = _runs(out)[run]
+        first = result["online"][0]
+        assert result["cached"][0]["kd loss"] == pytest.approx(first["kd loss"], rel=2e-7 if "reverse" in run else 2e-5)
+        for online, cached in zip(result["online"], result["cached"]):
+            for key in online:
+                assert cached[key] == pytest.approx(online[key], rel=5e-5), (run, key)
+        assert result["weight_diff"] <= 5e-5
