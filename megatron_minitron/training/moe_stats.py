@@ -18,8 +18,9 @@ every rank gets the same numbers:
 Routing collapse, precisely: an expert is *starved* in a step when it received less than
 `STARVED_SHARE` (10%) of its fair share of the layer's routed token slots (fair share = 1/E of them);
 a layer whose step leaves any expert starved has collapsed onto the others. The logging rank prints a
-warning naming the layers, the starved experts and their loads when collapse first appears and each
-time the set of starved experts changes, and a line when it is gone (not every step).
+warning naming the layers, the starved experts and their loads at the first step in which a layer
+collapses (each layer once until a step with no starved expert at all, which prints a line saying
+so), so a router that flickers around the threshold does not fill the log; metrics.jsonl has every step.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class RouterStats:
 
         self.arch, self.runtime, self.aux_loss_coeff = arch, runtime, aux_loss_coeff
         self.tokens = torch.zeros(arch.num_layers, arch.num_experts, dtype=torch.float64)
-        self.starved: dict[str, list[int]] = {}  # the last step's, to warn only when it changes
+        self.warned: set[str] = set()  # layers already reported since the last step without starved experts
         self.handles = []
         for chunk in chunks:
             for module in chunk.modules():
@@ -123,14 +124,15 @@ class RouterStats:
 
     def _check_collapse(self, load: dict[str, list[float]], iteration: Optional[int]) -> dict[str, list[int]]:
         starved = starved_experts(load)
-        if starved != self.starved and self.runtime.is_logging_rank:
-            if starved:
-                print(collapse_message(starved, load, iteration), flush=True)
-            else:
+        new = {layer: experts for layer, experts in starved.items() if layer not in self.warned}
+        if self.runtime.is_logging_rank:
+            if new:
+                print(collapse_message(new, load, iteration), flush=True)
+            elif self.warned and not starved:
                 where = f" at iteration {iteration}" if iteration is not None else ""
                 print(f"MoE routing recovered{where}: every expert got at least {STARVED_SHARE:g}x its fair share "
                       f"of the routed tokens", flush=True)
-        self.starved = starved
+        self.warned = self.warned | set(new) if starved else set()
         return starved
 
     def remove(self) -> None:

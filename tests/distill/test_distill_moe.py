@@ -134,3 +134,20 @@ def test_the_collapse_rule():
     message = collapse_message({"2": [4, 5, 6, 7]}, load, 7)
     assert message.startswith("warning: MoE routing collapse at iteration 7: layer 2: experts [4, 5, 6, 7] of 8 got "
                               "0.1%, 0.0%, 0.0%, 0.0% of the routed tokens (fair share 12.5%; busiest expert 30.0%)")
+
+
+def test_each_collapsed_layer_is_reported_once_until_routing_recovers(single_rank_runtime, capsys):
+    from megatron_minitron.training.moe_stats import RouterStats
+
+    stats = RouterStats([], STUDENT, single_rank_runtime, 0.01)
+    even, low0, low1 = [0.25] * 4, [0.5, 0.5, 0.0, 0.0], [0.0, 0.5, 0.5, 0.0]
+    steps = [{"0": low0, "2": even}, {"0": low1, "2": even}, {"0": low1, "2": low0}, {"0": even, "2": even},
+             {"0": low0, "2": even}]
+    printed = []
+    for i, load in enumerate(steps, start=1):
+        assert stats._check_collapse(load, i) == starved_experts(load)
+        printed.append(capsys.readouterr().out)
+    assert "at iteration 1: layer 0: experts [2, 3]" in printed[0] and printed[1] == ""
+    assert "at iteration 3: layer 2: experts [2, 3]" in printed[2] and "layer 0" not in printed[2]
+    assert printed[3].startswith("MoE routing recovered at iteration 4")
+    assert "at iteration 5: layer 0: experts [2, 3]" in printed[4]
