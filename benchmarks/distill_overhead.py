@@ -3,9 +3,12 @@
 
     torchrun --nproc-per-node 2 benchmarks/distill_overhead.py --tp 2                 # time
     torchrun --nproc-per-node 2 benchmarks/distill_overhead.py --tp 2 --memory MODE   # MODE: distill, student, teacher
+    torchrun --nproc-per-node 2 benchmarks/distill_overhead.py --moe --ep 2           # MoE teacher and student
 
 Teacher: the `small` preset (10.5M); student: its width-pruned shape (hidden 192, ffn 384), both
-random. Time mode alternates the steps (baseline, distillation, baseline, ...) and compares medians.
+random. With --moe: the `small-moe` teacher (8 experts, top-2) and a student with hidden 192 and
+experts of width 128; the baseline's student step then carries the same router aux loss and
+statistics as the distillation step (sequence parallelism is switched on at TP > 1, as MoE needs). Time mode alternates the steps (baseline, distillation, baseline, ...) and compares medians.
 Memory mode runs one kind of step in a fresh launch and reports the peak RSS above what the process
 held before building models (run it once per MODE). Writes JSON to --out.
 """
@@ -52,13 +55,17 @@ def current_rss_mb() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (with --moe)")
+    parser.add_argument("--moe", action="store_true", help="MoE teacher and student (small-moe)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--memory", choices=["distill", "student", "teacher"], default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    rt = initialize(ParallelConfig(tensor_parallel=args.tp))
-    teacher_arch = preset("small")
-    student_arch = teacher_arch.replace(hidden_size=192, ffn_hidden_size=384, kv_channels=teacher_arch.head_dim)
+    rt = initialize(ParallelConfig(tensor_parallel=args.tp, expert_parallel=args.ep,
+                                   sequence_parallel=args.moe and args.tp > 1))
+    teacher_arch = preset("small-moe" if args.moe else "small")
+    student_arch = teacher_arch.replace(hidden_size=192, ffn_hidden_size=384, kv_channels=teacher_arch.head_dim,
+                                        **({"moe_ffn_hidden_size": 128} if args.moe else {}))
     cfg = TrainConfig(train_iters=100, micro_batch_size=4, global_batch_size=4 * rt.data_parallel, seq_length=256,
                       lr_warmup_iters=1)
     tmp = Path(tempfile.mkdtemp(prefix="distill-bench-")) if rt.rank == 0 else None
@@ -86,7 +93,7 @@ def main() -> None:
         train_step(trainer, lm_task(rt.device), iter([batch]))
         forward_passes(t_model, rt, [batch], [cfg.micro_batch_size], cfg.seq_length)
 
-    result = {"tp": args.tp, "teacher_params": teacher_arch.num_parameters(),
+    result = {"tp": args.tp, "ep": args.ep, "moe": args.moe, "teacher_params": teacher_arch.num_parameters(),
               "student_params": student_arch.num_parameters()}
     if args.memory:
         if args.memory == "distill":

@@ -1,10 +1,11 @@
 """Hugging Face import and export throughput vs safetensors alone, and peak RSS for a model and one 4x larger.
 
-    python benchmarks/hf_throughput.py [--out benchmarks/results/hf_throughput.json]
+    python benchmarks/hf_throughput.py [--family llama|qwen3_moe] [--out FILE]
 
 The source is a random-weight Llama-style HF directory (fp32, GQA, untied; about 0.75 GB, and 3 GB with
-4x the layers and 4x the vocabulary), written as transformers does: shards of at most 500 MB with an
-index. Three operations run, each in a fresh interpreter so its peak RSS (VmHWM) is its own:
+4x the layers and 4x the vocabulary), or with --family qwen3_moe a Qwen3-MoE-shaped one (16 experts per
+layer, each its own gate/up/down tensors; 0.93 GB and 3.7 GB), written as transformers does: shards of at
+most 500 MB with an index. Three operations run, each in a fresh interpreter so its peak RSS (VmHWM) is its own:
 
 - reference: for every shard, `safetensors.torch.load_file` + `save_file` to another directory, i.e.
   reading and writing the same bytes with safetensors alone (one shard in memory at a time);
@@ -41,23 +42,45 @@ SHARD = 500 * 1000 ** 2
 BASE = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=16,
             num_key_value_heads=4, vocab_size=32000)
 LARGE = {**BASE, "num_hidden_layers": 32, "vocab_size": 128000}
+# Qwen3-MoE-shaped (--family qwen3_moe): per-expert gate/up/down tensors, a router, QK norms, explicit head_dim;
+# 16 experts of width 512, top-4 (about 0.93 GB, and 3.7 GB with 4x the layers and 4x the vocabulary).
+MOE_BASE = dict(hidden_size=1024, intermediate_size=3072, moe_intermediate_size=512, num_experts=16,
+                num_experts_per_tok=4, norm_topk_prob=True, num_hidden_layers=6, num_attention_heads=16,
+                num_key_value_heads=4, head_dim=64, vocab_size=32000)
+MOE_LARGE = {**MOE_BASE, "num_hidden_layers": 24, "vocab_size": 128000}
+CONFIGS = {"llama": (BASE, LARGE), "qwen3_moe": (MOE_BASE, MOE_LARGE)}
+
+
+def layer_shapes(config: dict, i: int) -> dict:
+    """HF tensor name -> shape of layer i (Llama, or Qwen3-MoE when the config has experts)."""
+    h, L = config["hidden_size"], f"model.layers.{i}."
+    d = config.get("head_dim", h // config["num_attention_heads"])
+    q, kv = d * config["num_attention_heads"], d * config["num_key_value_heads"]
+    shapes = {L + "input_layernorm.weight": (h,), L + "self_attn.q_proj.weight": (q, h),
+              L + "self_attn.k_proj.weight": (kv, h), L + "self_attn.v_proj.weight": (kv, h),
+              L + "self_attn.o_proj.weight": (h, q), L + "post_attention_layernorm.weight": (h,)}
+    if "num_experts" not in config:
+        f = config["intermediate_size"]
+        return {**shapes, L + "mlp.gate_proj.weight": (f, h), L + "mlp.up_proj.weight": (f, h),
+                L + "mlp.down_proj.weight": (h, f)}
+    shapes.update({L + "self_attn.q_norm.weight": (d,), L + "self_attn.k_norm.weight": (d,),
+                   L + "mlp.gate.weight": (config["num_experts"], h)})
+    f = config["moe_intermediate_size"]
+    for e in range(config["num_experts"]):
+        x = f"{L}mlp.experts.{e}."
+        shapes.update({x + "gate_proj.weight": (f, h), x + "up_proj.weight": (f, h), x + "down_proj.weight": (h, f)})
+    return shapes
 
 
 def write_hf(config: dict, directory: Path) -> int:
-    """A random-weight Llama directory (config.json, shards, index); returns the weight bytes."""
+    """A random-weight Llama or Qwen3-MoE directory (config.json, shards, index); returns the weight bytes."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True)
-    h, f, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
+    h, L = config["hidden_size"], config["num_hidden_layers"]
     shapes = {"model.embed_tokens.weight": (config["vocab_size"], h)}
     for i in range(L):
-        p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (h, h),
-                       p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h),
-                       p + "self_attn.o_proj.weight": (h, h), p + "post_attention_layernorm.weight": (h,),
-                       p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                       p + "mlp.down_proj.weight": (h, f)})
+        shapes.update(layer_shapes(config, i))
     shapes.update({"model.norm.weight": (h,), "lm_head.weight": (config["vocab_size"], h)})
     gen = torch.Generator().manual_seed(0)
     shards: list[dict] = [{}]
@@ -79,8 +102,10 @@ def write_hf(config: dict, directory: Path) -> int:
         del tensors
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                           "weight_map": weight_map}))
+    family = ({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]} if "num_experts" in config
+              else {"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
     (directory / "config.json").write_text(json.dumps({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        **family, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "max_position_embeddings": 4096, "tie_word_embeddings": False, "hidden_act": "silu", **config}))
     return total
 
@@ -158,17 +183,22 @@ def measure(root: Path, src: Path, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(REPO / "benchmarks/results/hf_throughput.json"))
+    parser.add_argument("--family", choices=sorted(CONFIGS), default="llama",
+                        help="llama (dense) or qwen3_moe (per-expert tensors)")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/hf_throughput[_FAMILY].json")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", nargs=3, metavar=("OP", "SRC", "DST"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker)))
         return
-    results = {"shard_bytes": SHARD, "repeats": args.repeats, "torch": torch.__version__, "models": {}}
+    out = args.out or str(REPO / "benchmarks/results" / ("hf_throughput.json" if args.family == "llama"
+                                                          else f"hf_throughput_{args.family}.json"))
+    results = {"family": args.family, "shard_bytes": SHARD, "repeats": args.repeats, "torch": torch.__version__,
+               "models": {}}
     with tempfile.TemporaryDirectory(prefix="hf-bench-") as tmp:
         tmp = Path(tmp)
-        for name, config in (("base", BASE), ("4x", LARGE)):
+        for name, config in zip(("base", "4x"), CONFIGS[args.family]):
             src = tmp / name / "hf"
             weight_bytes = write_hf(config, src)
             row = {"config": config, "weight_bytes": weight_bytes}
@@ -181,8 +211,8 @@ def main() -> None:
                 + (f", ratio {row[op]['ratio_vs_safetensors']:.2f}" if op != "reference" else "")
                 for op in ("reference", "import", "export")), flush=True)
             shutil.rmtree(tmp / name)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """`minitron distill`: retrain a pruned student by knowledge distillation from its unpruned teacher,
-both in one megatron training loop at any TP/PP/DP (the same layout for both).
+both in one megatron training loop at any TP/PP/EP/DP (the same layout for both; a dense model beside
+a MoE one ignores --ep). A MoE student's router auxiliary loss (--moe-aux-loss-coeff) is added to the
+KD loss and logged beside it with the per-expert load; the teacher's routers add nothing.
 
     torchrun --nproc-per-node 2 -m megatron_minitron distill --teacher runs/teacher \
         --student runs/pruned --tp 2 --train-iters 400 --save runs/student
@@ -109,7 +111,7 @@ def distill_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from megatron_minitron.data.loader import DataConfig
-    from megatron_minitron.distill.loop import check_models, teacher_parallel
+    from megatron_minitron.distill.loop import check_layout, check_models, teacher_parallel
     from megatron_minitron.distill.model import check_pairs_on_stages, parse_layer_pairs
     from megatron_minitron.model import checkpoint as ckpt
     from megatron_minitron.runtime import LaunchEnv
@@ -131,12 +133,12 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--save {save} is inside {name} {info.root}; write the run elsewhere")
     check_models(teacher.arch, student.arch, seq_length=cfg.seq_length,
                  truncate_teacher_vocab=dcfg.truncate_teacher_vocab)
-    parallel.check_arch(student.arch)
+    s_parallel = check_layout(parallel, teacher.arch, student.arch, dcfg)
     t_parallel = teacher_parallel(parallel, teacher.arch, dcfg)
     pairs = parse_layer_pairs(dcfg.intermediate_layers, teacher_layers=teacher.arch.num_layers,
                               student_layers=student.arch.num_layers)
     check_pairs_on_stages(pairs, t_parallel.layers_per_stage(teacher.arch.num_layers),
-                          parallel.layers_per_stage(student.arch.num_layers))
+                          s_parallel.layers_per_stage(student.arch.num_layers))
     env = LaunchEnv.from_environ()
     cfg.num_microbatches(parallel.data_parallel(env.world_size))
     tokenizer = shared_tokenizer(args.tokenizer, teacher, student)
@@ -198,7 +200,15 @@ def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: P
         if runtime.is_logging_rank:
             print(f"distilling {teacher.arch.num_parameters() / 1e6:.2f}M -> {student.arch.num_parameters() / 1e6:.2f}M "
                   f"parameters at TP={parallel.tensor_parallel} PP={parallel.pipeline_parallel} "
-                  f"DP={runtime.data_parallel} on {runtime.device.type} ({runtime.backend})", flush=True)
+                  f"EP={parallel.expert_parallel} DP={runtime.data_parallel} on {runtime.device.type} "
+                  f"({runtime.backend})", flush=True)
+            for name, info in (("teacher", teacher), ("student", student)):
+                if info.arch.is_moe:
+                    print(f"{name}: mixture of experts, {info.arch.num_experts} experts, top-"
+                          f"{info.arch.moe_router_topk}, {info.arch.num_active_parameters() / 1e6:.2f}M active "
+                          f"parameters per token" + (f"; router aux-loss coefficient {cfg.moe_aux_loss_coeff} "
+                                                     f"(added to the KD loss)" if name == "student" else
+                                                     "; frozen, in eval mode (no aux loss)"), flush=True)
         scorer = None
         if eval_cfg is not None:
             from megatron_minitron.evaluation.run import TaskScorer

@@ -98,7 +98,12 @@ def check_models(teacher: ArchConfig, student: ArchConfig, *, seq_length: int, t
         raise ConfigError(f"the teacher's vocabulary is padded to {teacher.padded_vocab} rows, the student's to "
                           f"{student.padded_vocab} (same vocab_size {teacher.vocab_size}); pass "
                           f"--truncate-teacher-vocab to drop the teacher's extra padding rows")
-    for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "query_groups"):
+    fields = ["num_layers", "hidden_size", "num_attention_heads", "query_groups"]
+    if not all(teacher.moe_layers) and not all(student.moe_layers):  # both have dense MLPs
+        fields.append("ffn_hidden_size")
+    if teacher.is_moe and student.is_moe:
+        fields += ["num_experts", "expert_ffn_hidden_size"]
+    for field in fields:
         if getattr(student, field) > getattr(teacher, field):
             raise ConfigError(f"the student is larger than the teacher: {field} {getattr(student, field)} > "
                               f"{getattr(teacher, field)}; did you swap --teacher and --student?")
@@ -111,11 +116,40 @@ def check_models(teacher: ArchConfig, student: ArchConfig, *, seq_length: int, t
                               f"{arch.max_position_embeddings}")
 
 
+def model_parallel(runtime_parallel, arch: ArchConfig):
+    """The layout one of the two models is built at: the runtime's, except that a dense model beside a
+    MoE one under expert parallelism gets EP 1 (it has no experts; its expert-parallel ranks are plain
+    data-parallel ranks for it). A MoE model keeps the runtime's EP, which must divide its experts."""
+    if arch.is_moe or runtime_parallel.expert_parallel == 1:
+        return runtime_parallel
+    return dataclasses.replace(runtime_parallel, expert_parallel=1)
+
+
+def check_layout(runtime_parallel, teacher: ArchConfig, student: ArchConfig, cfg: DistillConfig):
+    """Both models fit the layout (the student at the runtime's stage split, the teacher at its own);
+    expert parallelism needs a MoE teacher or student. Returns the student's layout."""
+    if runtime_parallel.expert_parallel > 1 and not (teacher.is_moe or student.is_moe):
+        raise ConfigError(f"expert-parallel size {runtime_parallel.expert_parallel} needs a Mixture-of-Experts "
+                          f"teacher or student; both are dense (num_experts is None): use --ep 1")
+    parallel = model_parallel(runtime_parallel, student)
+    try:
+        parallel.check_arch(student)
+    except ConfigError as e:
+        raise ConfigError(f"the student: {e}") from None
+    teacher_parallel(runtime_parallel, teacher, cfg)
+    return parallel
+
+
 def teacher_parallel(runtime_parallel, teacher: ArchConfig, cfg: DistillConfig):
-    """The teacher's layout: the same TP/PP/SP, its own split of its layers over the stages."""
-    parallel = dataclasses.replace(runtime_parallel, first_stage_layers=cfg.teacher_first_stage_layers,
+    """The teacher's layout: the same TP/PP/SP (and EP if it has experts), its own split of its layers
+    over the stages."""
+    parallel = dataclasses.replace(model_parallel(runtime_parallel, teacher),
+                                   first_stage_layers=cfg.teacher_first_stage_layers,
                                    last_stage_layers=cfg.teacher_last_stage_layers)
-    parallel.check_arch(teacher)
+    try:
+        parallel.check_arch(teacher)
+    except ConfigError as e:
+        raise ConfigError(f"the teacher: {e}") from None
     return parallel
 
 
@@ -167,7 +201,8 @@ def build(teacher_info, student_info, runtime, train_cfg, cfg: DistillConfig, te
             adapters[pair.name] = linear.to(device=runtime.device, dtype=dtype)
         gpt.add_module(ADAPTERS, adapters)
 
-    trainer = build_trainer(student_arch, runtime, train_cfg, attach=attach)
+    trainer = build_trainer(student_arch, runtime, train_cfg, attach=attach,
+                            parallel=model_parallel(runtime.parallel, student_arch))
     if teacher is None:
         teacher = load_teacher(teacher_info, runtime, cfg, dtype=next(trainer.model[0].parameters()).dtype,
                                padded_vocab=student_arch.padded_vocab)

@@ -28,7 +28,7 @@ from typing import Iterable, Optional
 import torch
 
 from megatron_minitron.config import ConfigError
-from megatron_minitron.model.storage import map_range
+from megatron_minitron.model.storage import all_finite, map_range
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -190,7 +190,7 @@ class TensorReader:
     def read(self, entry: TensorEntry, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """_read, refused when a value is NaN or infinite (checked as it passes), naming tensor and file."""
         out = self._read(entry, rows)
-        if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        if not all_finite(out):
             raise HFError(f"{entry.path}: tensor {entry.name!r} holds NaN or infinite values; the file is corrupted "
                           f"or the model diverged: nothing was written from it")
         return out

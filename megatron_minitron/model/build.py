@@ -166,7 +166,9 @@ def build_model(arch: ArchConfig, runtime: Runtime, *, dtype: Optional[torch.dty
 
     `parallel` overrides the runtime's layout for this model only; its TP/PP sizes must be the
     runtime's, but its first/last stage layer counts may differ (a distillation teacher deeper than
-    its student splits its own layers over the same pipeline stages)."""
+    its student splits its own layers over the same pipeline stages), and a dense model may use EP 1
+    in a runtime with expert parallelism (its expert-parallel ranks are plain data-parallel ranks for it:
+    a dense model distilled from, or into, a MoE one)."""
     from megatron.core.models.gpt import GPTModel
 
     if dtype is None:
@@ -178,10 +180,11 @@ def build_model(arch: ArchConfig, runtime: Runtime, *, dtype: Optional[torch.dty
                           "importable or CUDA is absent; use the local spec")
     if parallel is None:
         parallel = runtime.parallel
-    elif (parallel.tensor_parallel, parallel.pipeline_parallel, parallel.sequence_parallel,
-          parallel.expert_parallel) != (runtime.parallel.tensor_parallel, runtime.parallel.pipeline_parallel,
-                                        runtime.parallel.sequence_parallel, runtime.parallel.expert_parallel):
-        raise ConfigError(f"a model's layout {parallel} must keep the runtime's TP, PP, SP and EP ({runtime.parallel})")
+    elif (parallel.tensor_parallel, parallel.pipeline_parallel, parallel.sequence_parallel) != (
+            runtime.parallel.tensor_parallel, runtime.parallel.pipeline_parallel, runtime.parallel.sequence_parallel) \
+            or parallel.expert_parallel not in (runtime.parallel.expert_parallel, 1 if not arch.is_moe else None):
+        raise ConfigError(f"a model's layout {parallel} must keep the runtime's TP, PP, SP and EP ({runtime.parallel}); "
+                          f"only a dense model may drop EP to 1")
     config = transformer_config(arch, parallel, dtype=dtype, hidden_dropout=hidden_dropout,
                                 attention_dropout=attention_dropout, backend=runtime.backend,
                                 moe_aux_loss_coeff=moe_aux_loss_coeff, use_te=use_te, moe_dispatcher=moe_dispatcher)

@@ -225,6 +225,17 @@ def _overlapping(meta, layer: Optional[int], lead: int, r0: int, r1: int):
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a floating-point tensor holds no NaN or infinity (other dtypes always do). One min/max
+    pass: NaN propagates into both, an infinity is the min or the max. torch.isfinite(t).all() gives the
+    same answer but allocates a boolean tensor of t's size first; on the fresh pages of a just-mapped
+    file that was 10x slower here (0.79 s against 0.07 s for 302 MB of expert tensors)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
 def map_range(f, start: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
     """Bytes [start, start + nbytes) of open file f as a 1-d tensor of `dtype` over a private
     (copy-on-write) memory mapping: reading copies nothing, writing never reaches the file, and the
@@ -271,7 +282,7 @@ class SourceReader:
         """_read_rows, refused when a value read is NaN or infinite (checked on the rows as they pass,
         no extra read of the file), naming the tensor and its file."""
         rows = self._read_rows(key, layer, r0, r1, index, scratch)
-        if rows.is_floating_point() and not bool(torch.isfinite(rows).all()):
+        if not all_finite(rows):
             from torch.distributed.checkpoint.metadata import MetadataIndex
 
             lead = 0 if layer is None else 1

@@ -130,9 +130,11 @@ class Trainer:
 
 
 def build_trainer(arch: ArchConfig, runtime: Runtime, cfg: TrainConfig,
-                  attach: Optional[Callable[[torch.nn.Module], None]] = None) -> Trainer:
+                  attach: Optional[Callable[[torch.nn.Module], None]] = None, parallel=None) -> Trainer:
     """Model (DDP-wrapped), megatron optimizer and LR scheduler for this rank. `attach(model)` may add
-    trainable submodules (distillation projections) before DDP and the optimizer see the model."""
+    trainable submodules (distillation projections) before DDP and the optimizer see the model.
+    `parallel` overrides the runtime's layout for this model as build_model allows (a dense student
+    distilled from a MoE teacher under expert parallelism is built without it)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -140,7 +142,7 @@ def build_trainer(arch: ArchConfig, runtime: Runtime, cfg: TrainConfig,
     cfg.num_microbatches(runtime.data_parallel)
     bf16 = cfg.bf16 if cfg.bf16 is not None else runtime.device.type == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    module = build_model(arch, runtime, dtype=dtype, moe_aux_loss_coeff=cfg.moe_aux_loss_coeff)
+    module = build_model(arch, runtime, dtype=dtype, moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, parallel=parallel)
     if attach is not None:
         attach(module.module if hasattr(module, "module") else module)
     config = module.config
@@ -248,7 +250,7 @@ def train_step(trainer: Trainer, task: Task, data_iterator: Iterator[dict]) -> d
     if task.stage_losses is not None:
         out.update(task.stage_losses(out, True))
     if trainer.moe_stats is not None:
-        out.update(trainer.moe_stats.reduce(cfg.num_microbatches(runtime.data_parallel)))
+        out.update(trainer.moe_stats.reduce(cfg.num_microbatches(runtime.data_parallel), trainer.iteration))
     out.update(grad_norm=float(grad_norm or 0.0), lr=trainer.optimizer.param_groups[0]["lr"])
     return out
 

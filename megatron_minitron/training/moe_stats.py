@@ -12,7 +12,15 @@ every rank gets the same numbers:
 - `moe expert load`: for each MoE layer (global index), the fraction of routed token slots each
   expert received (sums to 1);
 - `moe load imbalance`: the largest expert's load times the number of experts, over all layers
-  (1.0 is perfectly balanced; E means one expert got everything).
+  (1.0 is perfectly balanced; E means one expert got everything);
+- `moe starved experts`: for each MoE layer whose routing has collapsed, its starved experts (below).
+
+Routing collapse, precisely: an expert is *starved* in a step when it received less than
+`STARVED_SHARE` (10%) of its fair share of the layer's routed token slots (fair share = 1/E of them);
+a layer whose step leaves any expert starved has collapsed onto the others. The logging rank prints a
+warning naming the layers, the starved experts and their loads at the first step in which a layer
+collapses (each layer once until a step with no starved expert at all, which prints a line saying
+so), so a router that flickers around the threshold does not fill the log; metrics.jsonl has every step.
 """
 
 from __future__ import annotations
@@ -26,6 +34,34 @@ from megatron_minitron.runtime.dist import Runtime
 
 TRACKER_NAME = "load_balancing_loss"  # the name megatron's router logs its aux loss under
 
+STARVED_SHARE = 0.1
+"""An expert whose share of a layer's routed token slots in a step is below this fraction of the fair
+share 1/E is starved: the routing of its layer has collapsed onto the other experts."""
+
+
+def starved_experts(load: dict[str, list[float]], share: float = STARVED_SHARE) -> dict[str, list[int]]:
+    """{layer: experts below `share` x 1/E of the layer's routed slots}, for layers with any (`load`
+    as in `moe expert load`: per layer, each expert's fraction of the routed slots)."""
+    out = {}
+    for layer, row in load.items():
+        low = [e for e, x in enumerate(row) if x < share / len(row)]
+        if low:
+            out[layer] = low
+    return out
+
+
+def collapse_message(starved: dict[str, list[int]], load: dict[str, list[float]], iteration: Optional[int]) -> str:
+    """The warning line for a step whose routing collapsed in some layers."""
+    where = f" at iteration {iteration}" if iteration is not None else ""
+    parts = []
+    for layer, experts in starved.items():
+        row = load[layer]
+        loads = ", ".join(f"{100 * row[e]:.1f}%" for e in experts)
+        parts.append(f"layer {layer}: experts {experts} of {len(row)} got {loads} of the routed tokens (fair share "
+                     f"{100 / len(row):.1f}%; busiest expert {100 * max(row):.1f}%)")
+    return (f"warning: MoE routing collapse{where}: {'; '.join(parts)}. An expert counts as starved below "
+            f"{STARVED_SHARE:g}x its fair share; a larger --moe-aux-loss-coeff pushes the routers toward balance")
+
 
 class RouterStats:
     """Forward hooks on every router of this rank's model chunks, and the per-step reduction."""
@@ -35,6 +71,7 @@ class RouterStats:
 
         self.arch, self.runtime, self.aux_loss_coeff = arch, runtime, aux_loss_coeff
         self.tokens = torch.zeros(arch.num_layers, arch.num_experts, dtype=torch.float64)
+        self.warned: set[str] = set()  # layers already reported since the last step without starved experts
         self.handles = []
         for chunk in chunks:
             for module in chunk.modules():
@@ -53,8 +90,9 @@ class RouterStats:
         self.tokens.zero_()
         moe_utils.clear_aux_losses_tracker()
 
-    def reduce(self, num_microbatches: int) -> dict:
-        """This step's statistics, identical on every rank; resets for the next step.
+    def reduce(self, num_microbatches: int, iteration: Optional[int] = None) -> dict:
+        """This step's statistics, identical on every rank; resets for the next step. Warns (logging rank)
+        when the set of starved experts changes (`iteration` names the step in the message).
 
         Router inputs are split over sequence (SP: TP ranks), data (DP) and layers (PP), and the world is
         exactly TP x DP x PP ranks (expert-parallel ranks are TP x DP ranks), so one all-reduce over the
@@ -80,8 +118,22 @@ class RouterStats:
             per_layer = aux_sum[moe_layers] / (rt.data_parallel * num_microbatches)
             out["moe aux loss"] = float(self.aux_loss_coeff * per_layer.sum())
             out["moe load-balancing loss"] = float(per_layer.mean())
+        out["moe starved experts"] = self._check_collapse(out["moe expert load"], iteration)
         self.reset()
         return out
+
+    def _check_collapse(self, load: dict[str, list[float]], iteration: Optional[int]) -> dict[str, list[int]]:
+        starved = starved_experts(load)
+        new = {layer: experts for layer, experts in starved.items() if layer not in self.warned}
+        if self.runtime.is_logging_rank:
+            if new:
+                print(collapse_message(new, load, iteration), flush=True)
+            elif self.warned and not starved:
+                where = f" at iteration {iteration}" if iteration is not None else ""
+                print(f"MoE routing recovered{where}: every expert got at least {STARVED_SHARE:g}x its fair share "
+                      f"of the routed tokens", flush=True)
+        self.warned = self.warned | set(new) if starved else set()
+        return starved
 
     def remove(self) -> None:
         """Detach the hooks."""
