@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 from megatron_minitron.flags import FieldDefault, field_argument, non_negative, positive, short_run_warmup
 from megatron_minitron.config import ConfigError
@@ -136,6 +139,29 @@ def check_run_dir(save: Path, *, resume: bool, overwrite: bool) -> None:
         raise ConfigError(f"--save {save} exists and is not a megatron-minitron run directory; choose a new path")
     raise ConfigError(f"--save {save} already holds a run; pass --resume to continue it or --overwrite to "
                       f"start it again")
+
+
+@contextlib.contextmanager
+def run_session(parallel, env, *, seed: int, save: Path, overwrite: bool) -> Iterator:
+    """The processes of a training run (pretrain, distill): the runtime, and with --overwrite the previous run
+    in --save removed by rank 0 before anything is written (every rank waits for it)."""
+    from megatron_minitron.runtime import session
+
+    with session(parallel, seed=seed, env=env) as runtime:
+        if overwrite and runtime.rank == 0 and save.exists():
+            shutil.rmtree(save)
+        runtime.barrier()
+        yield runtime
+
+
+def write_run_record(runtime, save: Path, settings: dict, *, check, **fields) -> None:
+    """SAVE/run.json (rank 0): the settings a resumed run must share, and what the run started from."""
+    from megatron_minitron.training.resume import run_record
+
+    if runtime.rank == 0:
+        save.mkdir(parents=True, exist_ok=True)
+        record = run_record(settings, save=save, check=check, **fields)
+        (save / "run.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def check_data_files(data_cfg) -> None:

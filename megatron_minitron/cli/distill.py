@@ -15,13 +15,11 @@ final_validation.json. Every check that needs no forward pass runs before the pr
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
                                            check_checkpoint_space, check_data_files, check_run_dir, parallel_config,
-                                           train_config)
+                                           run_session, train_config, write_run_record)
 from megatron_minitron.flags import field_argument, non_negative, positive
 from megatron_minitron.config import ConfigError
 from megatron_minitron.data.blend import parse_blend
@@ -180,23 +178,14 @@ def shared_tokenizer(tokenizer_path, teacher, student):
 def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: Path, check, eval_cfg=None) -> int:
     from megatron_minitron.data.loader import load_tokenizer, run_batches, tokenizer_json
     from megatron_minitron.distill.loop import distill
-    from megatron_minitron.training.resume import run_record
-    from megatron_minitron.runtime import initialize, shutdown
 
-    runtime = initialize(parallel, seed=cfg.seed, env=env)
-    try:
-        if args.overwrite and runtime.rank == 0 and save.exists():
-            shutil.rmtree(save)
-        runtime.barrier()
+    with run_session(parallel, env, seed=cfg.seed, save=save, overwrite=args.overwrite) as runtime:
         tokenizer = load_tokenizer(data_cfg)
         batches = run_batches(data_cfg, tokenizer, cfg, runtime, model_vocab_size=student.arch.vocab_size)
-        if runtime.rank == 0:
-            save.mkdir(parents=True, exist_ok=True)
-            record = run_record({"train": cfg.to_json(), "distill": dcfg.to_json(), "data": data_cfg.to_json()},
-                                save=save, check=check, teacher=str(teacher.root), student=str(student.root),
-                                arch=student.arch.to_json(), teacher_arch=teacher.arch.to_json(),
-                                world_size=env.world_size, parallel=vars(parallel))
-            (save / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+        settings = {"train": cfg.to_json(), "distill": dcfg.to_json(), "data": data_cfg.to_json()}
+        write_run_record(runtime, save, settings, check=check, teacher=str(teacher.root), student=str(student.root),
+                         arch=student.arch.to_json(), teacher_arch=teacher.arch.to_json(),
+                         world_size=env.world_size, parallel=vars(parallel))
         if runtime.is_logging_rank:
             print(f"distilling {teacher.arch.num_parameters() / 1e6:.2f}M -> {student.arch.num_parameters() / 1e6:.2f}M "
                   f"parameters at TP={parallel.tensor_parallel} PP={parallel.pipeline_parallel} "
@@ -209,21 +198,24 @@ def _distill(args, parallel, env, cfg, dcfg, teacher, student, data_cfg, save: P
                           f"parameters per token" + (f"; router aux-loss coefficient {cfg.moe_aux_loss_coeff} "
                                                      f"(added to the KD loss)" if name == "student" else
                                                      "; frozen, in eval mode (no aux loss)"), flush=True)
-        scorer = None
-        if eval_cfg is not None:
-            from megatron_minitron.evaluation.run import TaskScorer
-
-            scorer = TaskScorer(eval_cfg, runtime=runtime, tokenizer_ref=tokenizer.ref,
-                                vocab_size=student.arch.vocab_size, max_length=student.arch.max_position_embeddings)
-        interval = cfg.eval_interval if args.eval_tasks_interval is None else args.eval_tasks_interval
+        scorer, interval = _task_scorer(args, cfg, eval_cfg, runtime, tokenizer, student.arch)
         distill(teacher_info=teacher, student_info=student, runtime=runtime, train_cfg=cfg, cfg=dcfg, **batches,
                 save=save, tokenizer=tokenizer_json(data_cfg, tokenizer), task_scores=scorer,
                 task_scores_interval=interval,
                 provenance={"command": "distill", "teacher": str(teacher.root), "student": str(student.root),
                             "plan": student.metadata.get("plan"), "distill": dcfg.to_json()})
-    finally:
-        shutdown()
     return 0
+
+
+def _task_scorer(args, cfg, eval_cfg, runtime, tokenizer, arch):
+    """(--eval-tasks' scorer or None, its interval in steps)."""
+    if eval_cfg is None:
+        return None, 0
+    from megatron_minitron.evaluation.run import TaskScorer
+
+    scorer = TaskScorer(eval_cfg, runtime=runtime, tokenizer_ref=tokenizer.ref, vocab_size=arch.vocab_size,
+                        max_length=arch.max_position_embeddings)
+    return scorer, cfg.eval_interval if args.eval_tasks_interval is None else args.eval_tasks_interval
 
 
 def _run_cached(args, parallel, cfg, dcfg, eval_cfg, save: Path) -> int:
@@ -270,33 +262,18 @@ def _run_cached(args, parallel, cfg, dcfg, eval_cfg, save: Path) -> int:
 def _distill_cached(args, parallel, env, cfg, dcfg, cache, student, data_cfg, settings, save, check, eval_cfg) -> int:
     from megatron_minitron.data.loader import load_tokenizer, tokenizer_json
     from megatron_minitron.distill.cached import cached_batches, distill_from_cache
-    from megatron_minitron.training.resume import run_record
-    from megatron_minitron.runtime import initialize, shutdown
 
-    runtime = initialize(parallel, seed=cfg.seed, env=env)
-    try:
-        if args.overwrite and runtime.rank == 0 and save.exists():
-            shutil.rmtree(save)
-        runtime.barrier()
+    with run_session(parallel, env, seed=cfg.seed, save=save, overwrite=args.overwrite) as runtime:
         tokenizer = load_tokenizer(data_cfg)
         batches = cached_batches(cache, data_cfg, tokenizer, cfg, runtime, model_vocab_size=student.arch.vocab_size)
-        if runtime.rank == 0:
-            save.mkdir(parents=True, exist_ok=True)
-            record = run_record(settings, save=save, check=check, teacher_logits=str(cache.root.resolve()),
-                                student=str(student.root), arch=student.arch.to_json(), world_size=env.world_size,
-                                parallel=vars(parallel))
-            (save / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_run_record(runtime, save, settings, check=check, teacher_logits=str(cache.root.resolve()),
+                         student=str(student.root), arch=student.arch.to_json(), world_size=env.world_size,
+                         parallel=vars(parallel))
         if runtime.is_logging_rank:
             print(f"distilling {student.arch.num_parameters() / 1e6:.2f}M parameters from the teacher's cached "
                   f"top-{cache.manifest.top_k} in {cache.root} at TP={parallel.tensor_parallel} "
                   f"PP={parallel.pipeline_parallel} DP={runtime.data_parallel} (no teacher in memory)", flush=True)
-        scorer = None
-        if eval_cfg is not None:
-            from megatron_minitron.evaluation.run import TaskScorer
-
-            scorer = TaskScorer(eval_cfg, runtime=runtime, tokenizer_ref=tokenizer.ref,
-                                vocab_size=student.arch.vocab_size, max_length=student.arch.max_position_embeddings)
-        interval = cfg.eval_interval if args.eval_tasks_interval is None else args.eval_tasks_interval
+        scorer, interval = _task_scorer(args, cfg, eval_cfg, runtime, tokenizer, student.arch)
         distill_from_cache(student_info=student, runtime=runtime, train_cfg=cfg, cfg=dcfg, **batches, save=save,
                            tokenizer=tokenizer_json(data_cfg, tokenizer), task_scores=scorer,
                            task_scores_interval=interval,
@@ -304,6 +281,4 @@ def _distill_cached(args, parallel, env, cfg, dcfg, cache, student, data_cfg, se
                                        "teacher_fingerprint": cache.manifest.teacher_fingerprint,
                                        "student": str(student.root), "plan": student.metadata.get("plan"),
                                        "distill": dcfg.to_json()})
-    finally:
-        shutdown()
     return 0

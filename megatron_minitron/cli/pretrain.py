@@ -10,13 +10,11 @@ run.json; an existing run there is continued only with --resume.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
                                            check_checkpoint_space, check_data_files, check_run_dir, parallel_config,
-                                           train_config)
+                                           run_session, train_config, write_run_record)
 from megatron_minitron.config import ConfigError
 from megatron_minitron.data.blend import parse_blend
 
@@ -93,16 +91,10 @@ def _data_config(args: argparse.Namespace, init_info):
 def _train(args, parallel, cfg, env, save: Path, arch, init_info, data_cfg, check) -> int:
     from megatron_minitron.data.loader import load_tokenizer, run_batches, tokenizer_json
     from megatron_minitron.model.checkpoint import latest_iteration
-    from megatron_minitron.runtime import initialize, shutdown
     from megatron_minitron.runtime.dist import moe_token_dispatcher
     from megatron_minitron.training.loop import RunPaths, build_trainer, init_from, lm_task, train
-    from megatron_minitron.training.resume import run_record
 
-    runtime = initialize(parallel, seed=cfg.seed, env=env)
-    try:
-        if args.overwrite and runtime.rank == 0 and save.exists():
-            shutil.rmtree(save)
-        runtime.barrier()
+    with run_session(parallel, env, seed=cfg.seed, save=save, overwrite=args.overwrite) as runtime:
         tokenizer = load_tokenizer(data_cfg)
         if init_info is None and not Path(args.arch).is_file():
             # A preset trained from scratch takes the tokenizer's vocabulary.
@@ -111,11 +103,8 @@ def _train(args, parallel, cfg, env, save: Path, arch, init_info, data_cfg, chec
         trainer = build_trainer(arch, runtime, cfg)
         if init_info is not None and latest_iteration(save) is None:
             init_from(trainer, init_info.root)
-        if runtime.rank == 0:
-            save.mkdir(parents=True, exist_ok=True)
-            record = run_record({"train": cfg.to_json(), "data": data_cfg.to_json()}, save=save, check=check,
-                                arch=arch.to_json(), world_size=env.world_size, parallel=vars(parallel))
-            (save / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_run_record(runtime, save, {"train": cfg.to_json(), "data": data_cfg.to_json()}, check=check,
+                         arch=arch.to_json(), world_size=env.world_size, parallel=vars(parallel))
         if runtime.is_logging_rank:
             print(f"training {arch.num_parameters() / 1e6:.2f}M parameters at TP={parallel.tensor_parallel} "
                   f"PP={parallel.pipeline_parallel} DP={runtime.data_parallel} on {runtime.device.type} "
@@ -128,6 +117,4 @@ def _train(args, parallel, cfg, env, save: Path, arch, init_info, data_cfg, chec
         train(trainer, task=lm_task(runtime.device), **batches, paths=RunPaths(save=save, metrics=save / "metrics.jsonl"),
               tokenizer=tokenizer_json(data_cfg, tokenizer),
               provenance={"command": "pretrain", "init": str(init_info.root) if init_info else None})
-    finally:
-        shutdown()
     return 0
