@@ -243,3 +243,18 @@ def test_a_cached_run_stopped_and_resumed_equals_the_uninterrupted_one(cache, st
     assert len(runs["whole"]) == ITERS and runs["split"] == runs["whole"]
     resumes = json.loads((tmp_path / "split" / "run.json").read_text())["resumes"]
     assert resumes[-1]["iteration"] == 2
+
+
+def test_a_cache_cut_with_another_tokenizer_is_refused(cache):
+    """The batches of a cached run are checked against the tokenizer the samples were cut with (every rank,
+    before any step): another tokenizer's fingerprint is refused naming the field, the cache's own passes."""
+    from types import SimpleNamespace
+
+    from megatron_minitron.config import ConfigError
+    from megatron_minitron.distill.logits_cache import LogitsCache, check_tokenizer
+
+    logits = LogitsCache(cache[0])
+    with pytest.raises(ConfigError, match="was written for tokenizer_fingerprint .*, this run's tokenizer is "
+                                          "'another'; write a cache with this run's tokenizer"):
+        check_tokenizer(logits, SimpleNamespace(fingerprint="another"))
+    check_tokenizer(logits, SimpleNamespace(fingerprint=logits.manifest.tokenizer_fingerprint))
