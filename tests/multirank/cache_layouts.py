@@ -47,9 +47,7 @@ class Samples:
         return STEPS * GBS
 
     def __getitem__(self, index: int) -> dict:
-        toks = synthetic.sample(index, SEQ, ARCH.vocab_size, seed=4)
-        return {"tokens": toks[:-1], "labels": toks[1:], "loss_mask": torch.ones(SEQ),
-                "position_ids": torch.arange(SEQ)}
+        return synthetic.example(index, SEQ, ARCH.vocab_size, seed=4)
 
 
 def manifest(k: int) -> lc.CacheManifest:

@@ -34,19 +34,10 @@ LAYOUTS = {
 }
 
 
-def dataset() -> list[dict]:
-    samples = []
-    for i in range(SAMPLES):
-        tokens = synthetic.sample(i, SEQ, ARCH.vocab_size, seed=4)
-        samples.append({"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": torch.ones(SEQ),
-                        "position_ids": torch.arange(SEQ)})
-    return samples
-
-
 def main(out: Path) -> None:
     rt = initialize(ParallelConfig(tensor_parallel=2), seed=7)
     ckpt.save_checkpoint(out / "model", model=build_model(ARCH, rt), arch=ARCH, runtime=rt, iteration=None)
-    info, data = ckpt.resolve(out / "model"), dataset()
+    info, data = ckpt.resolve(out / "model"), synthetic.examples(SAMPLES, SEQ, ARCH.vocab_size, seed=4)
     for name, parallel in LAYOUTS.items():
         rt = initialize(parallel)
         model = build_model(ARCH, rt)

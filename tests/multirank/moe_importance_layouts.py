@@ -36,15 +36,6 @@ LAYOUTS = {
 }
 
 
-def dataset() -> list[dict]:
-    samples = []
-    for i in range(SAMPLES):
-        tokens = synthetic.sample(i, SEQ, ARCH.vocab_size, seed=4)
-        samples.append({"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": torch.ones(SEQ),
-                        "position_ids": torch.arange(SEQ)})
-    return samples
-
-
 def main(out: Path) -> None:
     rt = initialize(ParallelConfig(expert_parallel=2), seed=7)
     model = build_model(ARCH, rt)
@@ -53,7 +44,7 @@ def main(out: Path) -> None:
             if "router" in name:
                 param.mul_(20)
     ckpt.save_checkpoint(out / "model", model=model, arch=ARCH, runtime=rt, iteration=None)
-    info, data = ckpt.resolve(out / "model"), dataset()
+    info, data = ckpt.resolve(out / "model"), synthetic.examples(SAMPLES, SEQ, ARCH.vocab_size, seed=4)
     for name, parallel in LAYOUTS.items():
         rt = initialize(parallel)
         model = build_model(ARCH, rt, moe_dispatcher="allgather")

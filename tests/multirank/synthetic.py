@@ -14,6 +14,18 @@ def sample(index: int, seq_length: int, vocab: int, seed: int = 0) -> torch.Tens
     return torch.randint(0, vocab, (seq_length + 1,), generator=g)
 
 
+def example(index: int, seq_length: int, vocab: int, seed: int = 0) -> dict:
+    """Global sample `index` in megatron's GPTDataset form (tokens, labels, loss_mask, position_ids)."""
+    toks = sample(index, seq_length, vocab, seed)
+    return {"tokens": toks[:-1], "labels": toks[1:], "loss_mask": torch.ones(seq_length),
+            "position_ids": torch.arange(seq_length)}
+
+
+def examples(count: int, seq_length: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Samples 0..count-1 in GPTDataset form."""
+    return [example(i, seq_length, vocab, seed) for i in range(count)]
+
+
 def batches(start: int, *, micro_batch_size: int, dp_rank: int, dp_size: int, seq_length: int, vocab: int,
             seed: int = 0) -> Iterator[dict]:
     """This DP rank's micro-batches: each global step of micro_batch_size x dp_size consecutive
