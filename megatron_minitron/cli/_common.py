@@ -164,6 +164,16 @@ def write_run_record(runtime, save: Path, settings: dict, *, check, **fields) ->
         (save / "run.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
+def data_config(args: argparse.Namespace, tokenizer):
+    """The DataConfig of the data flags (add_data_arguments) with this tokenizer (a TokenizerRef or None)."""
+    from megatron_minitron.data.blend import parse_blend
+    from megatron_minitron.data.loader import DataConfig
+
+    return DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
+                      split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
+                      tokenizer=tokenizer)
+
+
 def check_data_files(data_cfg) -> None:
     """The indexed datasets of --data-path/--valid-data-path exist and are whole, before any process."""
     from megatron_minitron.data.loader import check_blend_paths

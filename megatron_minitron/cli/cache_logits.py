@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from megatron_minitron.cli._common import TRAIN, add_data_arguments, add_parallel_arguments, parallel_config
+from megatron_minitron.cli._common import (TRAIN, add_data_arguments, add_parallel_arguments, data_config,
+                                           parallel_config)
 from megatron_minitron.config import ConfigError
-from megatron_minitron.data.blend import parse_blend
 from megatron_minitron.flags import field_argument, non_negative, positive
 
 
@@ -39,7 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from megatron_minitron.cli.distill import shared_tokenizer
     from megatron_minitron.cli._common import check_data_files
-    from megatron_minitron.data.loader import DataConfig
     from megatron_minitron.model import checkpoint as ckpt
     from megatron_minitron.runtime import LaunchEnv
     from megatron_minitron.training.loop import TrainConfig
@@ -62,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
                       global_batch_size=args.global_batch_size, eval_iters=args.eval_iters, seed=args.seed,
                       lr_warmup_iters=0)
     cfg.num_microbatches(parallel.data_parallel(env.world_size))  # the batch divides over the replicas
-    data_cfg = DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
-                          split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
-                          tokenizer=shared_tokenizer(args.tokenizer, teacher, teacher))
+    data_cfg = data_config(args, shared_tokenizer(args.tokenizer, teacher, teacher))
     check_data_files(data_cfg)
     return _cache(args, parallel, env, cfg, data_cfg, teacher, out)
 

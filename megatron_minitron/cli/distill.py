@@ -18,11 +18,10 @@ import argparse
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
-                                           check_checkpoint_space, check_data_files, check_run_dir, parallel_config,
-                                           run_session, train_config, write_run_record)
+                                           check_checkpoint_space, check_data_files, check_run_dir, data_config,
+                                           parallel_config, run_session, train_config, write_run_record)
 from megatron_minitron.flags import field_argument, non_negative, positive
 from megatron_minitron.config import ConfigError
-from megatron_minitron.data.blend import parse_blend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,7 +107,6 @@ def distill_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_minitron.data.loader import DataConfig
     from megatron_minitron.distill.loop import check_layout, check_models, teacher_parallel
     from megatron_minitron.distill.model import check_pairs_on_stages, parse_layer_pairs
     from megatron_minitron.model import checkpoint as ckpt
@@ -140,9 +138,7 @@ def run(args: argparse.Namespace) -> int:
     env = LaunchEnv.from_environ()
     cfg.num_microbatches(parallel.data_parallel(env.world_size))
     tokenizer = shared_tokenizer(args.tokenizer, teacher, student)
-    data_cfg = DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
-                          split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
-                          tokenizer=tokenizer)
+    data_cfg = data_config(args, tokenizer)
     check_data_files(data_cfg)
     check = None
     if args.resume:
@@ -221,7 +217,6 @@ def _task_scorer(args, cfg, eval_cfg, runtime, tokenizer, arch):
 def _run_cached(args, parallel, cfg, dcfg, eval_cfg, save: Path) -> int:
     """--teacher-logits: the checks of a cached run (the cache against this run, field by field), then train."""
     from megatron_minitron.config import ArchConfig
-    from megatron_minitron.data.loader import DataConfig
     from megatron_minitron.distill.logits_cache import LogitsCache, check_run
     from megatron_minitron.distill.loop import check_models
     from megatron_minitron.model import checkpoint as ckpt
@@ -239,9 +234,7 @@ def _run_cached(args, parallel, cfg, dcfg, eval_cfg, save: Path) -> int:
     parallel.check_arch(student.arch)
     env = LaunchEnv.from_environ()
     cfg.num_microbatches(parallel.data_parallel(env.world_size))
-    data_cfg = DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
-                          split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
-                          tokenizer=shared_tokenizer(args.tokenizer, student, student))
+    data_cfg = data_config(args, shared_tokenizer(args.tokenizer, student, student))
     check_run(cache, student_arch=student.arch, data_cfg=data_cfg, train_cfg=cfg, distill_cfg=dcfg,
               teacher_fingerprint=teacher_print)
     check_data_files(data_cfg)

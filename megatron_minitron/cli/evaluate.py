@@ -16,8 +16,7 @@ import json
 from pathlib import Path
 
 from megatron_minitron.cli._common import (TRAIN, add_data_arguments, add_parallel_arguments, check_data_files,
-                                           parallel_config)
-from megatron_minitron.data.blend import parse_blend
+                                           data_config, parallel_config)
 from megatron_minitron.flags import field_argument, non_negative, positive
 
 
@@ -52,7 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from megatron_minitron.config import ConfigError
-    from megatron_minitron.data.loader import DataConfig
     from megatron_minitron.model import checkpoint as ckpt
     from megatron_minitron.runtime import LaunchEnv
     from megatron_minitron.training.loop import TrainConfig
@@ -72,9 +70,7 @@ def run(args: argparse.Namespace) -> int:
                       seed=args.seed)
     env = LaunchEnv.from_environ()
     cfg.num_microbatches(parallel.data_parallel(env.world_size))
-    data_cfg = DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
-                          split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
-                          tokenizer=tokenizer)
+    data_cfg = data_config(args, tokenizer)
     check_data_files(data_cfg)
     return _evaluate(args, parallel, env, info, cfg, data_cfg)
 

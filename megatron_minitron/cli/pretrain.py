@@ -13,10 +13,9 @@ import argparse
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
-                                           check_checkpoint_space, check_data_files, check_run_dir, parallel_config,
-                                           run_session, train_config, write_run_record)
+                                           check_checkpoint_space, check_data_files, check_run_dir, data_config,
+                                           parallel_config, run_session, train_config, write_run_record)
 from megatron_minitron.config import ConfigError
-from megatron_minitron.data.blend import parse_blend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +73,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _data_config(args: argparse.Namespace, init_info):
-    from megatron_minitron.data.loader import DataConfig
     from megatron_minitron.data.tokenizer import TokenizerRef, tokenizer_ref_for
 
     if args.tokenizer:
@@ -83,9 +81,7 @@ def _data_config(args: argparse.Namespace, init_info):
         tokenizer = TokenizerRef.from_json(init_info.tokenizer)
     else:
         tokenizer = None
-    return DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
-                      split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
-                      tokenizer=tokenizer)
+    return data_config(args, tokenizer)
 
 
 def _train(args, parallel, cfg, env, save: Path, arch, init_info, data_cfg, check) -> int:

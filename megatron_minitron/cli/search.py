@@ -24,10 +24,9 @@ import math
 from pathlib import Path
 
 from megatron_minitron.cli._common import (add_data_arguments, add_parallel_arguments, add_training_arguments,
-                                           check_data_files, parallel_config, train_config)
+                                           check_data_files, data_config, parallel_config, train_config)
 from megatron_minitron.flags import Bounded, non_negative, positive
 from megatron_minitron.config import ConfigError
-from megatron_minitron.data.blend import parse_blend
 
 AXIS_FLAGS = {"num_layers": "--layers", "hidden_size": "--hidden", "ffn_hidden_size": "--ffn",
               "num_attention_heads": "--heads", "num_query_groups": "--groups", "num_experts": "--experts",
@@ -135,7 +134,6 @@ def score_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from megatron_minitron.cli.distill import distill_config, shared_tokenizer
-    from megatron_minitron.data.loader import DataConfig
     from megatron_minitron.importance.scores import load_scores
     from megatron_minitron.model import checkpoint as ckpt
     from megatron_minitron.runtime import LaunchEnv, session
@@ -170,9 +168,7 @@ def run(args: argparse.Namespace) -> int:
     env = LaunchEnv.from_environ()
     cfg.num_microbatches(parallel.data_parallel(env.world_size))
     tokenizer = shared_tokenizer(args.tokenizer, source, source)
-    data_cfg = DataConfig(blend=parse_blend(args.data_path), valid_blend=parse_blend(args.valid_data_path),
-                          split=args.split, seq_length=args.seq_length, seed=args.seed, cache_dir=args.cache_dir,
-                          tokenizer=tokenizer)
+    data_cfg = data_config(args, tokenizer)
     check_data_files(data_cfg)
     if args.teacher_logits is not None:
         from megatron_minitron.distill.logits_cache import LogitsCache, check_run
