@@ -20,6 +20,8 @@ and numbers its files by process-group rank:
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import hashlib
 import io
 import math
 import mmap
@@ -233,7 +235,7 @@ def all_finite(t: torch.Tensor) -> bool:
     if not t.is_floating_point() or t.numel() == 0:
         return True
     low, high = torch.aminmax(t)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+    return math.isfinite(low.item()) and math.isfinite(high.item())
 
 
 def map_range(f, start: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
@@ -246,8 +248,9 @@ def map_range(f, start: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
     3.4 GB/s populated, against 1.1 GB/s for readinto into a fresh buffer then write."""
     base = start - start % mmap.ALLOCATIONGRANULARITY
     region = mmap.mmap(f.fileno(), start + nbytes - base, access=mmap.ACCESS_COPY, offset=base)
+    page = (start - base) - (start - base) % mmap.PAGESIZE  # madvise wants a page-aligned start (else EINVAL)
     try:
-        region.madvise(MADV_POPULATE_READ, start - base, nbytes)
+        region.madvise(MADV_POPULATE_READ, page, start + nbytes - base - page)
     except (OSError, ValueError):
         pass
     return torch.frombuffer(region, dtype=dtype, offset=start - base, count=nbytes // dtype.itemsize)
@@ -474,7 +477,7 @@ class ChunkWriter:
     def __init__(self, directory: Path, name: str, *, fsync: bool = True):
         self.name = name
         self.path = Path(directory) / name
-        self.f = open(self.path, "wb", buffering=0)
+        self.f = HashingFile(self.path)
         self.fsync = fsync
         self.records: list[Record] = []
         self.bytes_written = 0
@@ -505,9 +508,73 @@ class ChunkWriter:
                                    transform_descriptors=transform_descriptors))
 
     def close(self) -> None:
-        if self.fsync:
-            os.fsync(self.f.fileno())
-        self.f.close()
+        self.f.close(fsync=self.fsync)
+
+    @property
+    def checksum(self) -> dict:
+        """{"size", "sha256"} of the file written (its checksums.json entry); valid after close()."""
+        return self.f.checksum()
+
+
+class HashingFile:
+    """A file opened for writing (unbuffered) that SHA-256s every byte as it is written, so a checkpoint's
+    checksums.json needs no second read of what was just written.
+
+    A write of 1 MiB or more (tensor data) is hashed on a helper thread while the write itself runs: both
+    release the GIL, so the hash costs no wall time where a core is free (on this 2-core machine SHA-256
+    runs at ~0.5 GB/s, as slow as writing to the page cache). The write returns only when both are done,
+    so the caller's buffer is never read after it is reused. Short writes are retried until every byte
+    is written (one write(2) moves at most ~2 GiB)."""
+
+    THREAD_BYTES = 1 << 20
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._f = open(self.path, "wb", buffering=0)
+        self._digest = hashlib.sha256()
+        self._position = 0
+        self._pool = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        pending = None
+        if view.nbytes >= self.THREAD_BYTES:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+            pending = self._pool.submit(self._digest.update, view)
+        else:
+            self._digest.update(view)
+        done = 0
+        try:
+            while done < view.nbytes:
+                done += self._f.write(view[done:])
+        finally:
+            if pending is not None:
+                pending.result()
+        self._position += done
+        return done
+
+    def flush(self) -> None:
+        pass  # unbuffered
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self, *, fsync: bool = False) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        if self._f.closed:
+            return
+        try:
+            if fsync:
+                os.fsync(self._f.fileno())
+        finally:
+            self._f.close()
+
+    def checksum(self) -> dict:
+        """{"size", "sha256"} of everything written."""
+        return {"size": self._position, "sha256": self._digest.hexdigest()}
 
 
 def _own_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -523,8 +590,9 @@ def _own_bytes(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=t.dtype).set_(storage[start:start + nbytes], 0, t.shape)
 
 
-def write_metadata(directory: Path, records: list[Record]) -> None:
-    """Merge every worker's records into one `.metadata` (what DCP's FileSystemWriter.finish writes)."""
+def write_metadata(directory: Path, records: list[Record], *, fsync: bool = True) -> None:
+    """Merge every worker's records into one `.metadata` (what DCP's FileSystemWriter.finish writes);
+    with `fsync`, flushed to disk before the rename that makes it visible."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
                                                        MetadataIndex, StorageMeta, TensorProperties,
@@ -552,8 +620,9 @@ def write_metadata(directory: Path, records: list[Record]) -> None:
     tmp = Path(directory) / ".metadata.tmp"
     with open(tmp, "wb") as f:
         pickle.dump(metadata, f)
-        f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     tmp.rename(Path(directory) / ".metadata")
 
 
