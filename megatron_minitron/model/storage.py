@@ -119,11 +119,15 @@ class _Layout:
     shape: tuple[int, ...]
     data_offset: int
 
-    def rows(self, lead: int, local_layer: int, x0: int, x1: int) -> tuple[int, int]:
-        """(file offset, byte count) of rows x0:x1 (of this archive) of its first dim after `lead`
-        leading dims, in layer `local_layer` of a stacked tensor: row-major, one contiguous range."""
+    def rows(self, local: tuple[int, ...], x0: int, x1: int) -> tuple[int, int]:
+        """(file offset, byte count) of rows x0:x1 (of this archive) of its first dim after the leading
+        dims, at indices `local` (of this archive) of those: row-major, one contiguous range."""
+        lead = len(local)
         row_bytes = math.prod(self.shape[lead + 1:]) * self.dtype.itemsize
-        return self.data_offset + (local_layer * self.shape[lead] + x0) * row_bytes, (x1 - x0) * row_bytes
+        flat = 0
+        for size, i in zip(self.shape, local):
+            flat = flat * size + i
+        return self.data_offset + (flat * self.shape[lead] + x0) * row_bytes, (x1 - x0) * row_bytes
 
 
 class _FileView(io.RawIOBase):
@@ -212,12 +216,24 @@ def _parse_layout(f, start: int, length: int) -> Optional[_Layout]:
         return None
 
 
-def _overlapping(meta, layer: Optional[int], lead: int, r0: int, r1: int):
+def _leading(at) -> tuple[int, ...]:
+    """The indices of the dims before the row dim: none (None), a stacked tensor's layer (an int), or a
+    tuple of them (a stacked expert tensor's (layer, expert))."""
+    return () if at is None else (at,) if isinstance(at, int) else tuple(at)
+
+
+def _local(at: tuple[int, ...], offs) -> tuple[int, ...]:
+    """`at` relative to a stored chunk's offsets."""
+    return tuple(i - o for i, o in zip(at, offs))
+
+
+def _overlapping(meta, at: tuple[int, ...], r0: int, r1: int):
     """(offsets, sizes, x0, x1) of each stored chunk of tensor `meta` that holds rows x0:x1 (global,
-    nonempty) of r0:r1 of the first per-layer dim, of layer `layer` for a stacked tensor."""
+    nonempty) of r0:r1 of the row dim (the one after the leading indices `at`)."""
+    lead = len(at)
     for chunk in meta.chunks:
         offs, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
-        if layer is not None and not offs[0] <= layer < offs[0] + sizes[0]:
+        if any(not o <= i < o + n for i, o, n in zip(at, offs, sizes)):
             continue
         x0, x1 = max(r0, offs[lead]), min(r1, offs[lead] + sizes[lead])
         if x0 < x1:
@@ -280,23 +296,24 @@ class SourceReader:
     def tensor_meta(self, key: str):
         return self.metadata.state_dict_metadata[key]
 
-    def read_rows(self, key: str, layer: Optional[int], r0: int, r1: int,
+    def read_rows(self, key: str, layer, r0: int, r1: int,
                   index: Optional[torch.Tensor] = None, scratch: Optional[Scratch] = None) -> torch.Tensor:
         """_read_rows, refused when a value read is NaN or infinite (checked on the rows as they pass,
-        no extra read of the file), naming the tensor and its file."""
+        no extra read of the file), naming the tensor and its file. `layer`: None, a stacked tensor's
+        layer, or the tuple of indices of every dim before the row dim (a stacked expert tensor's
+        (layer, expert))."""
         rows = self._read_rows(key, layer, r0, r1, index, scratch)
         if not all_finite(rows):
             from torch.distributed.checkpoint.metadata import MetadataIndex
 
-            lead = 0 if layer is None else 1
             files = sorted({self.metadata.storage_data[MetadataIndex(key, offs)].relative_path
-                            for offs, *_ in _overlapping(self.tensor_meta(key), layer, lead, r0, r1)})
+                            for offs, *_ in _overlapping(self.tensor_meta(key), _leading(layer), r0, r1)})
             where = f"rows {r0}:{r1}" + ("" if layer is None else f" of layer {layer}")
             raise CheckpointError(f"{self.ckpt / files[0] if files else self.ckpt}: tensor {key!r} holds NaN or infinite "
                              f"values ({where}); the checkpoint is corrupted or diverged: nothing was written from it")
         return rows
 
-    def _read_rows(self, key: str, layer: Optional[int], r0: int, r1: int,
+    def _read_rows(self, key: str, layer, r0: int, r1: int,
                    index: Optional[torch.Tensor] = None, scratch: Optional[Scratch] = None) -> torch.Tensor:
         """Rows r0:r1 of the first per-layer dim of tensor `key` (of layer `layer` of a stacked
         tensor, or of the tensor itself when layer is None), every other dim whole; with `index`
@@ -308,28 +325,28 @@ class SourceReader:
 
         meta = self.tensor_meta(key)
         size = tuple(meta.size)
-        lead = 0 if layer is None else 1  # dims before the row dim
+        at = _leading(layer)
+        lead = len(at)  # dims before the row dim
         if len(size) == lead:  # a stacked scalar per layer: treat it as one row
             raise CheckpointError(f"{key}: stacked scalars are not supported")
-        mapped = self._mapped_rows(key, meta, layer, lead, r0, r1, index, scratch)
+        mapped = self._mapped_rows(key, meta, at, r0, r1, index, scratch)
         if mapped is not None:
             return mapped
         out = torch.empty((r1 - r0,) + size[lead + 1:], dtype=meta.properties.dtype)
         covered = 0
-        for offs, sizes, x0, x1 in _overlapping(meta, layer, lead, r0, r1):
+        for offs, sizes, x0, x1 in _overlapping(meta, at, r0, r1):
             info = self.metadata.storage_data[MetadataIndex(key, offs)]
             rest = sizes[lead + 1:]
             dest = out[x0 - r0:x1 - r0]
             dest = dest[(slice(None),) + tuple(slice(o, o + s) for o, s in zip(offs[lead + 1:], rest))]
-            local_layer = 0 if layer is None else layer - offs[0]
-            self._read_chunk_rows(key, info, sizes, lead, local_layer, x0 - offs[lead], x1 - offs[lead], dest)
+            self._read_chunk_rows(key, info, sizes, _local(at, offs), x0 - offs[lead], x1 - offs[lead], dest)
             covered += dest.numel()
         if covered != out.numel():
             raise CheckpointError(f"{self.ckpt}: the stored chunks of {key!r} do not cover rows {r0}:{r1}"
                              f"{'' if layer is None else f' of layer {layer}'}; the metadata is inconsistent")
         return out if index is None else out.index_select(0, index)
 
-    def _mapped_rows(self, key: str, meta, layer: Optional[int], lead: int, r0: int, r1: int,
+    def _mapped_rows(self, key: str, meta, at: tuple[int, ...], r0: int, r1: int,
                      index: Optional[torch.Tensor], scratch: Optional[Scratch]) -> Optional[torch.Tensor]:
         """read_rows through memory mappings of just those rows, when stored chunks with every other
         dim whole hold them (one chunk, or several when rows are selected, e.g. across the GLU gate
@@ -343,15 +360,16 @@ class SourceReader:
         whole when every row is kept. The mappings go when the returned tensor does, so a worker's
         memory stays at the region it asked for."""
         size = tuple(meta.size)
+        lead = len(at)
         row_shape = size[lead + 1:]
-        parts = sorted(_overlapping(meta, layer, lead, r0, r1), key=lambda part: part[2])  # in row order
+        parts = sorted(_overlapping(meta, at, r0, r1), key=lambda part: part[2])  # in row order
         if any(sizes[lead + 1:] != row_shape for _, sizes, _, _ in parts):
             return None  # the columns are split
         if not parts or sum(x1 - x0 for *_, x0, x1 in parts) != r1 - r0 or (len(parts) > 1 and index is None):
             return None
         views = []
         for offs, sizes, x0, x1 in parts:
-            view = self._map_rows(key, offs, sizes, layer, lead, x0, x1)
+            view = self._map_rows(key, offs, sizes, at, x0, x1)
             if view is None:
                 return None
             views.append(view)
@@ -372,7 +390,7 @@ class SourceReader:
             done += hi - lo
         return out.view(dtype).view((kept,) + row_shape)
 
-    def _map_rows(self, key: str, offs, sizes, layer: Optional[int], lead: int, x0: int, x1: int):
+    def _map_rows(self, key: str, offs, sizes, at: tuple[int, ...], x0: int, x1: int):
         """Rows x0:x1 (global) of one stored chunk as a mapped [rows, row bytes] uint8 tensor, with the
         chunk's dtype and whether its elements are aligned; None when the archive cannot be parsed."""
         from torch.distributed.checkpoint.metadata import MetadataIndex
@@ -381,8 +399,8 @@ class SourceReader:
         layout = self._layout(info, sizes)
         if layout is None:
             return None
-        local_layer = 0 if layer is None else layer - offs[0]
-        start, nbytes = layout.rows(lead, local_layer, x0 - offs[lead], x1 - offs[lead])
+        lead = len(at)
+        start, nbytes = layout.rows(_local(at, offs), x0 - offs[lead], x1 - offs[lead])
         if nbytes == 0:
             return None
         f = self._file(info.relative_path)
@@ -402,7 +420,7 @@ class SourceReader:
             self._layouts[cache_key] = layout
         return self._layouts[cache_key]
 
-    def _read_chunk_rows(self, key, info, sizes, lead, local_layer, x0, x1, dest: torch.Tensor) -> None:
+    def _read_chunk_rows(self, key, info, sizes, local: tuple[int, ...], x0, x1, dest: torch.Tensor) -> None:
         f = self._file(info.relative_path)
         cache_key = (info.relative_path, info.offset)
         layout = self._layout(info, sizes)
@@ -413,10 +431,10 @@ class SourceReader:
                 self._loaded = (cache_key, torch.load(io.BufferedReader(view), map_location="cpu", weights_only=True))
                 self.bytes_read += info.length
             chunk = self._loaded[1]
-            chunk = chunk[local_layer] if lead else chunk
+            chunk = chunk[local] if local else chunk
             dest.copy_(chunk[x0:x1])
             return
-        start, nbytes = layout.rows(lead, local_layer, x0, x1)
+        start, nbytes = layout.rows(local, x0, x1)
         target = dest if dest.is_contiguous() else torch.empty(dest.shape, dtype=dest.dtype)
         buffer = target.view(-1).view(torch.uint8).numpy() if nbytes else None
         f.seek(start)

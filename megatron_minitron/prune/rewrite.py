@@ -269,6 +269,8 @@ def run_job(job: Job, report: Optional[Callable[[int, int, int], None]] = None
 
 def _rewrite_unit(rule, unit: Unit, reader: storage.SourceReader, writer: storage.ChunkWriter,
                   scratch: Optional[storage.Scratch] = None) -> None:
+    if rule.axes[0] == "experts" and len(rule.axes) == 3:
+        return _rewrite_experts(rule, unit, reader, writer, scratch)
     j = 0 if unit.layer is None else unit.layer
     a, b = unit.rows
     source_layer = rule.source_layer(j) if rule.layered else None
@@ -291,6 +293,38 @@ def _rewrite_unit(rule, unit: Unit, reader: storage.SourceReader, writer: storag
         target = target.unsqueeze(0)
     offsets = lead + (a,) + (0,) * (len(rule.layer_shape) - 1)
     writer.tensor(rule.target_key, target, offsets, rule.target_shape)
+
+
+def _rewrite_experts(rule, unit: Unit, reader: storage.SourceReader, writer: storage.ChunkWriter,
+                     scratch: Optional[storage.Scratch] = None) -> None:
+    """Target experts a:b of an expert weight ([layer,] expert, rows, cols), one kept expert at a time.
+
+    Each expert's rows are read at (layer, expert) with that expert's own row index, so the reader
+    gathers them straight from its mapping of the stored chunks, across the GLU gate and up chunks
+    megatron stores separately; the columns are then selected into the unit's output buffer. Reading
+    the unit's experts as rows instead made the reader copy them whole first (their rows split across
+    chunks), then select experts, then rows, then columns, stacking the experts at the end."""
+    j = 0 if unit.layer is None else unit.layer
+    a, b = unit.rows
+    experts, row_index, col_index = rule.index(j)
+    lead = (rule.source_layer(j),) if rule.layered else ()
+    src_rows = rule.source_shape[-2]
+    rows, cols = rule.layer_shape[1:]
+    dtype = reader.tensor_meta(rule.source_key).properties.dtype
+    shape = (b - a, rows, cols)
+    out = scratch.take("experts", shape, dtype) if scratch is not None else torch.empty(shape, dtype=dtype)
+    for k in range(a, b):
+        source = k if experts is None else int(experts[k])
+        index = row_index[k] if row_index is not None and row_index.dim() == 2 else row_index
+        part = reader.read_rows(rule.source_key, lead + (source,), 0, src_rows, index=index, scratch=scratch)
+        columns = col_index[k] if col_index is not None and col_index.dim() == 2 else col_index
+        if columns is None:
+            out[k - a].copy_(part)
+        else:
+            torch.index_select(part, 1, columns, out=out[k - a])
+    prefix = (unit.layer,) if rule.layered else () if rule.stack_at is None else (rule.stack_at,)
+    target = out.unsqueeze(0) if prefix else out
+    writer.tensor(rule.target_key, target, prefix + (a, 0, 0), rule.target_shape)
 
 
 def _worker_main(job: Job, queue) -> None:
