@@ -227,14 +227,10 @@ def _local(at: tuple[int, ...], offs) -> tuple[int, ...]:
     return tuple(i - o for i, o in zip(at, offs))
 
 
-def _overlapping(meta, at: tuple[int, ...], r0: int, r1: int):
-    """(offsets, sizes, x0, x1) of each stored chunk of tensor `meta` that holds rows x0:x1 (global,
-    nonempty) of r0:r1 of the row dim (the one after the leading indices `at`)."""
-    lead = len(at)
-    for chunk in meta.chunks:
-        offs, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
-        if any(not o <= i < o + n for i, o, n in zip(at, offs, sizes)):
-            continue
+def _overlapping(chunks, lead: int, r0: int, r1: int):
+    """(offsets, sizes, x0, x1) of each of `chunks` ((offsets, sizes) of stored chunks that hold the
+    leading indices) that holds rows x0:x1 (global, nonempty) of r0:r1 of the row dim, dim `lead`."""
+    for offs, sizes in chunks:
         x0, x1 = max(r0, offs[lead]), min(r1, offs[lead] + sizes[lead])
         if x0 < x1:
             yield offs, sizes, x0, x1
@@ -280,6 +276,7 @@ class SourceReader:
         self.metadata = metadata if metadata is not None else read_dcp_metadata(self.ckpt)
         self._files: dict[str, io.BufferedReader] = {}
         self._layouts: dict = {}
+        self._chunk_tables: dict = {}
         self._loaded: tuple = (None, None)  # the last archive torch.load had to read whole
         self.bytes_read = 0
 
@@ -296,6 +293,23 @@ class SourceReader:
     def tensor_meta(self, key: str):
         return self.metadata.state_dict_metadata[key]
 
+    def _chunks_at(self, key: str, at: tuple[int, ...]) -> list:
+        """(offsets, sizes) of the stored chunks of `key` that hold the leading indices `at`, from a table
+        built once per key: a MoE weight has a chunk per layer, expert and GLU half, and scanning all of
+        them on every read grows with the square of the model (0.39 s of a 1.8 s export of 0.93 GB)."""
+        lead = len(at)
+        table = self._chunk_tables.get((key, lead))
+        if table is None:
+            exact: dict = collections.defaultdict(list)
+            wide = []  # chunks spanning more than one index of a leading dim
+            for chunk in self.tensor_meta(key).chunks:
+                offs, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+                (exact[offs[:lead]] if all(n == 1 for n in sizes[:lead]) else wide).append((offs, sizes))
+            table = self._chunk_tables[(key, lead)] = (dict(exact), wide)
+        exact, wide = table
+        return exact.get(at, []) + [(offs, sizes) for offs, sizes in wide
+                                    if all(o <= i < o + n for i, o, n in zip(at, offs, sizes))]
+
     def read_rows(self, key: str, layer, r0: int, r1: int,
                   index: Optional[torch.Tensor] = None, scratch: Optional[Scratch] = None) -> torch.Tensor:
         """_read_rows, refused when a value read is NaN or infinite (checked on the rows as they pass,
@@ -306,9 +320,10 @@ class SourceReader:
         if not all_finite(rows):
             from torch.distributed.checkpoint.metadata import MetadataIndex
 
+            at = _leading(layer)
             files = sorted({self.metadata.storage_data[MetadataIndex(key, offs)].relative_path
-                            for offs, *_ in _overlapping(self.tensor_meta(key), _leading(layer), r0, r1)})
-            where = f"rows {r0}:{r1}" + ("" if layer is None else f" of layer {layer}")
+                            for offs, *_ in _overlapping(self._chunks_at(key, at), len(at), r0, r1)})
+            where = f"rows {r0}:{r1}" + ("" if layer is None else f" of {'layer' if len(at) == 1 else 'index'} {layer}")
             raise CheckpointError(f"{self.ckpt / files[0] if files else self.ckpt}: tensor {key!r} holds NaN or infinite "
                              f"values ({where}); the checkpoint is corrupted or diverged: nothing was written from it")
         return rows
@@ -334,7 +349,7 @@ class SourceReader:
             return mapped
         out = torch.empty((r1 - r0,) + size[lead + 1:], dtype=meta.properties.dtype)
         covered = 0
-        for offs, sizes, x0, x1 in _overlapping(meta, at, r0, r1):
+        for offs, sizes, x0, x1 in _overlapping(self._chunks_at(key, at), lead, r0, r1):
             info = self.metadata.storage_data[MetadataIndex(key, offs)]
             rest = sizes[lead + 1:]
             dest = out[x0 - r0:x1 - r0]
@@ -362,7 +377,7 @@ class SourceReader:
         size = tuple(meta.size)
         lead = len(at)
         row_shape = size[lead + 1:]
-        parts = sorted(_overlapping(meta, at, r0, r1), key=lambda part: part[2])  # in row order
+        parts = sorted(_overlapping(self._chunks_at(key, at), lead, r0, r1), key=lambda part: part[2])  # row order
         if any(sizes[lead + 1:] != row_shape for _, sizes, _, _ in parts):
             return None  # the columns are split
         if not parts or sum(x1 - x0 for *_, x0, x1 in parts) != r1 - r0 or (len(parts) > 1 and index is None):
