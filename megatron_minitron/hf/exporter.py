@@ -276,9 +276,14 @@ def _write_shards(plan: ExportPlan, partial: Path, fsync: bool = True,
             key, rule = item.entry.megatron, item.entry.rule
             rows = arch.vocab_size if isinstance(rule, Vocab) else megatron_shape(key, arch)[0]
             planned = item.outputs[0]
-            if item.expert is not None:  # one expert of a layer: read just it (its rows of the expert axis)
-                tensor = reader.read_rows(key, item.layer, item.expert, item.expert + 1)[0]
-                for planned, part in zip(item.outputs, rule.to_hf(tensor, arch)):
+            if item.expert is not None:  # one expert of a layer, read at (layer, expert): its GLU halves (two
+                # stored chunks) each alone, so each comes from the reader's mapping, not copied together first
+                at = (item.expert,) if item.layer is None else (item.layer, item.expert)
+                expert_rows = megatron_shape(key, arch)[1]
+                ranges = rule.hf_row_ranges(expert_rows)
+                parts = [reader.read_rows(key, at, r0, r1) for r0, r1 in ranges] if ranges is not None else \
+                    rule.to_hf(reader.read_rows(key, at, 0, expert_rows), arch)
+                for planned, part in zip(item.outputs, parts):
                     if writer.full:
                         next_writer()
                     writer.write(planned.name, part.to(planned.dtype))

@@ -254,8 +254,8 @@ def import_hf(hf_dir: str | os.PathLike, save: str | os.PathLike, *, tensor_para
     with ckpt.writing(out, overwrite=overwrite, error=HFError) as partial:
         release = partial / "release"
         release.mkdir()
-        read, written = _write_tensors(plan, release, fsync, chunk_bytes)
-        _write_metadata(plan, partial, release, tensor_parallel, pipeline_parallel)
+        read, written, shards = _write_tensors(plan, release, fsync, chunk_bytes)
+        _write_metadata(plan, partial, release, tensor_parallel, pipeline_parallel, shards)
     seconds = time.monotonic() - start
     if stats is not None:
         stats.update(seconds=seconds, bytes_read=read, bytes_written=written, peak_rss_mb=peak_rss_mb())
@@ -265,7 +265,8 @@ def import_hf(hf_dir: str | os.PathLike, save: str | os.PathLike, *, tensor_para
 
 
 def _write_tensors(plan: ImportPlan, release: Path, fsync: bool = True,
-                   chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
+                   chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int, dict]:
+    """Bytes read, bytes written, and the checksums.json entries of the shard (hashed as written)."""
     from megatron_minitron.model import storage
 
     arch = plan.arch
@@ -306,11 +307,11 @@ def _write_tensors(plan: ImportPlan, release: Path, fsync: bool = True,
     finally:
         reader.close()
         writer.close()
-    storage.write_metadata(release, writer.records)
-    return reader.bytes_read, writer.bytes_written
+    storage.write_metadata(release, writer.records, fsync=fsync)
+    return reader.bytes_read, writer.bytes_written, {writer.name: writer.checksum}
 
 
-def _write_metadata(plan: ImportPlan, partial: Path, release: Path, tp: int, pp: int) -> None:
+def _write_metadata(plan: ImportPlan, partial: Path, release: Path, tp: int, pp: int, shards: dict) -> None:
     arch = plan.arch.explicit()
     extra = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
     if plan.tokenizer is not None:
@@ -335,5 +336,5 @@ def _write_metadata(plan: ImportPlan, partial: Path, release: Path, tp: int, pp:
         meta["tokenizer"] = plan.tokenizer
     (release / ckpt.META).write_text(json.dumps(meta, indent=2) + "\n")
     (release / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))  # the finished marker: last
-    write_checksums(release)
+    write_checksums(release, known=shards)
     (partial / ckpt.TRACKER).write_text("release")

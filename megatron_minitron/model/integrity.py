@@ -2,8 +2,11 @@
 
 Every checkpoint this project writes (training, prune, import-hf) records `checksums.json` beside its
 tensors: the size and SHA-256 of each file of the torch_dist directory (`.metadata`, the `*.distcp`
-shards, `common.pt`, `metadata.json`). It is computed once, when the files are written (SHA-256
-runs at about 1 GB/s on one core, so a 16 GB checkpoint costs ~15 s next to minutes of writing).
+shards, `common.pt`, `metadata.json`). It is computed once, when the files are written: the shards
+that prune and import-hf write are hashed as their bytes go out (model/storage.py's HashingFile, on a
+helper thread beside the write), and only the small files are read back; a training save, whose shards
+megatron's dist-checkpointing writes, is read back whole (from the page cache; SHA-256 runs at
+0.5-1 GB/s on one core).
 
 `fingerprint()` names a checkpoint by its content: the hash of that list of file checksums. It is
 free for our checkpoints (the list is read, not recomputed), and a streamed hash of every file for
@@ -53,10 +56,27 @@ def compute_checksums(ckpt: Path) -> dict:
             "files": {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in _files(ckpt)}}
 
 
-def write_checksums(ckpt: Path) -> dict:
-    """Record the checksums of a torch_dist directory that has just been written."""
+def write_checksums(ckpt: Path, known: Optional[dict] = None) -> dict:
+    """Record the checksums of a torch_dist directory that has just been written.
+
+    known: {file name: {"size", "sha256"}} of files hashed while they were written (model/storage.py's
+    HashingFile: the tensor shards), taken as they are once the file's size agrees; every other file
+    (`.metadata`, `common.pt`, `metadata.json`: small) is read back and hashed here. A checkpoint that
+    megatron's dist-checkpointing wrote (training saves) has no such entries and is read back whole."""
     ckpt = Path(ckpt)
-    sums = compute_checksums(ckpt)
+    known = known or {}
+    files = {}
+    for path in _files(ckpt):
+        size = path.stat().st_size
+        entry = known.get(path.name)
+        if entry is not None and entry["size"] != size:
+            raise IntegrityError(f"{path} has {size} bytes, {entry['size']} were written: another process "
+                                 f"wrote to it")
+        files[path.name] = entry if entry is not None else {"size": size, "sha256": file_sha256(path)}
+    missing = sorted(set(known) - set(files))
+    if missing:
+        raise IntegrityError(f"{ckpt / missing[0]} was written but is gone")
+    sums = {"algorithm": ALGORITHM, "files": files}
     tmp = ckpt / (CHECKSUMS + ".tmp")
     tmp.write_text(json.dumps(sums, indent=1, sort_keys=True) + "\n")
     tmp.rename(ckpt / CHECKSUMS)

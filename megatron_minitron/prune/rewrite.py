@@ -234,8 +234,10 @@ def _return_freed_memory() -> None:
         pass
 
 
-def run_job(job: Job, report: Optional[Callable[[int, int, int], None]] = None) -> list[storage.Record]:
-    """Rewrite one worker's units into `__{worker}_0.distcp`; returns the records of what it wrote."""
+def run_job(job: Job, report: Optional[Callable[[int, int, int], None]] = None
+            ) -> tuple[list[storage.Record], dict[str, dict]]:
+    """Rewrite one worker's units into `__{worker}_0.distcp`; returns the records of what it wrote and
+    the file's checksums.json entry ({name: {"size", "sha256"}}, hashed as it was written)."""
     _return_freed_memory()
     plan = job.plan
     reader = storage.SourceReader(Path(job.source))
@@ -262,11 +264,13 @@ def run_job(job: Job, report: Optional[Callable[[int, int, int], None]] = None) 
     finally:
         reader.close()
         writer.close()
-    return writer.records
+    return writer.records, {writer.name: writer.checksum}
 
 
 def _rewrite_unit(rule, unit: Unit, reader: storage.SourceReader, writer: storage.ChunkWriter,
                   scratch: Optional[storage.Scratch] = None) -> None:
+    if rule.axes[0] == "experts" and len(rule.axes) == 3:
+        return _rewrite_experts(rule, unit, reader, writer, scratch)
     j = 0 if unit.layer is None else unit.layer
     a, b = unit.rows
     source_layer = rule.source_layer(j) if rule.layered else None
@@ -291,12 +295,44 @@ def _rewrite_unit(rule, unit: Unit, reader: storage.SourceReader, writer: storag
     writer.tensor(rule.target_key, target, offsets, rule.target_shape)
 
 
+def _rewrite_experts(rule, unit: Unit, reader: storage.SourceReader, writer: storage.ChunkWriter,
+                     scratch: Optional[storage.Scratch] = None) -> None:
+    """Target experts a:b of an expert weight ([layer,] expert, rows, cols), one kept expert at a time.
+
+    Each expert's rows are read at (layer, expert) with that expert's own row index, so the reader
+    gathers them straight from its mapping of the stored chunks, across the GLU gate and up chunks
+    megatron stores separately; the columns are then selected into the unit's output buffer. Reading
+    the unit's experts as rows instead made the reader copy them whole first (their rows split across
+    chunks), then select experts, then rows, then columns, stacking the experts at the end."""
+    j = 0 if unit.layer is None else unit.layer
+    a, b = unit.rows
+    experts, row_index, col_index = rule.index(j)
+    lead = (rule.source_layer(j),) if rule.layered else ()
+    src_rows = rule.source_shape[-2]
+    rows, cols = rule.layer_shape[1:]
+    dtype = reader.tensor_meta(rule.source_key).properties.dtype
+    shape = (b - a, rows, cols)
+    out = scratch.take("experts", shape, dtype) if scratch is not None else torch.empty(shape, dtype=dtype)
+    for k in range(a, b):
+        source = k if experts is None else int(experts[k])
+        index = row_index[k] if row_index is not None and row_index.dim() == 2 else row_index
+        part = reader.read_rows(rule.source_key, lead + (source,), 0, src_rows, index=index, scratch=scratch)
+        columns = col_index[k] if col_index is not None and col_index.dim() == 2 else col_index
+        if columns is None:
+            out[k - a].copy_(part)
+        else:
+            torch.index_select(part, 1, columns, out=out[k - a])
+    prefix = (unit.layer,) if rule.layered else () if rule.stack_at is None else (rule.stack_at,)
+    target = out.unsqueeze(0) if prefix else out
+    writer.tensor(rule.target_key, target, prefix + (a, 0, 0), rule.target_shape)
+
+
 def _worker_main(job: Job, queue) -> None:
     """Entry point of a spawned worker: progress and the result go back through the queue."""
     try:
         torch.set_num_threads(1)
-        records = run_job(job, lambda n, r, w: queue.put(("progress", job.worker, n, r, w)))
-        queue.put(("done", job.worker, records, peak_rss_mb()))
+        records, sums = run_job(job, lambda n, r, w: queue.put(("progress", job.worker, n, r, w)))
+        queue.put(("done", job.worker, records, sums, peak_rss_mb()))
     except BaseException as error:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         queue.put(("error", job.worker, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
 
@@ -331,7 +367,7 @@ class _Progress:
                       f"{rate / 1e6:.1f} MB/s, ETA {eta:.0f}s")
 
 
-def _spawn(jobs: list[Job], progress: _Progress, peaks: dict) -> list[storage.Record]:
+def _spawn(jobs: list[Job], progress: _Progress, peaks: dict) -> tuple[list[storage.Record], dict[str, dict]]:
     import multiprocessing as mp
 
     # fork, as torch's DataLoader does: a spawned worker re-imports torch (~4 s each, measured on
@@ -343,6 +379,7 @@ def _spawn(jobs: list[Job], progress: _Progress, peaks: dict) -> list[storage.Re
     for p in procs:
         p.start()
     records: list[storage.Record] = []
+    sums: dict[str, dict] = {}
     pending = {job.worker for job in jobs}
     try:
         while pending:
@@ -359,7 +396,8 @@ def _spawn(jobs: list[Job], progress: _Progress, peaks: dict) -> list[storage.Re
                 progress.update(worker, *message[2:])
             elif kind == "done":
                 records += message[2]
-                peaks[worker] = message[3]
+                sums.update(message[3])
+                peaks[worker] = message[4]
                 pending.discard(worker)
             else:
                 raise PruneError(f"prune worker {worker} failed: {message[2]}")
@@ -368,7 +406,7 @@ def _spawn(jobs: list[Job], progress: _Progress, peaks: dict) -> list[storage.Re
             if p.is_alive() and pending:
                 p.kill()
             p.join()
-    return records
+    return records, sums
 
 
 def prune_checkpoint(source: str | os.PathLike, plan: Plan, out: str | os.PathLike, *, workers: int = 1,
@@ -430,19 +468,20 @@ def prune_checkpoint(source: str | os.PathLike, plan: Plan, out: str | os.PathLi
     peaks: dict = {}
     try:
         if group is not None:
-            records = run_job(jobs[rank], lambda n, r, w: progress.update(rank, n, r, w))
+            mine = run_job(jobs[rank], lambda n, r, w: progress.update(rank, n, r, w))
             gathered = [None] * world
-            dist.all_gather_object(gathered, records, group=group)
-            records = [r for part in gathered for r in part]
+            dist.all_gather_object(gathered, mine, group=group)
+            records = [r for part, _ in gathered for r in part]
+            sums = {name: entry for _, part in gathered for name, entry in part.items()}
         elif workers == 1:
-            records = run_job(jobs[0], lambda n, r, w: progress.update(0, n, r, w))
+            records, sums = run_job(jobs[0], lambda n, r, w: progress.update(0, n, r, w))
         else:
-            records = _spawn(jobs, progress, peaks)
+            records, sums = _spawn(jobs, progress, peaks)
         progress.update(-1, 0, 0, 0, force=True)
         if workers == 1 or group is not None:
             peaks[rank] = peak_rss_mb()
         if rank == 0:
-            _finalize(partial, out, prepared, records, overwrite)
+            _finalize(partial, out, prepared, records, sums, overwrite, fsync)
             if stats is not None:
                 read, written = (sum(v[i] for v in progress.state.values()) for i in (1, 2))
                 stats.update(seconds=time.monotonic() - progress.start, bytes_read=read, bytes_written=written,
@@ -490,10 +529,12 @@ def _prepare(source: Path, plan: Plan, out: Path, overwrite: bool, head_scores, 
     return _Prepared(info=info, plan=plan, common=common, megatron_meta=megatron_meta, tokenizer=tokenizer)
 
 
-def _finalize(partial: Path, out: Path, prepared: _Prepared, records: list[storage.Record], overwrite: bool) -> None:
-    """Metadata, common state, minitron.json, tokenizer, tracker; then the rename into place."""
+def _finalize(partial: Path, out: Path, prepared: _Prepared, records: list[storage.Record], shards: dict[str, dict],
+              overwrite: bool, fsync: bool) -> None:
+    """Metadata, common state, minitron.json, tokenizer, tracker; then the rename into place.
+    shards: the checksums.json entries of the shard files, hashed by the workers as they wrote them."""
     release = partial / "release"
-    storage.write_metadata(release, records)
+    storage.write_metadata(release, records, fsync=fsync)
     torch.save(prepared.common, release / "common.pt")
     info, plan = prepared.info, prepared.plan
     meta = {"format": ckpt.FORMAT, "architecture": plan.target.explicit().to_json(), "iteration": 0,
@@ -507,7 +548,7 @@ def _finalize(partial: Path, out: Path, prepared: _Prepared, records: list[stora
     (release / ckpt.META).write_text(json.dumps(meta, indent=2) + "\n")
     # megatron's marker of a finished torch_dist directory, then the tracker: both last.
     (release / "metadata.json").write_text(json.dumps(prepared.megatron_meta))
-    write_checksums(release)
+    write_checksums(release, known=shards)
     (partial / ckpt.TRACKER).write_text("release")
     ckpt.move_into_place(partial, out, overwrite=overwrite, error=PruneError)
 

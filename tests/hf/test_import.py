@@ -178,3 +178,12 @@ def test_hub_config_imports_as_the_preset(name):
 
     arch = family_for_config(HUB_CONFIGS[name]).arch_from_config(HUB_CONFIGS[name])
     assert arch.replace(init_method_std=preset(name).init_method_std) == preset(name)
+
+
+def test_checksums_hashed_while_writing_equal_a_rehash(hf_cases):
+    """import-hf hashes its shard as it writes it; checksums.json must equal reading every file back."""
+    from megatron_minitron.model.integrity import CHECKSUMS, compute_checksums
+
+    for name, case in hf_cases.items():
+        release = ckpt.resolve(case["ckpt"]).path
+        assert json.loads((release / CHECKSUMS).read_text()) == compute_checksums(release), name

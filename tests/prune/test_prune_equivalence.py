@@ -4,6 +4,7 @@ source weights another way; identity and depth plans are exact; 1, 2 and 4 worke
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -117,14 +118,24 @@ def test_identity_is_bit_identical_and_depth_drops_layers(launched, source_tenso
 
 
 def test_one_two_and_four_workers_write_the_same_tensors(launched, tmp_path):
+    """... and the checksums each worker (or rank) recorded while writing its shard equal a re-hash."""
+    from megatron_minitron.model.integrity import CHECKSUMS, compute_checksums
+
     plan = plans("swiglu")["all"]
-    four = ckpt.read_tensors(ckpt.resolve(launched / "pruned_swiglu_all").path)
+    four_path = ckpt.resolve(launched / "pruned_swiglu_all").path
+    four = ckpt.read_tensors(four_path)
+    outputs = [four_path]
     for workers in (1, 2):
         out = prune_checkpoint(launched / "src_swiglu", plan, tmp_path / f"w{workers}", workers=workers,
                                chunk_bytes=4096 * workers, print_fn=lambda s: None)
         got = ckpt.read_tensors(out)
         assert got.keys() == four.keys()
         assert all(torch.equal(got[k], four[k]) for k in four)
+        outputs.append(out)
+    for out in outputs:
+        recorded = json.loads((out / CHECKSUMS).read_text())
+        assert recorded == compute_checksums(out) and len([n for n in recorded["files"] if n.endswith(".distcp")]) \
+            == {four_path: 4, outputs[-1]: 2}.get(out, 1), out
 
 
 def test_pruned_checkpoint_describes_itself(launched):
