@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_minitron.flags import field_argument, non_negative, positive, short_run_warmup
+from megatron_minitron.flags import FieldDefault, field_argument, non_negative, positive, short_run_warmup
 from megatron_minitron.config import ConfigError
 from megatron_minitron.demo.config import MARKER
 """Written first into --out: marks a directory the demo may replace on its next run."""
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     field_argument(parser, *DEMO, "out", note="A previous demo run there is replaced.")
     for name in ("arch", "teacher", "teacher_cache"):
         field_argument(parser, *DEMO, name, type=str)
+    field_argument(parser, *DEMO, "moe")
     p = parser.add_argument_group("processes and layout (every stage runs at this TP x PP)")
     field_argument(p, *DEMO, "tensor_parallel", flag="--tp", dest="tensor_parallel", metavar="N", type=positive())
     field_argument(p, *DEMO, "pipeline_parallel", flag="--pp", dest="pipeline_parallel", metavar="N", type=positive())
@@ -68,6 +69,8 @@ def config_from_args(args: argparse.Namespace):
     values = {k: v for k, v in vars(args).items() if k in fields}
     for warmup, iters in (("warmup_iters", "teacher_iters"), ("retrain_warmup_iters", "retrain_iters")):
         values[warmup] = short_run_warmup(values[warmup], values[iters], flag=warmup, iters_flag=iters)
+    # plain ints: a run in this process (one rank) saves them in its checkpoints, which torch.load refuses
+    values = {k: int(v) if isinstance(v, FieldDefault) else v for k, v in values.items()}
     return DemoConfig(**values, started_at=time.time())
 
 
@@ -86,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
     check_out_dir(Path(cfg.out))
     arch = resolve(cfg.teacher).arch if cfg.teacher else load_arch(cfg.arch)
     arch.check_parallel(tensor_parallel=cfg.tensor_parallel, pipeline_parallel=cfg.pipeline_parallel)
+    if cfg.moe:
+        from megatron_minitron.demo.moe import moe_targets
+
+        moe_targets(arch, cfg)  # a dense teacher, or too few experts to halve: refused here
     parallel = ParallelConfig(tensor_parallel=cfg.tensor_parallel, pipeline_parallel=cfg.pipeline_parallel)
     if _launched():
         return run_ranks(cfg, plots=not args.no_plots)
@@ -113,14 +120,17 @@ def run_ranks(cfg, *, plots: bool) -> int:
     """In every launched process: the stages, then (rank 0) results.json, plots and report.md."""
     import warnings
 
-    from megatron_minitron.demo.run import run_demo
+    if cfg.moe:  # experts vs expert width vs random experts (demo/moe.py)
+        from megatron_minitron.demo.moe import run_moe_demo as run_demo
+        from megatron_minitron.demo.moe_report import finish
+    else:
+        from megatron_minitron.demo.report import finish
+        from megatron_minitron.demo.run import run_demo
 
     # megatron's notes about apex and CUDA-only settings, repeated for every model built, say nothing here
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     raw = run_demo(cfg)
     if raw is None:
         return 0
-    from megatron_minitron.demo.report import finish
-
     finish(raw, plots=plots)
     return 0
