@@ -77,8 +77,9 @@ def run_moe_demo(cfg: DemoConfig) -> Optional[dict]:
     from megatron_minitron.demo.run import _context, prepare_out, prune, retrain, train_teacher, zero_shot_loss
     from megatron_minitron.runtime import ParallelConfig, initialize, shutdown
 
-    runtime = initialize(ParallelConfig(tensor_parallel=cfg.tensor_parallel, pipeline_parallel=cfg.pipeline_parallel),
-                         seed=cfg.seed)
+    # megatron-core's MoE layers need sequence parallelism at TP > 1
+    runtime = initialize(ParallelConfig(tensor_parallel=cfg.tensor_parallel, pipeline_parallel=cfg.pipeline_parallel,
+                                        sequence_parallel=cfg.tensor_parallel > 1), seed=cfg.seed)
     try:
         if runtime.rank == 0:
             prepare_out(cfg)
