@@ -1,12 +1,15 @@
 """`minitron demo`: the whole Minitron method on the embedded corpus, with a report of what it shows.
 
     minitron demo                      # ~10M teacher at TP=2 on 2 processes, <= 15 min on 2 CPU cores
+    minitron demo --moe                # a MoE teacher halved by experts, by expert width, by random experts
     minitron demo --teacher-iters 2000 --retrain-iters 400 --arch my_arch.json --tp 4 --nproc 8
 
 Trains (or reuses from --teacher-cache) a teacher, scores it at TP with real ranks, prunes it to
 about half its parameters by width and by depth, and retrains at equal tokens: width-pruned + KD,
 depth-pruned + KD, the width architecture from scratch, width-pruned + LM loss only; plus random
 ranking and the 3x3 aggregation grid zero-shot. --out receives results.json, report.md and plots/.
+With --moe (demo/moe.py), a Mixture-of-Experts teacher is cut to equal total parameters by whole experts
+(importance-ranked or random) and by expert width, and each is distilled at equal tokens.
 
 Run plainly, it launches itself under torchrun with --nproc processes (default TP x PP); under
 torchrun or srun it runs in the launched processes (several nodes too).
@@ -35,7 +38,7 @@ DEMO = ("megatron_minitron.demo.config", "DemoConfig")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per DemoConfig field (default and help from the field)."""
-    field_argument(parser, *DEMO, "out", note="A previous demo run there is replaced.")
+    field_argument(parser, *DEMO, "out", type=str, note="A previous demo run there is replaced.")
     for name in ("arch", "teacher", "teacher_cache"):
         field_argument(parser, *DEMO, name, type=str)
     field_argument(parser, *DEMO, "moe")

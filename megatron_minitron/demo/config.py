@@ -28,11 +28,12 @@ ARMS = ("width_kd", "depth_kd", "scratch", "width_lm")
 class DemoConfig:
     """Every knob of `minitron demo`."""
 
-    out: str = "runs/demo"
-    """Run directory: scores, pruned checkpoints, arms, results.json, report.md, plots/."""
+    out: Optional[str] = None
+    """Run directory: scores, pruned checkpoints, arms, results.json, report.md, plots/ (default runs/demo, or
+    runs/demo-moe with --moe)."""
     arch: Optional[str] = None
     """Teacher architecture: a preset name or an ArchConfig JSON file (vocabulary from the tokenizer);
-    None: "small", or "small-moe" with moe."""
+    default "small", or "small-moe" with --moe."""
     teacher: Optional[str] = None
     """An existing teacher checkpoint to prune instead of training one."""
     teacher_cache: str = ".cache/minitron-demo"
@@ -103,8 +104,9 @@ class DemoConfig:
     """Wall-clock start (time.time()) of the command, for the report's wall time."""
 
     def __post_init__(self) -> None:
-        if self.arch is None:
-            object.__setattr__(self, "arch", "small-moe" if self.moe else "small")
+        for name, dense, moe in (("out", "runs/demo", "runs/demo-moe"), ("arch", "small", "small-moe")):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, moe if self.moe else dense)
         for name in ("tensor_parallel", "pipeline_parallel", "teacher_iters", "retrain_iters", "seq_length",
                      "micro_batch_size", "global_batch_size", "eval_iters", "calib_samples", "lm_loss_samples"):
             if getattr(self, name) < 1:
