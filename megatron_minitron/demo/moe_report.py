@@ -77,7 +77,8 @@ def findings(results: dict) -> list[dict]:
          f"experts zero-shot (mean of {n} random draws)", "agrees": zero["experts"] < rnd["mean"],
          "measured": f"importance {zero['experts']:.3f} vs random {rnd['mean']:.3f} (draws "
                      f"{', '.join(f'{v:.3f}' for v in rnd['losses'])})"},
-        {"id": "importance_beats_random_after_kd", "claim": "... and after the same distillation",
+        {"id": "importance_beats_random_after_kd", "claim": "whole experts chosen by importance beat the first random "
+         "draw after the same distillation",
          "agrees": arms["experts_kd"]["final"] < arms["random_kd"]["final"],
          "measured": f"importance {arms['experts_kd']['final']:.3f} vs random {arms['random_kd']['final']:.3f}"},
         {"id": "experts_beat_width", "claim": "pruning whole experts beats pruning expert width at equal total "
