@@ -87,6 +87,14 @@ def findings(results: dict) -> list[dict]:
     ]
 
 
+def _kept_cell(kept: list, num_experts: int) -> str:
+    """The kept experts of each MoE layer, or "all" when every layer keeps every expert."""
+    layers = [k for k in kept if k]
+    if not layers or all(k == list(range(num_experts)) for k in layers):
+        return "all"
+    return " ".join(str(k) for k in layers)
+
+
 def render(results: dict) -> str:
     """report.md."""
     cfg, models, arms, zero = (results[k] for k in ("config", "models", "arms", "zero_shot"))
@@ -128,7 +136,7 @@ def render(results: dict) -> str:
     out += ["", "## Zero-shot (pruned, not retrained)", ""]
     rows = [[name, m["num_experts"], m["moe_ffn_hidden_size"], f"{m['params']:,}", f"{m['active_params']:,}",
              f"{100 * m['fraction']:.1f}%", f"{zero[name]:.3f}",
-             " ".join(str(list(k)) for k in m.get("kept_experts", []) if k) or "all"]
+             _kept_cell(m.get("kept_experts", []), models["teacher"]["num_experts"])]
             for name, m in models.items()]
     out += _table(["model", "experts", "expert width", "parameters", "active", "of teacher", "loss",
                    "kept experts per MoE layer"], rows)
