@@ -1,12 +1,15 @@
 """`minitron demo`: the whole Minitron method on the embedded corpus, with a report of what it shows.
 
     minitron demo                      # ~10M teacher at TP=2 on 2 processes, <= 15 min on 2 CPU cores
+    minitron demo --moe                # a MoE teacher halved by experts, by expert width, by random experts
     minitron demo --teacher-iters 2000 --retrain-iters 400 --arch my_arch.json --tp 4 --nproc 8
 
 Trains (or reuses from --teacher-cache) a teacher, scores it at TP with real ranks, prunes it to
 about half its parameters by width and by depth, and retrains at equal tokens: width-pruned + KD,
 depth-pruned + KD, the width architecture from scratch, width-pruned + LM loss only; plus random
 ranking and the 3x3 aggregation grid zero-shot. --out receives results.json, report.md and plots/.
+With --moe (demo/moe.py), a Mixture-of-Experts teacher is cut to equal total parameters by whole experts
+(importance-ranked or random) and by expert width, and each is distilled at equal tokens.
 
 Run plainly, it launches itself under torchrun with --nproc processes (default TP x PP); under
 torchrun or srun it runs in the launched processes (several nodes too).
@@ -23,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_minitron.flags import field_argument, non_negative, positive, short_run_warmup
+from megatron_minitron.flags import FieldDefault, field_argument, non_negative, positive, short_run_warmup
 from megatron_minitron.config import ConfigError
 from megatron_minitron.demo.config import MARKER
 """Written first into --out: marks a directory the demo may replace on its next run."""
@@ -35,9 +38,10 @@ DEMO = ("megatron_minitron.demo.config", "DemoConfig")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per DemoConfig field (default and help from the field)."""
-    field_argument(parser, *DEMO, "out", note="A previous demo run there is replaced.")
+    field_argument(parser, *DEMO, "out", type=str, note="A previous demo run there is replaced.")
     for name in ("arch", "teacher", "teacher_cache"):
         field_argument(parser, *DEMO, name, type=str)
+    field_argument(parser, *DEMO, "moe")
     p = parser.add_argument_group("processes and layout (every stage runs at this TP x PP)")
     field_argument(p, *DEMO, "tensor_parallel", flag="--tp", dest="tensor_parallel", metavar="N", type=positive())
     field_argument(p, *DEMO, "pipeline_parallel", flag="--pp", dest="pipeline_parallel", metavar="N", type=positive())
@@ -68,6 +72,8 @@ def config_from_args(args: argparse.Namespace):
     values = {k: v for k, v in vars(args).items() if k in fields}
     for warmup, iters in (("warmup_iters", "teacher_iters"), ("retrain_warmup_iters", "retrain_iters")):
         values[warmup] = short_run_warmup(values[warmup], values[iters], flag=warmup, iters_flag=iters)
+    # plain ints: a run in this process (one rank) saves them in its checkpoints, which torch.load refuses
+    values = {k: int(v) if isinstance(v, FieldDefault) else v for k, v in values.items()}
     return DemoConfig(**values, started_at=time.time())
 
 
@@ -86,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
     check_out_dir(Path(cfg.out))
     arch = resolve(cfg.teacher).arch if cfg.teacher else load_arch(cfg.arch)
     arch.check_parallel(tensor_parallel=cfg.tensor_parallel, pipeline_parallel=cfg.pipeline_parallel)
+    if cfg.moe:
+        from megatron_minitron.demo.moe import moe_targets
+
+        moe_targets(arch, cfg)  # a dense teacher, or too few experts to halve: refused here
     parallel = ParallelConfig(tensor_parallel=cfg.tensor_parallel, pipeline_parallel=cfg.pipeline_parallel)
     if _launched():
         return run_ranks(cfg, plots=not args.no_plots)
@@ -113,14 +123,17 @@ def run_ranks(cfg, *, plots: bool) -> int:
     """In every launched process: the stages, then (rank 0) results.json, plots and report.md."""
     import warnings
 
-    from megatron_minitron.demo.run import run_demo
+    if cfg.moe:  # experts vs expert width vs random experts (demo/moe.py)
+        from megatron_minitron.demo.moe import run_moe_demo as run_demo
+        from megatron_minitron.demo.moe_report import finish
+    else:
+        from megatron_minitron.demo.report import finish
+        from megatron_minitron.demo.run import run_demo
 
     # megatron's notes about apex and CUDA-only settings, repeated for every model built, say nothing here
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     raw = run_demo(cfg)
     if raw is None:
         return 0
-    from megatron_minitron.demo.report import finish
-
     finish(raw, plots=plots)
     return 0

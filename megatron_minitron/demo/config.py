@@ -28,10 +28,12 @@ ARMS = ("width_kd", "depth_kd", "scratch", "width_lm")
 class DemoConfig:
     """Every knob of `minitron demo`."""
 
-    out: str = "runs/demo"
-    """Run directory: scores, pruned checkpoints, arms, results.json, report.md, plots/."""
-    arch: str = "small"
-    """Teacher architecture: a preset name or an ArchConfig JSON file (vocabulary from the tokenizer)."""
+    out: Optional[str] = None
+    """Run directory: scores, pruned checkpoints, arms, results.json, report.md, plots/ (default runs/demo, or
+    runs/demo-moe with --moe)."""
+    arch: Optional[str] = None
+    """Teacher architecture: a preset name or an ArchConfig JSON file (vocabulary from the tokenizer);
+    default "small", or "small-moe" with --moe."""
     teacher: Optional[str] = None
     """An existing teacher checkpoint to prune instead of training one."""
     teacher_cache: str = ".cache/minitron-demo"
@@ -95,10 +97,16 @@ class DemoConfig:
     """SentencePiece .model or HF tokenizer.json (default: one trained on the embedded corpus)."""
     cache_dir: str = ".cache/minitron-data"
     """Tokenizer, tokenized corpus and dataset index caches."""
+    moe: bool = False
+    """Run the Mixture-of-Experts demo instead (demo/moe.py): a MoE teacher pruned to half its experts'
+    parameters by whole experts, by expert width and by random experts, each distilled at equal tokens."""
     started_at: Optional[float] = None
     """Wall-clock start (time.time()) of the command, for the report's wall time."""
 
     def __post_init__(self) -> None:
+        for name, dense, moe in (("out", "runs/demo", "runs/demo-moe"), ("arch", "small", "small-moe")):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, moe if self.moe else dense)
         for name in ("tensor_parallel", "pipeline_parallel", "teacher_iters", "retrain_iters", "seq_length",
                      "micro_batch_size", "global_batch_size", "eval_iters", "calib_samples", "lm_loss_samples"):
             if getattr(self, name) < 1:

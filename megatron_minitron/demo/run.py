@@ -289,7 +289,8 @@ def plans(ctx: Context, scores, arch, width_target, depth_target) -> dict:
 
 def _kept(plan) -> tuple:
     """What a plan keeps (two plans that keep the same indices give the same checkpoint)."""
-    return plan.layers, plan.hidden, plan.ffn, plan.query_groups, plan.heads
+    return plan.layers, plan.hidden, plan.ffn, plan.query_groups, plan.heads, plan.experts, plan.expert_ffn, \
+        plan.shared_ffn
 
 
 # --------------------------------------------------------------------------------------------- prune
