@@ -319,6 +319,8 @@ class Collector:
                 self._handles.append(final.register_forward_hook(timed(self._norm_output_hook("final_norm", 0))))
             yield self
             timed(self._flush)()  # (not after a failure: it may all-reduce with TP ranks that are not there)
+            if self.experts is not None:
+                timed(self.experts.flush)()
         finally:
             for handle in self._handles:
                 handle.remove()

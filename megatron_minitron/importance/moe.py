@@ -32,6 +32,10 @@ from megatron_minitron.importance.stats import RAW_WIDTH, raw_update, sequence_a
 WEIGHTINGS = ("router", "plain")
 """Values of --expert-weighting (see the module docstring)."""
 
+PENDING_BYTES = 1 << 24
+"""At most this many bytes of layers' per-(expert, sample) sums wait for `ExpertStats.flush` (else
+every MoE layer of a micro-batch does)."""
+
 
 class ExpertStats:
     """Statistics of the routed experts of this stage's MoE layers; `attach` then `reduce`."""
@@ -51,6 +55,9 @@ class ExpertStats:
         self.tokens = torch.zeros(n, dtype=torch.float64, device=dev)  # router tokens per row
         self._call: dict = {}  # the MoE layer running now: its micro-batch shape, probabilities, rows filled
         self._work = torch.empty(0, dtype=torch.float32, device=dev)  # [x, x^2, |x|] of one fc2 input, reused
+        # layers' per-(expert, sample) sums not yet folded into the accumulators: see `flush`
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor, int, bool]] = []
+        self._pending_bytes = 0
         self.chunk_positions = self._chunk_positions()
         self._samples: dict = {}  # (batch, chunk) -> (sample of each gathered token, samples)
 
@@ -145,32 +152,47 @@ class ExpertStats:
 
     def _experts_hook(self, row: int, experts):
         group = experts.tp_group
+        split = torch.distributed.get_world_size(group=group) > 1
+        leader = torch.distributed.get_rank(group=group) == 0  # every expert-TP rank has the whole output norm
 
         def hook(_module, _args, output):
             call, self._call = self._call, {}
             out = output[0]
-            if torch.distributed.get_world_size(group=group) > 1:  # row-parallel partial sums: complete them
+            if split:  # row-parallel partial sums: complete them
                 out = out.float().clone()
                 torch.distributed.all_reduce(out, group=group)
             norms = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)
             if self.plain:
                 norms = norms / call["probs"]
-            norm_sums = torch.zeros(call["sums"].shape[0], 3, 1, dtype=torch.float32, device=norms.device)
-            norm_sums.index_add_(0, call["group"], torch.stack([norms, norms.square(), norms], dim=1)[..., None])
-            sums = torch.cat([call["sums"], norm_sums], dim=2)  # [groups, 3, Fe + 1]: neurons, then output norm
-            self._add(row, sums, call["samples"], leader=torch.distributed.get_rank(group=group) == 0)
+            groups = call["sums"].shape[0]  # per (expert, sample): sum and sum of squares of the norms
+            norm_sums = torch.stack([torch.bincount(call["group"], norms, minlength=groups),
+                                     torch.bincount(call["group"], norms.square(), minlength=groups)])
+            self._pending.append((row, call["sums"], norm_sums, call["samples"], leader))
+            self._pending_bytes += call["sums"].numel() * call["sums"].element_size()
+            if len(self._pending) == len(self.layers) or self._pending_bytes >= PENDING_BYTES:
+                self.flush()
         return hook
 
-    def _add(self, row: int, sums: torch.Tensor, samples: int, *, leader: bool) -> None:
-        """From per-(expert, sample) sums over the sequence [experts * samples, 3, Fe + 1] (x, x^2, |x|
-        of each expert neuron and of the output norm) to their sequence aggregations (fp64), and their
-        batch sums into the accumulators."""
-        sums = sums.double().transpose(1, 2)  # [groups, Fe + 1, 3]
-        seq = sequence_aggregates(sums, self.seq_length).view(self.local_experts, samples, -1, 3)
-        update = raw_update(seq.transpose(0, 1))  # [experts, Fe + 1, 6]
-        self.ffn[row] += update[:, :-1]
-        if leader:  # every expert-TP rank has the whole output norm: one of them counts it
-            self.output[row] += update[:, -1]
+    def flush(self) -> None:
+        """Fold the pending layers' per-(expert, sample) sums over the sequence (x, x^2, |x| of each
+        expert neuron [experts * samples, 3, Fe], and of the output norm) into the accumulators: their
+        sequence aggregations (fp64) and batch sums, for all pending layers of one micro-batch shape at
+        once (a few small operations each, which per layer cost more than the hooks' arithmetic)."""
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        for samples in sorted({entry[3] for entry in pending}):
+            batch = [entry for entry in pending if entry[3] == samples]
+            rows = torch.tensor([entry[0] for entry in batch], device=self.ffn.device)
+            norm = torch.stack([entry[2] for entry in batch]).transpose(1, 2)  # [n, groups, 2]
+            norm = torch.stack([norm[..., 0], norm[..., 1], norm[..., 0]], dim=-1)[..., None]  # x, x^2, |x|
+            sums = torch.cat([torch.stack([entry[1] for entry in batch]), norm], dim=3)  # [n, groups, 3, Fe + 1]
+            seq = sequence_aggregates(sums.double().transpose(2, 3), self.seq_length)
+            seq = seq.view(len(batch), self.local_experts, samples, -1, 3).transpose(0, 2)  # samples first
+            update = raw_update(seq).transpose(0, 1)  # [n, experts, Fe + 1, 6]
+            self.ffn.index_add_(0, rows, update[:, :, :-1])
+            leaders = [i for i, entry in enumerate(batch) if entry[4]]
+            if leaders:  # one expert-TP rank counts the output norm
+                index = torch.tensor(leaders, device=rows.device)
+                self.output.index_add_(0, rows[index], update[index, :, -1])
 
     def _token_samples(self, batch: int, chunk: int) -> tuple[torch.Tensor, int]:
         """For each gathered token (chunk tokens [s, b] flattened from each rank of the TP x EP group),
@@ -188,6 +210,7 @@ class ExpertStats:
     def reduce(self) -> dict[str, torch.Tensor]:
         """Global raw.experts [L, E, 6], raw.expert_ffn [L, E, Fe, 6] and experts_router_mass [L, E]
         on every rank (float64 on the CPU; NaN rows for dense layers): one all-reduce over the world."""
+        self.flush()
         arch, rt = self.arch, self.runtime
         L, E, Fe = arch.num_layers, arch.num_experts, arch.expert_ffn_hidden_size
         ffn = torch.zeros(L, E, Fe, RAW_WIDTH, dtype=torch.float64, device=rt.device)

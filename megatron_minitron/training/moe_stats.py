@@ -70,7 +70,9 @@ class RouterStats:
         from megatron.core.transformer.moe.router import TopKRouter
 
         self.arch, self.runtime, self.aux_loss_coeff = arch, runtime, aux_loss_coeff
-        self.tokens = torch.zeros(arch.num_layers, arch.num_experts, dtype=torch.float64)
+        # on the routers' device: a count added per router call stays there (on a GPU, a copy to the host
+        # per router and micro-batch would wait for the forward pass each time); `reduce` reads it once a step
+        self.tokens = torch.zeros(arch.num_layers, arch.num_experts, dtype=torch.float64, device=runtime.device)
         self.warned: set[str] = set()  # layers already reported since the last step without starved experts
         self.handles = []
         for chunk in chunks:
@@ -105,8 +107,8 @@ class RouterStats:
         rt, layers = self.runtime, self.arch.num_layers
         entry = moe_utils.get_moe_layer_wise_logging_tracker().get(TRACKER_NAME)
         aux = entry["values"].detach() if entry is not None and self.aux_loss_coeff > 0 else None
-        both = torch.cat([self.tokens.flatten(), torch.zeros(layers, dtype=torch.float64) if aux is None
-                          else aux.to("cpu", torch.float64)]).to(rt.device)
+        both = torch.cat([self.tokens.flatten(), torch.zeros(layers, dtype=torch.float64, device=rt.device)
+                          if aux is None else aux.to(rt.device, torch.float64)])
         torch.distributed.all_reduce(both, group=torch.distributed.group.WORLD)
         tokens, aux_sum = both[:-layers].view(layers, -1), both[-layers:]
         moe_layers = [i for i, is_moe in enumerate(self.arch.moe_layers) if is_moe]
