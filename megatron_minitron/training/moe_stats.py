@@ -19,8 +19,9 @@ Routing collapse, precisely: an expert is *starved* in a step when it received l
 `STARVED_SHARE` (10%) of its fair share of the layer's routed token slots (fair share = 1/E of them);
 a layer whose step leaves any expert starved has collapsed onto the others. The logging rank prints a
 warning naming the layers, the starved experts and their loads at the first step in which a layer
-collapses (each layer once until a step with no starved expert at all, which prints a line saying
-so), so a router that flickers around the threshold does not fill the log; metrics.jsonl has every step.
+collapses; each layer once until `RECOVERED_AFTER` steps in a row have no starved expert at all, which
+prints a line saying so. A router that flickers around the threshold (small batches do) therefore
+does not fill the log; metrics.jsonl has every step.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ TRACKER_NAME = "load_balancing_loss"  # the name megatron's router logs its aux 
 STARVED_SHARE = 0.1
 """An expert whose share of a layer's routed token slots in a step is below this fraction of the fair
 share 1/E is starved: the routing of its layer has collapsed onto the other experts."""
+
+RECOVERED_AFTER = 20
+"""Steps in a row without any starved expert after which routing counts as recovered (and a layer that
+collapses again is reported again): fewer let a router flickering around the threshold warn every few steps."""
 
 
 def starved_experts(load: dict[str, list[float]], share: float = STARVED_SHARE) -> dict[str, list[int]]:
@@ -73,7 +78,8 @@ class RouterStats:
         # on the routers' device: a count added per router call stays there (on a GPU, a copy to the host
         # per router and micro-batch would wait for the forward pass each time); `reduce` reads it once a step
         self.tokens = torch.zeros(arch.num_layers, arch.num_experts, dtype=torch.float64, device=runtime.device)
-        self.warned: set[str] = set()  # layers already reported since the last step without starved experts
+        self.warned: set[str] = set()  # layers reported since routing last recovered
+        self.clean_steps = 0  # steps in a row without a starved expert
         self.handles = []
         for chunk in chunks:
             for module in chunk.modules():
@@ -127,14 +133,16 @@ class RouterStats:
     def _check_collapse(self, load: dict[str, list[float]], iteration: Optional[int]) -> dict[str, list[int]]:
         starved = starved_experts(load)
         new = {layer: experts for layer, experts in starved.items() if layer not in self.warned}
+        self.clean_steps = 0 if starved else self.clean_steps + 1
+        recovered = bool(self.warned) and self.clean_steps == RECOVERED_AFTER
         if self.runtime.is_logging_rank:
             if new:
                 print(collapse_message(new, load, iteration), flush=True)
-            elif self.warned and not starved:
+            elif recovered:
                 where = f" at iteration {iteration}" if iteration is not None else ""
-                print(f"MoE routing recovered{where}: every expert got at least {STARVED_SHARE:g}x its fair share "
-                      f"of the routed tokens", flush=True)
-        self.warned = self.warned | set(new) if starved else set()
+                print(f"MoE routing recovered{where}: for {RECOVERED_AFTER} steps every expert got at least "
+                      f"{STARVED_SHARE:g}x its fair share of the routed tokens", flush=True)
+        self.warned = set() if recovered else self.warned | set(new)
         return starved
 
     def remove(self) -> None:

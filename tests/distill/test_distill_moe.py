@@ -137,17 +137,20 @@ def test_the_collapse_rule():
 
 
 def test_each_collapsed_layer_is_reported_once_until_routing_recovers(single_rank_runtime, capsys):
-    from megatron_minitron.training.moe_stats import RouterStats
+    from megatron_minitron.training.moe_stats import RECOVERED_AFTER, RouterStats
 
     stats = RouterStats([], STUDENT, single_rank_runtime, 0.01)
     even, low0, low1 = [0.25] * 4, [0.5, 0.5, 0.0, 0.0], [0.0, 0.5, 0.5, 0.0]
-    steps = [{"0": low0, "2": even}, {"0": low1, "2": even}, {"0": low1, "2": low0}, {"0": even, "2": even},
-             {"0": low0, "2": even}]
+    flicker = [{"0": even, "2": even}, {"0": low0, "2": even}] * 3  # a router around the threshold: silent
+    steps = ([{"0": low0, "2": even}, {"0": low1, "2": even}, {"0": low1, "2": low0}] + flicker
+             + [{"0": even, "2": even}] * RECOVERED_AFTER + [{"0": low0, "2": even}])
     printed = []
     for i, load in enumerate(steps, start=1):
         assert stats._check_collapse(load, i) == starved_experts(load)
         printed.append(capsys.readouterr().out)
+    recovered_at = 3 + len(flicker) + RECOVERED_AFTER
     assert "at iteration 1: layer 0: experts [2, 3]" in printed[0] and printed[1] == ""
     assert "at iteration 3: layer 2: experts [2, 3]" in printed[2] and "layer 0" not in printed[2]
-    assert printed[3].startswith("MoE routing recovered at iteration 4")
-    assert "at iteration 5: layer 0: experts [2, 3]" in printed[4]
+    assert all(out == "" for out in printed[3:recovered_at - 1])
+    assert printed[recovered_at - 1].startswith(f"MoE routing recovered at iteration {recovered_at}")
+    assert f"at iteration {recovered_at + 1}: layer 0: experts [2, 3]" in printed[recovered_at]
