@@ -89,11 +89,24 @@ def teacher_top_k(teacher_logits: torch.Tensor, *, k: int, group=None, temperatu
 
 
 # ---------------------------------------------------------------------------------- reading a cache
-def _bins_kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """Σ_j over bins (last dim), with 0 · log 0 = 0 for the distribution the sum is weighted by."""
+def _bins_kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor, ids2d: torch.Tensor, *, start: int,
+             vocab_local: int, reverse: bool, group, chunk_size: int) -> torch.Tensor:
+    """Σ_j over the K + 1 bins (last dim), with 0 · log 0 = 0 for the distribution the sum is weighted by.
+
+    Summed in the order of online distillation (losses._kl_rows), not in the cached (by-logit) order: each
+    rank adds the terms of its own token ids in id order over a row of its vocabulary slice, the group adds
+    the ranks' sums, then the rest bin is added. With K = the padded vocabulary the rest term is 0 and the
+    result is bit for bit online's KL, which the reverse KL's gradient uses, so a cached run does not drift
+    from the online one by rounding."""
     log_p, log_q = (log_p_student, log_p_teacher) if reverse else (log_p_teacher, log_p_student)
-    terms = log_p.exp() * (log_p - log_q)
-    return torch.where(log_p > NEG_INF, terms, 0.0).sum(-1)
+    terms = torch.where(log_p > NEG_INF, log_p.exp() * (log_p - log_q), 0.0)
+    kl = torch.zeros(terms.shape[0], dtype=COMPUTE_DTYPE, device=terms.device)
+    for i in range(0, terms.shape[0], chunk_size):
+        rows = slice(i, i + chunk_size)
+        by_id = terms.new_zeros(terms[rows].shape[0], vocab_local + 1)
+        by_id.scatter_(-1, _local_index(ids2d[rows], start, vocab_local), terms[rows, :-1])
+        kl[rows] = by_id[:, :-1].contiguous().sum(-1)  # contiguous: the same reduction as online's
+    return _all_reduce(kl, dist.ReduceOp.SUM, group).add_(terms[:, -1])
 
 
 class _CachedKL(torch.autograd.Function):
@@ -123,7 +136,8 @@ class _CachedKL(torch.autograd.Function):
         log_ps = torch.cat([z - lse.unsqueeze(-1), (m + sums[1].log() - lse).unsqueeze(-1)], dim=-1)
         log_pt = torch.cat([logp_t.reshape(z.shape).to(COMPUTE_DTYPE),
                             log_rest_t.reshape(-1, 1).to(COMPUTE_DTYPE)], dim=-1)
-        kl = _bins_kl(log_ps, log_pt, reverse)
+        kl = _bins_kl(log_ps, log_pt, ids2d, start=start, vocab_local=vocab_local, reverse=reverse, group=group,
+                      chunk_size=chunk_size)
         ctx.save_for_backward(student, ids2d, lse, log_ps, log_pt, kl)
         ctx.group, ctx.temperature, ctx.reverse, ctx.chunk_size = group, temperature, reverse, chunk_size
         return kl.reshape(student.shape[:-1])

@@ -5,7 +5,9 @@ A random `tiny` teacher (vocabulary 1000, padded 1024) and its width-pruned stud
 1. Caches of the training samples written at TP2 and at TP1 x DP2, with K = 16 and K = 1024 (everything).
 2. At TP1 x DP2 and at TP2: online distillation (the teacher in memory) and distillation from the K = 1024
    cache written at the same layout, STEPS steps each from the same weights; forward KL + 0.5 LM loss, and
-   reverse KL at TP2; and at TP1 x DP2 from the cache written at TP2.
+   reverse KL at TP2; and at TP1 x DP2 from the cache written at TP2. After the steps, each run is evaluated
+   on the first global batch: the student's losses and the teacher's LM loss (online: the teacher's forward;
+   cached: its label log-probabilities in the cache).
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/multirank/cache_layouts.py OUT
 """
@@ -31,7 +33,7 @@ from megatron_minitron.model.build import build_model, unwrap  # noqa: E402
 from megatron_minitron.plan import Target, random_plan  # noqa: E402
 from megatron_minitron.prune.rewrite import prune_checkpoint  # noqa: E402
 from megatron_minitron.runtime import ParallelConfig, initialize, shutdown  # noqa: E402
-from megatron_minitron.training.loop import TrainConfig, build_trainer, init_from, train_step  # noqa: E402
+from megatron_minitron.training.loop import TrainConfig, build_trainer, evaluate, init_from, train_step  # noqa: E402
 from tests.multirank import synthetic  # noqa: E402
 
 ARCH = preset("tiny")
@@ -101,6 +103,7 @@ def compare_runs(out: Path, teacher, student) -> None:
         task, data = distill_task(rt, dcfg, trainer.chunks[0], pairs), batches(rt, Samples())
         online = [train_step(trainer, task, data) for _ in range(STEPS)]
         online_weights = weights(trainer)
+        online_eval = evaluate(trainer, task, batches(rt, Samples()), 1)
         trainer.chunks[0].close()
 
         rt = initialize(parallel, seed=5)
@@ -108,14 +111,17 @@ def compare_runs(out: Path, teacher, student) -> None:
         init_from(trainer, student.root)
         cache = lc.LogitsCache(out / f"cache_{cache_layout}_k{ARCH.padded_vocab}")
         data = batches(rt, lc.WithTeacherTargets(Samples(), cache, "train"))
-        cached = [train_step(trainer, cached_task(rt, dcfg), data) for _ in range(STEPS)]
+        task = cached_task(rt, dcfg)
+        cached = [train_step(trainer, task, data) for _ in range(STEPS)]
+        cached_eval = evaluate(trainer, task, batches(rt, lc.WithTeacherTargets(Samples(), cache, "train")), 1)
         diff = max(float((w - online_weights[k]).abs().max() / online_weights[k].abs().max().clamp(min=1e-12))
                    for k, w in weights(trainer).items())
         diffs = [None] * rt.world_size
         torch.distributed.all_gather_object(diffs, diff)
         keys = ("loss", "kd loss", "lm loss")
         results[f"{name}_{loss}_cache_{cache_layout}"] = {"online": [{k: r[k] for k in keys} for r in online],
-                                     "cached": [{k: r[k] for k in keys} for r in cached], "weight_diff": max(diffs)}
+                                     "cached": [{k: r[k] for k in keys} for r in cached], "weight_diff": max(diffs),
+                                     "online_eval": online_eval, "cached_eval": cached_eval}
     if torch.distributed.get_rank() == 0:
         (out / "runs.json").write_text(json.dumps(results))
 
