@@ -60,6 +60,17 @@ def test_cached_distillation_with_the_whole_vocabulary_is_online_distillation(ou
         assert cached[key] == pytest.approx(online[key], rel=1e-6), key
 
 
+def test_the_cached_kl_at_tp2_is_the_kl_on_the_whole_vocabulary(out):
+    """K = 16 of a 1024 vocabulary split over two ranks (each holds some of every row's cached ids; the rest
+    bin spans both): values and each rank's gradient slice as on the whole vocabulary, to fp32 rounding
+    of the sums split over ranks; the targets written at TP2 are those of the whole vocabulary."""
+    for rank in json.loads((out / "vocab_parallel.json").read_text()):
+        assert rank["ids_equal"] and rank["targets"] <= 1e-5
+        for loss in ("forward", "reverse"):
+            assert rank[loss]["loss"] <= 1e-5 and rank[loss]["grad"] <= 1e-5, (loss, rank)
+            assert 0 < rank[loss]["ids_on_this_rank"] < 3 * 8 * 16
+
+
 def test_a_cache_from_another_layout_stays_within_fp32_rounding(out):
     """A cache written at TP2 read at TP1 holds the TP2 teacher's logits, which differ from TP1's by fp32
     rounding."""

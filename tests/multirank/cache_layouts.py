@@ -2,6 +2,8 @@
 tests/distill/test_logits_cache_multirank.py, which compares the results).
 
 A random `tiny` teacher (vocabulary 1000, padded 1024) and its width-pruned student, synthetic samples.
+0. The cached KL at TP2 with K = 16 (ids on both ranks, a rest term) against the same KL on the whole
+   vocabulary in one process, forward and reverse, on random logits: values and gradients.
 1. Caches of the training samples written at TP2 and at TP1 x DP2, with K = 16 and K = 1024 (everything).
 2. At TP1 x DP2 and at TP2: online distillation (the teacher in memory) and distillation from the K = 1024
    cache written at the same layout, STEPS steps each from the same weights; forward KL + 0.5 LM loss, and
@@ -27,6 +29,7 @@ from megatron_minitron.config import preset  # noqa: E402
 from megatron_minitron.data.loader import batch_iterator  # noqa: E402
 from megatron_minitron.distill import logits_cache as lc  # noqa: E402
 from megatron_minitron.distill.cached import cached_task  # noqa: E402
+from megatron_minitron.distill.cached_kl import cached_kl, teacher_top_k  # noqa: E402
 from megatron_minitron.distill.loop import DistillConfig, build, distill_task  # noqa: E402
 from megatron_minitron.model import checkpoint as ckpt  # noqa: E402
 from megatron_minitron.model.build import build_model, unwrap  # noqa: E402
@@ -59,6 +62,36 @@ def manifest(k: int) -> lc.CacheManifest:
                             vocab_size=ARCH.vocab_size, padded_vocab=ARCH.padded_vocab,
                             data={"blend": None, "valid_blend": None, "split": "1", "seed": 4, "seq_length": SEQ},
                             train_iters=STEPS, global_batch_size=GBS, eval_iters=0, top_k=k, temperature=1.0)
+
+
+def vocab_parallel_kl(out: Path) -> None:
+    """Largest relative differences of the TP2 cached KL (each rank its slice of the logits) from the
+    whole-vocabulary one, and of the targets written at TP2 from those written on the whole vocabulary."""
+    rt = initialize(LAYOUTS["tp2"], seed=5)
+    g = torch.Generator().manual_seed(11)
+    student, teacher = (torch.randn(3, 8, ARCH.padded_vocab, generator=g).mul_(3) for _ in range(2))
+    upstream = torch.randn(3, 8, generator=g)
+    width = ARCH.padded_vocab // 2
+    mine = slice(rt.tp_rank * width, (rt.tp_rank + 1) * width)
+    whole = teacher_top_k(teacher, k=16, temperature=2.0)
+    split = teacher_top_k(teacher[..., mine].contiguous(), k=16, group=rt.tp_group, temperature=2.0)
+    result = {"ids_equal": torch.equal(whole[0], split[0]),
+              "targets": max(float((a - b).abs().max()) for a, b in zip(whole[1:], split[1:]))}
+    for name, reverse in (("forward", False), ("reverse", True)):
+        runs = []
+        for logits, group in ((student, None), (student[..., mine], rt.tp_group)):
+            x = logits.clone().requires_grad_(True)
+            loss = cached_kl(x, *whole, group=group, temperature=2.0, reverse=reverse, chunk_size=5)
+            (loss * upstream).sum().backward()
+            runs.append((loss.detach(), x.grad[..., mine] if group is None else x.grad))
+        (loss, grad), (tp_loss, tp_grad) = runs
+        result[name] = {"loss": float(((tp_loss - loss).abs() / loss.abs()).max()),
+                        "grad": float((tp_grad - grad).abs().max() / grad.abs().max()),
+                        "ids_on_this_rank": int(((whole[0] >= mine.start) & (whole[0] < mine.stop)).sum())}
+    results = [None] * rt.world_size
+    torch.distributed.all_gather_object(results, result)
+    if rt.rank == 0:
+        (out / "vocab_parallel.json").write_text(json.dumps(results))
 
 
 def write_caches(out: Path, teacher) -> None:
@@ -128,6 +161,7 @@ def compare_runs(out: Path, teacher, student) -> None:
 
 if __name__ == "__main__":
     out_dir = Path(sys.argv[1])
+    vocab_parallel_kl(out_dir)
     rt0 = initialize(ParallelConfig(tensor_parallel=2), seed=7)
     ckpt.save_checkpoint(out_dir / "teacher", model=build_model(ARCH, rt0), arch=ARCH, runtime=rt0, iteration=None)
     if rt0.rank == 0:
