@@ -113,8 +113,8 @@ class _CachedKL(torch.autograd.Function):
     """Forward: the global max, then per chunk the student's logits at the cached ids, its sum-exp over
     the vocabulary and over the rest (one all-reduce each at the end), then the KL (one more). Backward
     recomputes each chunk's probabilities from the saved log-sum-exp, without a collective. Each chunk
-    holds at most two fp32 chunk x V_local arrays at a time (ids are placed through the flat view, with no
-    padded copy)."""
+    holds one fp32 chunk x V_local array at a time (ids are placed through the flat view, with no padded
+    copy; online holds two, the teacher's and the student's)."""
 
     @staticmethod
     def forward(ctx, student, ids, logp_t, log_rest_t, group, temperature, reverse, chunk_size):
@@ -173,15 +173,16 @@ def _cached_grad(log_ps: torch.Tensor, log_pt: torch.Tensor, kl: torch.Tensor, r
 
 def _rest_grad(log_p: torch.Tensor, log_ps_rest: torch.Tensor, log_pt_rest: torch.Tensor, kl: torch.Tensor,
                reverse: bool) -> torch.Tensor:
-    """d loss / d z for every token of the chunk as if it were in the rest bin, in place over log_p:
-    forward p_v - exp(log p_v + log T_rest - log P_rest), reverse p_v (log P_rest - log T_rest - KL).
-    An empty student rest bin holds no token with p_v > 0, so its coefficient is 0."""
+    """d loss / d z for every token of the chunk as if it were in the rest bin, in place over log_p (no
+    other chunk-sized array): p_v times a coefficient per row, forward 1 - T_rest / P_rest (as -expm1, exact
+    when the two are close), reverse log P_rest - log T_rest - KL. An empty student rest bin holds no token
+    with p_v > 0, so its coefficient does not matter; it is taken as 0 (reverse) or 1 (forward: T_rest = 0)."""
     empty = log_ps_rest == NEG_INF
     if reverse:
         coef = torch.where(empty, 0.0, log_ps_rest - log_pt_rest - kl)
-        return log_p.exp_().mul_(coef.unsqueeze(-1))
-    shift = torch.where(empty, NEG_INF, log_pt_rest - log_ps_rest).unsqueeze(-1)
-    return log_p.exp().sub_(log_p.add_(shift).exp_())  # two chunk-sized arrays at most
+    else:
+        coef = torch.where(empty, NEG_INF, log_pt_rest - log_ps_rest).expm1_().neg_()
+    return log_p.exp_().mul_(coef.unsqueeze(-1))
 
 
 def cached_kl(student_logits: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, log_rest: torch.Tensor, *,
