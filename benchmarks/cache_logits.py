@@ -5,7 +5,8 @@
 - a search of C candidates (each distilled S steps on the same samples) from one cache vs with the teacher
   online, for C = 3 and 6: (writing the cache + C cached runs) / (C online runs), from the per-step times
   of this run (writing the cache = one teacher forward + top-k + write per step);
-- bytes per token on disk for each K (the files written, against the format's 8 + 8K).
+- bytes per token on disk for each K (the files written, against the format's 12 + 8K).
+Peak memory of each kind of run, each in its own process, is benchmarks/cache_memory.py.
 
     python benchmarks/cache_logits.py [--tp 1] [--steps 6] [--ks 16 64 256] [--out FILE]
     torchrun --nproc-per-node 2 benchmarks/cache_logits.py --tp 2
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import tempfile
@@ -38,8 +38,15 @@ from megatron_minitron.model import checkpoint as ckpt  # noqa: E402
 from megatron_minitron.model.build import build_model  # noqa: E402
 from megatron_minitron.runtime import ParallelConfig, initialize, shutdown  # noqa: E402
 from megatron_minitron.training.loop import TrainConfig, build_trainer, init_from, lm_task, train_step  # noqa: E402
+from _results import write_results  # noqa: E402  (benchmarks/, the script's directory)
 
 SEQ, MBS = 256, 4
+
+
+def models():
+    """(teacher, student) architectures: the `small` preset and its width-pruned shape."""
+    teacher = preset("small")
+    return teacher, teacher.replace(hidden_size=192, ffn_hidden_size=384, kv_channels=teacher.head_dim)
 
 
 class Samples:
@@ -86,8 +93,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rt = initialize(ParallelConfig(tensor_parallel=args.tp))
-    teacher_arch = preset("small")
-    student_arch = teacher_arch.replace(hidden_size=192, ffn_hidden_size=384, kv_channels=teacher_arch.head_dim)
+    teacher_arch, student_arch = models()
     gbs = MBS * rt.data_parallel
     cfg = TrainConfig(train_iters=100, micro_batch_size=MBS, global_batch_size=gbs, seq_length=SEQ, lr_warmup_iters=1)
     paths = [tempfile.mkdtemp(prefix="cache-bench-") if rt.rank == 0 else None]
@@ -139,13 +145,10 @@ def main() -> None:
         "cached_vs_student_step": median["cached"] / median["student"], "target_cached_vs_student": 1.05,
         "cached_vs_online_step": median["cached"] / median["online"],
         "search_cached_vs_online": {c: (write + c * median["cached"]) / (c * median["online"]) for c in (3, 6)},
-        "bytes_per_token": bytes_per_token, "format_bytes_per_token": {k: 8 + 8 * k for k in bytes_per_token},
+        "bytes_per_token": bytes_per_token, "format_bytes_per_token": {k: 12 + 8 * k for k in bytes_per_token},
     }
     if rt.rank == 0:
-        print(json.dumps(result, indent=2))
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_results(result, args.out)
     shutdown()
 
 

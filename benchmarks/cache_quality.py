@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_results  # benchmarks/, the script's directory
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -75,9 +77,7 @@ def main() -> None:
             size = sum(p.stat().st_size for p in (work / f"k{k}").glob("*.bin"))
             result["arms"][f"top{k}"] = {**final(work / f"run{k}"), "distill_s": seconds, "cache_s": cache_s,
                                          "cache_mb": size / 1e6}
-        print(json.dumps(result, indent=2))
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_results(result, args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -14,7 +14,6 @@ students on the same data (the test suite shows the losses agree). Writes JSON t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -22,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _results import write_results  # benchmarks/, the script's directory
 
 REPO = Path(__file__).resolve().parents[1]
 SPACES = {"tiny": (["--layers", "4", "2", "--hidden", "56", "--ffn", "192", "96"], "1.0M"),
@@ -91,9 +92,7 @@ def main() -> None:
                   "search_s": search, "separate_s": separate,
                   "ratio": min(search) / best_separate, "ratio_vs_distill_only": min(search) / best_distill,
                   "target": "ratio <= 1.05"}
-        print(json.dumps(result, indent=2))
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_results(result, args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

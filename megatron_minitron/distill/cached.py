@@ -5,8 +5,9 @@ are gone; what the student optimises is `cached_kl` over the cached support and 
 
 Per micro-batch the last stage's loss is  kd_weight * KL + lm_weight * CE(student), summed over unmasked
 tokens, as in loop.py. With K = the padded vocabulary the KL is the online one, so a run from the cache
-follows the online run step for step. Intermediate-layer losses need the teacher's hidden states, which
-a cache does not hold.
+follows the online run step for step. The teacher's LM loss, which validation reports as online, is read
+from the cache (its log-probability of each label). Intermediate-layer losses need the teacher's hidden
+states, which a cache does not hold.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from typing import Iterator, Optional
 
 import torch
 
-from megatron_minitron.distill.loop import DistillConfig
-from megatron_minitron.distill.logits_cache import TARGET_KEYS, LogitsCache, WithTeacherTargets
+from megatron_minitron.distill.loop import LOSSES, DistillConfig
+from megatron_minitron.distill.logits_cache import LABEL_KEY, TARGET_KEYS, LogitsCache, WithTeacherTargets
 from megatron_minitron.training.losses import masked_sum
-
-LOSSES = ("loss", "kd loss", "lm loss")
 
 
 def cached_task(runtime, cfg: DistillConfig):
@@ -34,7 +33,8 @@ def cached_task(runtime, cfg: DistillConfig):
 
     def forward_step(data_iterator: Iterator[dict], model):
         batch = next(data_iterator)
-        keys = ("tokens", "position_ids", "labels", "loss_mask", *(TARGET_KEYS if runtime.is_last_stage else ()))
+        keys = ("tokens", "position_ids", "labels", "loss_mask",
+                *((*TARGET_KEYS, LABEL_KEY) if runtime.is_last_stage else ()))
         batch = {k: batch[k].to(device, non_blocking=True) for k in keys}
         logits = model(batch["tokens"], batch["position_ids"], None)
 
@@ -46,18 +46,19 @@ def cached_task(runtime, cfg: DistillConfig):
             with contextlib.nullcontext() if cfg.lm_weight > 0 else torch.no_grad():
                 copy = student_logits.float() if student_logits.dtype != torch.float32 else student_logits.clone()
                 lm = vocab_parallel_cross_entropy(copy, batch["labels"])
+            teacher_lm = batch[LABEL_KEY].to(torch.float32).neg()  # what the online teacher's CE gives
             total = cfg.kd_weight * kd + cfg.lm_weight * lm
             mask = batch["loss_mask"]
             loss_sum, count = masked_sum(total, mask)
             report = {}
-            for name, value in zip(LOSSES, (total, kd, lm)):
+            for name, value in zip(LOSSES, (total, kd, lm, teacher_lm)):
                 value_sum, value_count = masked_sum(value.detach(), mask)
                 report[name] = torch.stack([value_sum, value_count.float()])
             return loss_sum, count, report
 
         return logits, loss_func
 
-    return Task(forward_step=forward_step, losses=LOSSES)
+    return Task(forward_step=forward_step, losses=LOSSES, eval_only=("teacher lm loss",))
 
 
 def cached_batches(cache: LogitsCache, data_cfg, tokenizer, train_cfg, runtime, *, model_vocab_size: int) -> dict:
@@ -97,7 +98,8 @@ def distill_from_cache(*, student_info, runtime, train_cfg, cfg: DistillConfig, 
         init_from(trainer, student_info.root)
         if valid_batches is not None:  # the student before training (search ranks candidates by it too)
             val = evaluate(trainer, task, valid_batches(), train_cfg.eval_iters)
-            log.say(f"before training: student lm loss {val['lm loss']:.4f}, kd loss {val['kd loss']:.4f}")
+            log.say(f"before training: teacher lm loss {val['teacher lm loss']:.4f} (cached), student lm loss "
+                    f"{val['lm loss']:.4f}, kd loss {val['kd loss']:.4f}")
             log.write({"kind": "valid", "iteration": 0, **{f"val {k}": v for k, v in val.items()}})
     train(trainer, task=task, train_batches=train_batches, valid_batches=valid_batches,
           paths=RunPaths(save=save, metrics=save / "metrics.jsonl"), tokenizer=tokenizer, provenance=provenance,
@@ -106,5 +108,5 @@ def distill_from_cache(*, student_info, runtime, train_cfg, cfg: DistillConfig, 
     if runtime.rank == 0 and final:
         (save / "final_validation.json").write_text(json.dumps(
             {"iteration": trainer.iteration, "student lm loss": final["lm loss"], "kd loss": final["kd loss"],
-             **final}, indent=2) + "\n")
+             "teacher lm loss": final["teacher lm loss"], **final}, indent=2) + "\n")
     return final

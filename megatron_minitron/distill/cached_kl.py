@@ -31,15 +31,14 @@ def _rank(group) -> int:
     return 0 if _group_size(group) == 1 else dist.get_rank(group)
 
 
-def _local_index(ids: torch.Tensor, start: int, width: int) -> torch.Tensor:
-    """Global ids as this rank's column indices; ids held by another rank point at column `width`, a
-    scratch column the callers append and drop (so a scatter never touches a real column twice)."""
+def _local_positions(ids: torch.Tensor, start: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the global ids [rows, K] that this rank holds sit in a [rows, width] array of its vocabulary
+    slice, as flat positions (row-major, in the order of `ids[mine]`), and `mine`, which of them it holds.
+    Indexing the flat view needs no padded copy of a chunk x V_local array."""
     local = ids - start
-    return torch.where((local >= 0) & (local < width), local, width)
-
-
-def _pad_column(x: torch.Tensor, value: float) -> torch.Tensor:
-    return torch.cat([x, x.new_full((x.shape[0], 1), value)], dim=-1)
+    mine = (local >= 0) & (local < width)
+    rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(-1)
+    return (rows * width + local)[mine], mine
 
 
 def _row_max(x2d: torch.Tensor, temperature: float, group) -> torch.Tensor:
@@ -77,10 +76,10 @@ def teacher_top_k(teacher_logits: torch.Tensor, *, k: int, group=None, temperatu
         by_id, order = all_ids.sort(-1)  # ties: the smaller id first, then a stable sort by value
         top_values, by_value = all_values.gather(-1, order).sort(dim=-1, descending=True, stable=True)
         ids[rows] = by_id.gather(-1, by_value[:, :k])
-        exp = _pad_column((s - m).exp_(), 0.0)
-        sums = torch.stack((exp[:, :-1].sum(-1), exp.scatter_(-1, _local_index(ids[rows], start, vocab_local),
-                                                              0.0)[:, :-1].sum(-1)))
-        sums = _all_reduce(sums, dist.ReduceOp.SUM, group).log_()
+        exp = s.sub_(m).exp_()
+        total = exp.sum(-1)
+        exp.view(-1)[_local_positions(ids[rows], start, vocab_local)[0]] = 0.0
+        sums = _all_reduce(torch.stack((total, exp.sum(-1))), dist.ReduceOp.SUM, group).log_()
         lse = m.squeeze(-1) + sums[0]
         logp[rows] = top_values[:, :k] - lse.unsqueeze(-1)
         log_rest[rows] = sums[1] - sums[0]
@@ -89,17 +88,33 @@ def teacher_top_k(teacher_logits: torch.Tensor, *, k: int, group=None, temperatu
 
 
 # ---------------------------------------------------------------------------------- reading a cache
-def _bins_kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """Σ_j over bins (last dim), with 0 · log 0 = 0 for the distribution the sum is weighted by."""
+def _bins_kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor, ids2d: torch.Tensor, *, start: int,
+             vocab_local: int, reverse: bool, group, chunk_size: int) -> torch.Tensor:
+    """Σ_j over the K + 1 bins (last dim), with 0 · log 0 = 0 for the distribution the sum is weighted by.
+
+    Summed in the order of online distillation (losses._kl_rows), not in the cached (by-logit) order: each
+    rank adds the terms of its own token ids in id order over a row of its vocabulary slice, the group adds
+    the ranks' sums, then the rest bin is added. With K = the padded vocabulary the rest term is 0 and the
+    result is bit for bit online's KL, which the reverse KL's gradient uses, so a cached run does not drift
+    from the online one by rounding."""
     log_p, log_q = (log_p_student, log_p_teacher) if reverse else (log_p_teacher, log_p_student)
-    terms = log_p.exp() * (log_p - log_q)
-    return torch.where(log_p > NEG_INF, terms, 0.0).sum(-1)
+    terms = torch.where(log_p > NEG_INF, log_p.exp() * (log_p - log_q), 0.0)
+    kl = torch.zeros(terms.shape[0], dtype=COMPUTE_DTYPE, device=terms.device)
+    for i in range(0, terms.shape[0], chunk_size):
+        rows = slice(i, i + chunk_size)
+        positions, mine = _local_positions(ids2d[rows], start, vocab_local)
+        by_id = terms.new_zeros(terms[rows].shape[0], vocab_local)
+        by_id.view(-1)[positions] = terms[rows, :-1][mine]
+        kl[rows] = by_id.sum(-1)
+    return _all_reduce(kl, dist.ReduceOp.SUM, group).add_(terms[:, -1])
 
 
 class _CachedKL(torch.autograd.Function):
     """Forward: the global max, then per chunk the student's logits at the cached ids, its sum-exp over
-    the vocabulary and over the rest (one all-reduce each at the end). Backward recomputes each chunk's
-    probabilities from the saved log-sum-exp, without a collective."""
+    the vocabulary and over the rest (one all-reduce each at the end), then the KL (one more). Backward
+    recomputes each chunk's probabilities from the saved log-sum-exp, without a collective. Each chunk
+    holds one fp32 chunk x V_local array at a time (ids are placed through the flat view, with no padded
+    copy; online holds two, the teacher's and the student's)."""
 
     @staticmethod
     def forward(ctx, student, ids, logp_t, log_rest_t, group, temperature, reverse, chunk_size):
@@ -111,19 +126,21 @@ class _CachedKL(torch.autograd.Function):
         sums = torch.zeros(2, x2d.shape[0], dtype=COMPUTE_DTYPE, device=student.device)
         for i in range(0, x2d.shape[0], chunk_size):
             rows = slice(i, i + chunk_size)
-            local = _local_index(ids2d[rows], start, vocab_local)
-            s = _pad_column(_scaled(x2d[rows], temperature), 0.0)
-            z[rows] = torch.where(local < vocab_local, s.gather(-1, local), 0.0)
+            positions, mine = _local_positions(ids2d[rows], start, vocab_local)
+            s = _scaled(x2d[rows], temperature)
+            z[rows][mine] = s.view(-1)[positions]  # 0 where another rank holds the id
             exp = s.sub_(m[rows].unsqueeze(-1)).exp_()
-            sums[0, rows] = exp[:, :-1].sum(-1)
-            sums[1, rows] = exp.scatter_(-1, local, 0.0)[:, :-1].sum(-1)
+            sums[0, rows] = exp.sum(-1)
+            exp.view(-1)[positions] = 0.0
+            sums[1, rows] = exp.sum(-1)
         _all_reduce(z, dist.ReduceOp.SUM, group)
         _all_reduce(sums, dist.ReduceOp.SUM, group)
         lse = m + sums[0].log()
         log_ps = torch.cat([z - lse.unsqueeze(-1), (m + sums[1].log() - lse).unsqueeze(-1)], dim=-1)
         log_pt = torch.cat([logp_t.reshape(z.shape).to(COMPUTE_DTYPE),
                             log_rest_t.reshape(-1, 1).to(COMPUTE_DTYPE)], dim=-1)
-        kl = _bins_kl(log_ps, log_pt, reverse)
+        kl = _bins_kl(log_ps, log_pt, ids2d, start=start, vocab_local=vocab_local, reverse=reverse, group=group,
+                      chunk_size=chunk_size)
         ctx.save_for_backward(student, ids2d, lse, log_ps, log_pt, kl)
         ctx.group, ctx.temperature, ctx.reverse, ctx.chunk_size = group, temperature, reverse, chunk_size
         return kl.reshape(student.shape[:-1])
@@ -139,9 +156,10 @@ class _CachedKL(torch.autograd.Function):
         for i in range(0, x2d.shape[0], ctx.chunk_size):
             rows = slice(i, i + ctx.chunk_size)
             log_p = _scaled(x2d[rows], ctx.temperature).sub_(lse[rows].unsqueeze(-1))
-            g = _pad_column(_rest_grad(log_p, log_ps[rows, -1], log_pt[rows, -1], kl[rows], ctx.reverse), 0.0)
-            g.scatter_(-1, _local_index(ids2d[rows], start, vocab_local), cached[rows])
-            grad[rows] = g[:, :-1].mul_(grad_rows[rows].unsqueeze(-1))
+            g = _rest_grad(log_p, log_ps[rows, -1], log_pt[rows, -1], kl[rows], ctx.reverse)
+            positions, mine = _local_positions(ids2d[rows], start, vocab_local)
+            g.view(-1)[positions] = cached[rows][mine]
+            grad[rows] = g.mul_(grad_rows[rows].unsqueeze(-1))
         return grad.reshape(student.shape), None, None, None, None, None, None, None
 
 
@@ -155,15 +173,16 @@ def _cached_grad(log_ps: torch.Tensor, log_pt: torch.Tensor, kl: torch.Tensor, r
 
 def _rest_grad(log_p: torch.Tensor, log_ps_rest: torch.Tensor, log_pt_rest: torch.Tensor, kl: torch.Tensor,
                reverse: bool) -> torch.Tensor:
-    """d loss / d z for every token of the chunk as if it were in the rest bin, in place over log_p:
-    forward p_v - exp(log p_v + log T_rest - log P_rest), reverse p_v (log P_rest - log T_rest - KL).
-    An empty student rest bin holds no token with p_v > 0, so its coefficient is 0."""
+    """d loss / d z for every token of the chunk as if it were in the rest bin, in place over log_p (no
+    other chunk-sized array): p_v times a coefficient per row, forward 1 - T_rest / P_rest (as -expm1, exact
+    when the two are close), reverse log P_rest - log T_rest - KL. An empty student rest bin holds no token
+    with p_v > 0, so its coefficient does not matter; it is taken as 0 (reverse) or 1 (forward: T_rest = 0)."""
     empty = log_ps_rest == NEG_INF
     if reverse:
         coef = torch.where(empty, 0.0, log_ps_rest - log_pt_rest - kl)
-        return log_p.exp_().mul_(coef.unsqueeze(-1))
-    shift = torch.where(empty, NEG_INF, log_pt_rest - log_ps_rest).unsqueeze(-1)
-    return log_p.exp() - log_p.add_(shift).exp_()
+    else:
+        coef = torch.where(empty, NEG_INF, log_pt_rest - log_ps_rest).expm1_().neg_()
+    return log_p.exp_().mul_(coef.unsqueeze(-1))
 
 
 def cached_kl(student_logits: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, log_rest: torch.Tensor, *,

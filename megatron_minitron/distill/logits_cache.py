@@ -6,10 +6,12 @@ Layout of a cache directory:
     train_000000.bin ...     one shard per global batch of samples of the training split (sample i in
     valid_000000.bin ...     shard i // global_batch_size), then the validation split the same way
     metrics.json             throughput of the last run that wrote into it
-Each shard holds, for its n samples of S tokens, four little-endian arrays one after the other:
+Each shard holds, for its n samples of S tokens, five little-endian arrays one after the other:
     tokens int32 [n, S] | ids int32 [n, S, K] | log-probabilities float32 [n, S, K] | log rest float32 [n, S]
-(`cached_kl.teacher_top_k`'s three tensors, and the input tokens, so that a reader proves it pairs each
-target with the sample it was computed on). A shard is written to `NAME.partial` and renamed when whole:
+    | label log-probability float32 [n, S]
+(`cached_kl.teacher_top_k`'s three tensors; the input tokens, so that a reader proves it pairs each
+target with the sample it was computed on; and the teacher's log-probability of each token's label at
+temperature 1, minus its LM loss, so that a cached run reports the teacher's LM loss as an online one does). A shard is written to `NAME.partial` and renamed when whole:
 after a kill, a shard that is missing or has another size than its samples need is (re)done, and the
 manifest says `complete` only when none is left.
 
@@ -34,13 +36,16 @@ import torch
 
 from megatron_minitron.config import ConfigError
 
-FORMAT = "minitron-logits-cache/1"
+FORMAT = "minitron-logits-cache/2"
+"""Version of the layout: /1 had no label log-probabilities (refused, to be written again)."""
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
 """Throughput of the last `cache-logits` run into the directory (samples and bytes it wrote, seconds)."""
 SPLITS = ("train", "valid")
 TARGET_KEYS = ("teacher_ids", "teacher_logp", "teacher_rest")
-"""Keys a cached micro-batch carries beside data/loader.BATCH_KEYS."""
+"""Keys of the KL targets a cached micro-batch carries beside data/loader.BATCH_KEYS (`cached_kl`'s arguments)."""
+LABEL_KEY = "teacher_label_logp"
+"""Key of the teacher's log-probability of each label (temperature 1), also in a cached micro-batch."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +87,10 @@ class CacheManifest:
     @classmethod
     def from_json(cls, data: dict) -> "CacheManifest":
         known = {f.name for f in dataclasses.fields(cls)}
+        if str(data.get("format", "")).startswith("minitron-logits-cache/") and data["format"] != FORMAT:
+            raise ConfigError(f"the cache is in format {data['format']!r}, this version reads {FORMAT!r} (it also "
+                              f"stores the teacher's log-probability of each label); write it again with "
+                              f"`minitron cache-logits ... --overwrite`")
         if data.get("format") != FORMAT or set(data) - known:
             raise ConfigError(f"not a {FORMAT} manifest (format {data.get('format')!r}, keys "
                               f"{sorted(set(data) - known)} unknown); write the cache with this version")
@@ -102,8 +111,9 @@ class CacheManifest:
         return min(self.global_batch_size, self.samples(split) - index * self.global_batch_size)
 
     def sample_bytes(self) -> int:
-        """Bytes of one sample: tokens and rest (4 bytes a token each), ids and log-probs (4 bytes x K each)."""
-        return self.seq_length * (8 + 8 * self.top_k)
+        """Bytes of one sample: tokens, rest and label log-prob (4 bytes a token each), ids and log-probs (4 bytes
+        x K each)."""
+        return self.seq_length * (12 + 8 * self.top_k)
 
     def total_bytes(self) -> int:
         return sum(self.samples(split) for split in SPLITS) * self.sample_bytes()
@@ -135,6 +145,8 @@ def read_manifest(root: Path) -> Optional[CacheManifest]:
         return None
     try:
         return CacheManifest.from_json(json.loads(path.read_text()))
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     except (ValueError, TypeError) as error:
         raise ConfigError(f"{path} is damaged ({error}); write the cache again with --overwrite") from None
 
@@ -167,11 +179,13 @@ def check_space(out: Path, need: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------- shards
-def write_shard(path: Path, tokens: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, rest: torch.Tensor) -> None:
+def write_shard(path: Path, tokens: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, rest: torch.Tensor,
+                label_logp: torch.Tensor) -> None:
     """One shard, renamed into place only when fully written and flushed."""
     partial = path.with_name(path.name + ".partial")
     with open(partial, "wb") as f:
-        for tensor, dtype in ((tokens, np.int32), (ids, np.int32), (logp, np.float32), (rest, np.float32)):
+        for tensor, dtype in ((tokens, np.int32), (ids, np.int32), (logp, np.float32), (rest, np.float32),
+                              (label_logp, np.float32)):
             f.write(np.ascontiguousarray(tensor.detach().cpu().numpy().astype(dtype, copy=False)).tobytes())
         f.flush()
         os.fsync(f.fileno())
@@ -206,20 +220,20 @@ class LogitsCache:
             s, k = m.seq_length, m.top_k
             path, offset, arrays = shard_path(self.root, split, index), 0, []
             for dtype, shape in ((np.int32, (n, s)), (np.int32, (n, s, k)), (np.float32, (n, s, k)),
-                                 (np.float32, (n, s))):
+                                 (np.float32, (n, s)), (np.float32, (n, s))):
                 arrays.append(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape))
                 offset += int(np.prod(shape)) * 4
             self._maps[key] = tuple(arrays)
         return self._maps[key]
 
     def sample(self, split: str, index: int) -> dict[str, torch.Tensor]:
-        """{"tokens", *TARGET_KEYS} of one sample (ids as int32, the rest as stored)."""
+        """{"tokens", *TARGET_KEYS, LABEL_KEY} of one sample (ids as int32, the rest as stored)."""
         if not 0 <= index < self.manifest.samples(split):
             raise ConfigError(f"--teacher-logits {self.root} holds {self.manifest.samples(split)} {split} samples, "
                               f"sample {index} was asked for; write a cache covering the whole run")
-        tokens, ids, logp, rest = (torch.from_numpy(np.array(a[index % self.manifest.global_batch_size]))
-                                   for a in self._shard(split, index // self.manifest.global_batch_size))
-        return {"tokens": tokens, "teacher_ids": ids, "teacher_logp": logp, "teacher_rest": rest}
+        arrays = (torch.from_numpy(np.array(a[index % self.manifest.global_batch_size]))
+                  for a in self._shard(split, index // self.manifest.global_batch_size))
+        return dict(zip(("tokens", *TARGET_KEYS, LABEL_KEY), arrays))
 
 
 class WithTeacherTargets:
@@ -247,6 +261,7 @@ def write_split(model, runtime, dataset, *, split: str, manifest: CacheManifest,
     """The teacher's targets for the shards `todo` of one split: data-parallel replica r does shards r, r + DP, …
     (each pipeline of TP ranks as one), the last stage's first TP rank writes them."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from megatron_minitron.data.loader import collate
     from megatron_minitron.distill.cached_kl import teacher_top_k
@@ -262,13 +277,16 @@ def write_split(model, runtime, dataset, *, split: str, manifest: CacheManifest,
 
         def forward_step(data_iterator, chunk):
             batch = next(data_iterator)
-            tokens = batch["tokens"].to(device)
+            tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
             logits = chunk(tokens, batch["position_ids"].to(device), None)
 
             def targets(output):
                 ids, logp, rest = teacher_top_k(output, k=manifest.top_k, group=runtime.tp_group,
                                                 temperature=manifest.temperature)
-                parts.append((tokens, ids, logp, rest))
+                # the online teacher LM loss's own computation (distill/loop.py), on an fp32 copy it may overwrite
+                label_logp = vocab_parallel_cross_entropy(output.float() if output.dtype != torch.float32
+                                                          else output.clone(), labels).neg_()
+                parts.append((tokens, ids, logp, rest, label_logp))
                 zero = output.float().sum() * 0
                 return zero, torch.ones((), dtype=torch.int), {"zero": torch.stack([zero, zero])}
 
@@ -288,8 +306,8 @@ def plan_cache(out: Path, manifest: CacheManifest, *, overwrite: bool) -> dict[s
     """The shards still to write into `out` ({split: indices}), after refusing an `out` that holds something
     else: another cache (naming the first differing field; --overwrite replaces it) or other files."""
     out = Path(out)
-    existing = read_manifest(out) if out.is_dir() else None
-    if existing is not None and not overwrite:
+    existing = read_manifest(out) if out.is_dir() and not overwrite else None  # --overwrite: even a damaged one
+    if existing is not None:
         fields = [f.name for f in dataclasses.fields(CacheManifest) if f.name not in ("complete", "teacher", "data")]
         found, wanted = existing.to_json(), manifest.to_json()
         for name in [*(f"data.{key}" for key in manifest.data), *fields]:
@@ -301,7 +319,7 @@ def plan_cache(out: Path, manifest: CacheManifest, *, overwrite: bool) -> dict[s
                                   f"{new!r}; pass --overwrite to replace it or choose another --out")
     elif out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"--out {out} exists and is not a logits cache; choose a new path")
-    if existing is None or overwrite:
+    if existing is None:
         return {split: list(range(manifest.num_shards(split))) for split in SPLITS}
     return {split: missing_shards(out, manifest, split) for split in SPLITS}
 

@@ -57,7 +57,7 @@ def cache(tiny_teacher, data_cache, tmp_path_factory):
 
 def test_the_announced_size_is_what_is_written(cache):
     out, stdout = cache
-    per_token = 8 + 8 * K
+    per_token = 12 + 8 * K
     tokens = (ITERS + 2) * 8 * 64
     assert f"{tokens:,} tokens x top-{K} = {tokens * per_token / 1e6:,.1f} MB ({per_token} bytes/token)" in stdout
     assert sum(p.stat().st_size for p in out.glob("*.bin")) == tokens * per_token
@@ -103,11 +103,13 @@ def test_a_student_learns_from_the_cache_without_its_teacher(cache, student, dat
                      "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-interval", str(ITERS))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "no teacher in memory" in proc.stdout
+    assert "before training: teacher lm loss" in proc.stdout  # read from the cache, logged as online runs do
     records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     assert len(train) == ITERS and train[-1]["kd loss"] < 0.8 * train[0]["kd loss"], train
     final = json.loads((save / "final_validation.json").read_text())
     assert final["iteration"] == ITERS and final["kd loss"] > 0
+    assert 0 < final["teacher lm loss"] < final["student lm loss"]
     assert json.loads((save / "run.json").read_text())["cache"]["top_k"] == K
 
 
@@ -131,6 +133,26 @@ def test_a_cache_for_another_run_is_refused_naming_the_field(cache, student, tin
     assert not (tmp_path / "r").exists()
     err = _fails(["distill", "--student", student, "--save", tmp_path / "r"], capsys)
     assert "--teacher is required (or --teacher-logits DIR" in err
+
+
+def test_a_cache_of_the_first_format_is_refused_naming_the_versions(cache, student, tiny_teacher, data_cache, tmp_path,
+                                                                     capsys):
+    """Format /1 had no label log-probabilities: refused before any work, by `distill` and by `cache-logits`
+    into it, saying which versions and how to write it again; `--overwrite` then replaces it."""
+    old = tmp_path / "old"
+    shutil.copytree(cache[0], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format": "minitron-logits-cache/1"}))
+    err = _fails(["distill", "--teacher-logits", old, "--student", student, "--save", tmp_path / "r",
+                  "--cache-dir", data_cache, "--train-iters", ITERS, *DATA], capsys)
+    assert (f"{old / 'manifest.json'}: the cache is in format 'minitron-logits-cache/1', this version reads "
+            f"'minitron-logits-cache/2'") in err and "write it again with `minitron cache-logits ... --overwrite`" in err
+    assert not (tmp_path / "r").exists()
+    again = _minitron(*_cache_cmd(tiny_teacher, old, data_cache))
+    assert again.returncode == 2 and "the cache is in format 'minitron-logits-cache/1'" in again.stderr, again.stderr
+    again = _minitron(*_cache_cmd(tiny_teacher, old, data_cache, "--overwrite"))  # what the message says works
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert json.loads((old / "manifest.json").read_text())["format"] == "minitron-logits-cache/2"
 
 
 def test_a_truncated_cache_is_refused_then_completed_by_the_same_command(cache, student, tiny_teacher, data_cache,
@@ -200,6 +222,7 @@ def test_the_command_at_tp2_writes_the_ids_of_tp1(cache, tiny_teacher, data_cach
             assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["teacher_ids"], b["teacher_ids"]), (split, i)
             assert torch.allclose(a["teacher_logp"], b["teacher_logp"], atol=1e-5)
             assert torch.allclose(a["teacher_rest"], b["teacher_rest"], atol=1e-5)
+            assert torch.allclose(a["teacher_label_logp"], b["teacher_label_logp"], atol=1e-5)
 
 
 def test_a_killed_cache_run_is_completed_by_the_same_command(tiny_teacher, data_cache, tmp_path):
