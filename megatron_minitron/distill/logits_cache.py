@@ -304,8 +304,15 @@ def write_split(model, runtime, dataset, *, split: str, manifest: CacheManifest,
 
 def plan_cache(out: Path, manifest: CacheManifest, *, overwrite: bool) -> dict[str, list[int]]:
     """The shards still to write into `out` ({split: indices}), after refusing an `out` that holds something
-    else: another cache (naming the first differing field; --overwrite replaces it) or other files."""
+    else: another cache (naming the first differing field; --overwrite replaces it) or other files (even with
+    --overwrite, which deletes `out`)."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory; choose a new path")
+    if any(out.iterdir() if out.is_dir() else ()) and not (out / MANIFEST).is_file():
+        # --overwrite deletes --out: only ever a cache (whose manifest is written before any shard)
+        raise ConfigError(f"--out {out} exists and is not a logits cache (it has no {MANIFEST}); choose a new path"
+                          + ("; --overwrite replaces only a logits cache" if overwrite else ""))
     existing = read_manifest(out) if out.is_dir() and not overwrite else None  # --overwrite: even a damaged one
     if existing is not None:
         fields = [f.name for f in dataclasses.fields(CacheManifest) if f.name not in ("complete", "teacher", "data")]
@@ -317,8 +324,6 @@ def plan_cache(out: Path, manifest: CacheManifest, *, overwrite: bool) -> dict[s
             if old != new:
                 raise ConfigError(f"--out {out} holds a cache written for {name} {old!r}, this command asks for "
                                   f"{new!r}; pass --overwrite to replace it or choose another --out")
-    elif out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {out} exists and is not a logits cache; choose a new path")
     if existing is None:
         return {split: list(range(manifest.num_shards(split))) for split in SPLITS}
     return {split: missing_shards(out, manifest, split) for split in SPLITS}
