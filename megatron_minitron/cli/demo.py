@@ -10,6 +10,8 @@ depth-pruned + KD, the width architecture from scratch, width-pruned + LM loss o
 ranking and the 3x3 aggregation grid zero-shot. --out receives results.json, report.md and plots/.
 With --moe (demo/moe.py), a Mixture-of-Experts teacher is cut to equal total parameters by whole experts
 (importance-ranked or random) and by expert width, and each is distilled at equal tokens.
+--seeds N repeats the arms and the zero-shot comparisons over N seeds and judges each finding against
+the spread.
 
 Run plainly, it launches itself under torchrun with --nproc processes (default TP x PP); under
 torchrun or srun it runs in the launched processes (several nodes too).
@@ -53,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  "eval_iters", "calib_samples", "lm_loss_samples", "width_hidden_size", "width_ffn_hidden_size",
                  "width_num_attention_heads", "depth_num_layers"):
         field_argument(t, *DEMO, name, type=positive())
+    field_argument(t, *DEMO, "seeds", type=positive())
     for name in ("teacher_lr", "retrain_lr"):
         field_argument(t, *DEMO, name, type=positive(float))
     for name in ("warmup_iters", "retrain_warmup_iters", "eval_interval", "random_seed", "seed", "task_limit"):

@@ -87,6 +87,11 @@ class DemoConfig:
     """Seed of the random-ranking baseline."""
     seed: int = 1234
     """Seed of every RNG (weights of the teacher and the from-scratch arm, data order)."""
+    seeds: int = 1
+    """Repeats of every retraining arm and zero-shot comparison, repeat k with seed + k (training data
+    order, held-out validation samples, from-scratch weights) and random_seed + k (the random ranking);
+    the teacher and the importance scores are computed once. The report gives each comparison as mean
+    ± sample standard deviation over the repeats and a verdict only when the margin exceeds it."""
     data_path: Optional[tuple] = None
     """Training blend (Megatron-LM's --data-path list); None: the embedded corpus."""
     valid_data_path: Optional[tuple] = None
@@ -107,7 +112,10 @@ class DemoConfig:
         for name, dense, moe in (("out", "runs/demo", "runs/demo-moe"), ("arch", "small", "small-moe")):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, moe if self.moe else dense)
-        for name in ("tensor_parallel", "pipeline_parallel", "teacher_iters", "retrain_iters", "seq_length",
+        if self.moe and self.seeds != 1:
+            raise ConfigError(f"--seeds {self.seeds} repeats the dense demo's comparisons; --moe runs one seed: "
+                              f"drop --seeds or --moe")
+        for name in ("tensor_parallel", "pipeline_parallel", "teacher_iters", "retrain_iters", "seeds", "seq_length",
                      "micro_batch_size", "global_batch_size", "eval_iters", "calib_samples", "lm_loss_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -135,6 +143,11 @@ class DemoConfig:
         if unknown:
             raise ConfigError(f"demo config has unknown keys {unknown}")
         return cls(**data)
+
+    @property
+    def seed_values(self) -> tuple:
+        """(seed, random-ranking seed) of every repeat, the first the run's own --seed/--random-seed."""
+        return tuple((self.seed + k, self.random_seed + k) for k in range(self.seeds))
 
     @property
     def tokens_per_step(self) -> int:

@@ -1,6 +1,7 @@
 """The demo's PNG plots (matplotlib, the `plot` extra), drawn from results.json and the scores directory.
 
-    loss_vs_tokens.png      validation LM loss vs training tokens of every arm, teacher and random lines
+    loss_vs_tokens.png      validation LM loss vs training tokens of every arm (over several seeds: the mean,
+                            and a band of ± the sample standard deviation), teacher and random lines
     importance_heads.png    head importance [layer x head], the width plan's kept heads marked
     importance_ffn.png      MLP neuron importance [layer x neuron], each layer sorted high to low
     layer_scores.png        Block Importance, LM loss without each layer, LM loss without each block
@@ -41,22 +42,33 @@ def _save(fig, path: Path) -> Path:
 
 def loss_vs_tokens(results: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    draw_loss_vs_tokens(ax, results)
+    return _save(fig, path)
+
+
+def draw_loss_vs_tokens(ax, results: dict) -> None:
+    """Each arm's mean validation curve, over several seeds with a band of ± its spread (one
+    fill_between per arm, in ARMS order), and the teacher's and the random ranking's losses."""
+    seeds = len(results["seeds"])
     for arm in results["arms"].values():
         tokens, losses = zip(*arm["curve"])
-        ax.plot([t / 1e3 for t in tokens], losses, marker="o", markersize=3,
-                label=f"{arm['label']} ({arm['params'] / 1e6:.1f}M)")
+        x = [t / 1e3 for t in tokens]
+        line, = ax.plot(x, losses, marker="o", markersize=3, label=f"{arm['label']} ({arm['params'] / 1e6:.1f}M)")
+        if seeds > 1:
+            ax.fill_between(x, [m - s for m, s in zip(losses, arm["curve_spread"])],
+                            [m + s for m, s in zip(losses, arm["curve_spread"])], color=line.get_color(), alpha=0.2,
+                            linewidth=0)
     ax.axhline(results["teacher"]["val_loss"], color="black", linestyle="--",
                label=f"teacher ({results['teacher']['params'] / 1e6:.1f}M)")
     ax.axhline(results["zero_shot"]["random"], color="gray", linestyle=":", label="random-ranked width, zero-shot")
     ax.set_xlabel("training tokens (thousands)")
     ax.set_ylabel("validation LM loss")
-    ax.set_title("Retraining at equal tokens")
+    ax.set_title("Retraining at equal tokens" + (f" (mean ± std over {seeds} seeds)" if seeds > 1 else ""))
     # the from-scratch curve starts near ln(vocab); keep the pruned arms readable
     finals = [a["final"] for a in results["arms"].values()] + [results["zero_shot"]["random"]]
     ax.set_ylim(results["teacher"]["val_loss"] - 0.2, max(finals) + 0.5)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
 
 
 def heads_heatmap(heads, plan, path: Path) -> Path:

@@ -5,7 +5,9 @@ Read it top to bottom: `run_demo` calls the stages in the order of the method --
 depth LM-loss passes), `plans` (width, depth, random and the 3x3 aggregation grid), `prune`
 (streaming rewrites, the ranks sharing the work), `zero_shot` (validation LM loss of each pruned
 model), `retrain` (the four arms, each for the same steps x batch x sequence = equal tokens) and
-`tasks` (the built-in downstream task on the teacher and every retrained student).
+`tasks` (the built-in downstream task on the teacher and every retrained student); `repeat` runs the
+last three once per seed of --seeds (data order, validation samples, from-scratch weights and the random
+ranking change; the teacher, the scores and the importance plans do not).
 It returns what rank 0 needs to write results.json; the metrics themselves stay in each run's
 metrics.jsonl, which the report reads back.
 
@@ -40,6 +42,8 @@ class Context:
     tokenizer: object
     train_ds: object
     valid_ds: object
+    seed: int
+    """The data and RNG seed of the repeat this context serves (cfg.seed for the first)."""
     timings: dict = dataclasses.field(default_factory=dict)
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -54,7 +58,7 @@ class Context:
         return TrainConfig(train_iters=iters, micro_batch_size=c.micro_batch_size,
                            global_batch_size=c.global_batch_size, seq_length=c.seq_length, lr=lr, min_lr=lr / 10,
                            lr_warmup_iters=warmup, eval_interval=eval_interval, eval_iters=c.eval_iters,
-                           log_interval=log_interval, seed=c.seed)
+                           log_interval=log_interval, seed=self.seed)
 
     def batches(self, dataset, start: int = 0):
         from megatron_minitron.data.loader import batch_iterator
@@ -114,31 +118,47 @@ def run_demo(cfg: DemoConfig) -> Optional[dict]:
             named = plans(ctx, scores, teacher.arch, width_target, depth_target)
         with ctx.stage("prune"):
             checkpoints = prune(ctx, teacher, named)
-        with ctx.stage("zero-shot"):
-            zero = {name: zero_shot_loss(ctx, path) for name, path in checkpoints.items()}
-            zero["teacher"] = zero_shot_loss(ctx, teacher.root)
-            ctx.log("zero-shot validation LM loss: " + ", ".join(f"{k} {v:.3f}" for k, v in zero.items()))
-        arms = {}
-        for arm, how in (("width_kd", ("kd", "width")), ("depth_kd", ("kd", "depth")), ("scratch", ("lm", None)),
-                         ("width_lm", ("lm", "width"))):
-            with ctx.stage(f"retrain {arm}"):
-                arms[arm] = retrain(ctx, arm, teacher, how, checkpoints, named["width"].target)
-        with ctx.stage("tasks"):
-            tasks = task_scores(ctx, {"teacher": teacher.root, **{arm: Path(a["path"]) for arm, a in arms.items()}})
+        repeats = [repeat(ctx if k == 0 else for_seed(ctx, seed), k, teacher, checkpoints, named["width"].target)
+                   for k, (seed, _) in enumerate(cfg.seed_values)]
         raw = None
         if runtime.rank == 0:
-            raw = {"config": cfg.to_json(), "teacher": teacher_record, "timings": ctx.timings, "tasks": tasks,
+            raw = {"config": cfg.to_json(), "teacher": teacher_record, "timings": ctx.timings,
                    "layout": {"tp": cfg.tensor_parallel, "pp": cfg.pipeline_parallel, "dp": runtime.data_parallel,
                               "world_size": runtime.world_size, "device": runtime.device.type,
                               "backend": runtime.backend},
                    "scores": str(ctx.out / "scores"), "block_size": block,
                    "plans": {name: str(ctx.out / "plans" / f"{name}.json") for name in named},
                    "checkpoints": {name: str(path) for name, path in checkpoints.items()},
-                   "zero_shot": zero, "arms": arms}
+                   "repeats": repeats}
         runtime.barrier()
         return raw
     finally:
         shutdown()
+
+
+RECIPES = (("width_kd", ("kd", "width")), ("depth_kd", ("kd", "depth")), ("scratch", ("lm", None)),
+           ("width_lm", ("lm", "width")))
+"""Each arm: (retraining loss, pruned checkpoint it starts from; None: the width architecture from random weights)."""
+
+
+def repeat(ctx: Context, k: int, teacher, checkpoints: dict, width_arch) -> dict:
+    """Repeat k of the comparisons at ctx.seed: zero-shot validation losses (with this repeat's random
+    ranking under the name "random"), the four arms, and the built-in task on them (on the teacher too in
+    the first repeat: it does not change)."""
+    several = ctx.cfg.seeds > 1
+    tag = f" seed {ctx.seed}" if several else ""
+    with ctx.stage("zero-shot" + tag):
+        zero = zero_shot(ctx, teacher, checkpoints, k)
+    arms = {}
+    for arm, how in RECIPES:
+        with ctx.stage(f"retrain {arm}{tag}"):
+            run = f"{arm}-seed{ctx.seed}" if several else arm
+            arms[arm] = retrain(ctx, run, teacher, how, checkpoints, width_arch)
+    with ctx.stage("tasks" + tag):
+        models = {arm: Path(a["path"]) for arm, a in arms.items()}
+        tasks = task_scores(ctx, {"teacher": teacher.root, **models} if k == 0 else models)
+    return {"seed": ctx.seed, "random_seed": ctx.cfg.seed_values[k][1], "zero_shot": zero, "arms": arms,
+            "tasks": tasks}
 
 
 def prepare_out(cfg: DemoConfig) -> None:
@@ -153,7 +173,7 @@ def prepare_out(cfg: DemoConfig) -> None:
 
 def _context(cfg: DemoConfig, runtime) -> Context:
     from megatron_minitron.data.blend import parse_blend
-    from megatron_minitron.data.loader import DataConfig, build_datasets, load_tokenizer
+    from megatron_minitron.data.loader import DataConfig, load_tokenizer
     from megatron_minitron.data.tokenizer import TokenizerRef, tokenizer_ref_for
     from megatron_minitron.model.checkpoint import resolve
 
@@ -166,6 +186,16 @@ def _context(cfg: DemoConfig, runtime) -> Context:
         list(cfg.valid_data_path or ())), split=cfg.split, seq_length=cfg.seq_length, seed=cfg.seed,
         cache_dir=cfg.cache_dir, tokenizer=tokenizer_ref)
     tokenizer = load_tokenizer(data_cfg)
+    train_ds, valid_ds = _datasets(cfg, data_cfg, tokenizer)
+    out = Path(cfg.out)
+    return Context(cfg=cfg, runtime=runtime, out=out, data_cfg=data_cfg, tokenizer=tokenizer, train_ds=train_ds,
+                   valid_ds=valid_ds, seed=cfg.seed)
+
+
+def _datasets(cfg: DemoConfig, data_cfg, tokenizer) -> tuple:
+    """(train, valid) datasets, shuffled with data_cfg.seed."""
+    from megatron_minitron.data.loader import build_datasets
+
     gbs = cfg.global_batch_size
     train_ds, valid_ds, _ = build_datasets(data_cfg, tokenizer, (max(cfg.teacher_iters, cfg.retrain_iters) * gbs,
                                                                  cfg.eval_iters * gbs, 0))
@@ -174,9 +204,15 @@ def _context(cfg: DemoConfig, runtime) -> Context:
 
         raise ConfigError("the data gives no validation samples; pass --valid-data-path or a --split with a "
                           "validation share")
-    out = Path(cfg.out)
-    return Context(cfg=cfg, runtime=runtime, out=out, data_cfg=data_cfg, tokenizer=tokenizer, train_ds=train_ds,
-                   valid_ds=valid_ds)
+    return train_ds, valid_ds
+
+
+def for_seed(ctx: Context, seed: int) -> Context:
+    """The context of another repeat: the same config, runtime, tokenizer and log, the training and
+    validation data shuffled with `seed` (which also seeds the arms' RNGs)."""
+    data_cfg = dataclasses.replace(ctx.data_cfg, seed=seed)
+    train_ds, valid_ds = _datasets(ctx.cfg, data_cfg, ctx.tokenizer)
+    return dataclasses.replace(ctx, data_cfg=data_cfg, train_ds=train_ds, valid_ds=valid_ds, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------- teacher
@@ -263,14 +299,15 @@ def importance(ctx: Context, teacher, *, block_size: int):
 # --------------------------------------------------------------------------------------------- plans
 def plans(ctx: Context, scores, arch, width_target, depth_target) -> dict:
     """name -> Plan: width (seq mean, batch L2: the paper's best), depth (best contiguous block by LM
-    loss), random (random ranking, width target) and grid-SEQ-BATCH for the 3x3 aggregations (from the
-    raw statistics, no forward pass). Written to OUT/plans/NAME.json by rank 0."""
+    loss), random (random ranking, width target; one per repeat, see random_name) and grid-SEQ-BATCH for
+    the 3x3 aggregations (from the raw statistics, no forward pass). Written to OUT/plans/NAME.json by rank 0."""
     from megatron_minitron.plan import make_plan, random_plan
 
     layout = dict(tensor_parallel=ctx.cfg.tensor_parallel, pipeline_parallel=ctx.cfg.pipeline_parallel)
     named = {"width": make_plan(scores.aggregated(seq="mean", batch="l2"), width_target, **layout),
-             "depth": make_plan(scores, depth_target, **layout),
-             "random": random_plan(arch.explicit(), width_target, ctx.cfg.random_seed, **layout)}
+             "depth": make_plan(scores, depth_target, **layout)}
+    for k, (_, random_seed) in enumerate(ctx.cfg.seed_values):
+        named[random_name(k)] = random_plan(arch.explicit(), width_target, random_seed, **layout)
     for seq in AGGREGATIONS:
         for batch in AGGREGATIONS:
             named[f"grid-{seq}-{batch}"] = make_plan(scores.aggregated(seq=seq, batch=batch), width_target, **layout)
@@ -285,6 +322,11 @@ def plans(ctx: Context, scores, arch, width_target, depth_target) -> dict:
                 f"{src.num_attention_heads}->{plan.target.num_attention_heads}: {plan.params_before / 1e6:.2f}M -> "
                 f"{plan.params_after / 1e6:.2f}M parameters, dropped layers {plan.scores.get('dropped_layers')}")
     return named
+
+
+def random_name(k: int) -> str:
+    """The random-ranking plan of repeat k (seeded with random_seed + k)."""
+    return "random" if k == 0 else f"random-{k}"
 
 
 def _kept(plan) -> tuple:
@@ -312,6 +354,21 @@ def prune(ctx: Context, teacher, named: dict) -> dict[str, Path]:
 
 
 # ----------------------------------------------------------------------------------------- zero-shot
+def zero_shot(ctx: Context, teacher, checkpoints: dict, k: int) -> dict:
+    """name -> validation LM loss of every pruned checkpoint (repeat k's random ranking as "random", the
+    other repeats' left out) and of the teacher; a checkpoint that several plans share is evaluated once."""
+    names = {name: path for name, path in checkpoints.items() if not name.startswith("random")}
+    names["random"] = checkpoints[random_name(k)]
+    losses, by_path = {}, {}
+    for name, path in names.items():
+        if path not in by_path:
+            by_path[path] = zero_shot_loss(ctx, path)
+        losses[name] = by_path[path]
+    losses["teacher"] = zero_shot_loss(ctx, teacher.root)
+    ctx.log("zero-shot validation LM loss: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+    return losses
+
+
 def zero_shot_loss(ctx: Context, path: Path) -> float:
     """Validation LM loss of a checkpoint as it is, at the job's layout."""
     cfg = ctx.train_cfg(ctx.cfg.retrain_iters, ctx.cfg.retrain_lr, 0, eval_interval=0, log_interval=1)
@@ -334,8 +391,9 @@ def evaluate_checkpoint(path, runtime, train_cfg, valid_batches: Callable) -> di
 
 # ------------------------------------------------------------------------------------------- retrain
 def retrain(ctx: Context, arm: str, teacher, how: tuple, checkpoints: dict, width_arch) -> dict:
-    """One arm for cfg.retrain_iters steps into OUT/arms/ARM: ("kd", start) distils from the teacher,
-    ("lm", start) trains on the LM loss alone (start None: the width architecture from random weights)."""
+    """One arm for cfg.retrain_iters steps into OUT/arms/ARM (ARM names the arm and, over several seeds,
+    the seed): ("kd", start) distils from the teacher, ("lm", start) trains on the LM loss alone (start
+    None: width_arch from random weights seeded with ctx.seed)."""
     from megatron_minitron.model.checkpoint import resolve
     from megatron_minitron.runtime.dist import set_seed
     from megatron_minitron.training.loop import MetricsLog, RunPaths, build_trainer, evaluate, init_from, lm_task, train
@@ -350,10 +408,10 @@ def retrain(ctx: Context, arm: str, teacher, how: tuple, checkpoints: dict, widt
     if rt.rank == 0:
         save.mkdir(parents=True, exist_ok=True)
         (save / "run.json").write_text(json.dumps({
-            "arm": arm, "loss": loss, "start": str(student) if student else "random init", "teacher": str(teacher.root),
-            "arch": arch.to_json(), "train": tcfg.to_json()}, indent=2) + "\n")
+            "arm": arm, "seed": ctx.seed, "loss": loss, "start": str(student) if student else "random init",
+            "teacher": str(teacher.root), "arch": arch.to_json(), "train": tcfg.to_json()}, indent=2) + "\n")
     rt.barrier()
-    set_seed(cfg.seed)  # the same RNG state for every arm (the from-scratch weights, dropout)
+    set_seed(ctx.seed)  # the same RNG state for every arm of a repeat (the from-scratch weights, dropout)
     what = "KD from the teacher" if loss == "kd" else "LM loss"
     ctx.log(f"{arm}: {arch.num_parameters() / 1e6:.2f}M parameters, {what}, starting from "
             f"{student or 'random weights'}")
@@ -399,7 +457,7 @@ def task_scores(ctx: Context, models: dict[str, Path]) -> Optional[dict]:
 
     # batches of 32 took 22% less time than batches of 8 on the small teacher
     tcfg = TaskConfig(tasks=(CONTINUATION_TASK,), limit=ctx.cfg.task_limit, batch_size=32,
-                      cache_dir=ctx.cfg.cache_dir, seed=ctx.cfg.seed)
+                      cache_dir=ctx.cfg.cache_dir, seed=ctx.cfg.seed)  # the same documents every repeat
     tokenizer_ref = ctx.data_cfg.tokenizer or ctx.tokenizer.ref
     scores, documents = {}, None
     for name, path in models.items():

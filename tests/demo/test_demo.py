@@ -69,8 +69,9 @@ def test_the_report_holds_the_arms_own_metrics(demo):
     tokens = {}
     for arm in ARMS:
         entry = results["arms"][arm]
-        valid = _records(Path(entry["path"]), "valid")
-        train = _records(Path(entry["path"]), "train")
+        assert [run["seed"] for run in entry["runs"]] == [1234]  # one seed by default
+        valid = _records(Path(entry["runs"][0]["path"]), "valid")
+        train = _records(Path(entry["runs"][0]["path"]), "train")
         assert [r["iteration"] for r in valid] == [0, 6, 12]
         assert entry["curve"] == [[r["iteration"] * 8 * 64, r["val lm loss"]] for r in valid]
         assert entry["final"] == valid[-1]["val lm loss"] and entry["initial"] == valid[0]["val lm loss"]
@@ -134,8 +135,8 @@ def test_aggregation_grid_and_findings_follow_from_the_numbers(demo):
                 "mean_l2_among_best": sorted(sum(grid["loss"], [])).index(zero["grid-mean-l2"]) < 3}
     for finding in results["findings"]:
         assert finding["agrees"] == expected[finding["id"]], finding
-        assert _row(report, finding["claim"])[3] == ("yes" if finding["agrees"] else "**no**")
-    assert f"agrees with {sum(expected.values())} of the 5 paper findings" in report
+        assert _row(report, finding["claim"])[3] == ("agrees" if finding["agrees"] else "**disagrees**") + " (one seed)"
+    assert f"agrees with {sum(expected.values())} of the 5 paper findings below, from one seed" in report
 
 
 def test_task_accuracy_of_teacher_and_students_in_the_report(demo, data_cache):
@@ -157,7 +158,7 @@ def test_task_accuracy_of_teacher_and_students_in_the_report(demo, data_cache):
         row = _row(report, label, after="## Retraining")
         assert row[6:] == [f"{m['acc']:.3f} ± {m['acc_stderr']:.3f}",
                            f"{m['acc_mutual_info']:.3f} ± {m['acc_mutual_info_stderr']:.3f}"]
-    student = Path(results["arms"]["width_kd"]["path"])
+    student = Path(results["arms"]["width_kd"]["runs"][0]["path"])
     cmd = [sys.executable, "-m", "megatron_minitron", "evaluate", "--load", str(student), "--tasks",
            "minitron_continuation", "--limit", str(TASK_LIMIT), "--cache-dir", str(data_cache), "--out",
            str(root / "eval")]
@@ -234,3 +235,123 @@ def test_default_targets_halve_the_small_teacher_at_equal_width_and_depth_parame
     gap = abs(depth_params - width_params)
     for layers in range(1, teacher.num_layers):
         assert abs(teacher.replace(num_layers=layers).num_parameters() - width_params) >= gap
+
+
+def test_a_verdict_needs_a_margin_beyond_the_spread():
+    """Constructed per-seed margins (positive: the paper's direction): one seed decides by sign and says so in
+    the report; several give a verdict only when the mean margin exceeds the sample standard deviation."""
+    import statistics
+
+    from megatron_minitron.demo.report import _findings_section, mean_spread, verdict
+
+    assert verdict([0.011]) == "agrees" and verdict([-0.002]) == "disagrees"
+    assert verdict([0.012, 0.010, 0.011]) == "agrees"
+    assert verdict([-0.05, -0.04]) == "disagrees"
+    assert verdict([0.03, -0.01]) == "within noise"  # mean 0.01 < spread 0.028
+    assert verdict([0.10, 0.01]) == "within noise"  # same direction, but 0.055 < 0.064: the smaller under 17%
+    assert verdict([0.10, 0.02]) == "agrees"  # 0.06 > 0.057
+    for values in ([5.7, 5.75, 5.71], [0.1, 0.02], [3.0]):
+        mean, spread = mean_spread(values)
+        assert mean == pytest.approx(statistics.mean(values), abs=1e-12)
+        assert spread == pytest.approx(statistics.stdev(values) if len(values) > 1 else 0.0, abs=1e-12)
+    finding = {"claim": "KD beats LM", "paper": "p", "measured": "m", "verdict": "within noise"}
+    lines = "\n".join(_findings_section({"seeds": [1, 2], "spread": "sample standard deviation", "findings": [finding],
+                                         "per_seed": []}))
+    assert _row(lines, "KD beats LM")[3] == "within noise"
+    lines = "\n".join(_findings_section({"seeds": [1], "findings": [{**finding, "verdict": "disagrees"}]}))
+    assert _row(lines, "KD beats LM")[3] == "**disagrees** (one seed)"
+
+
+SEED_ITERS = 4
+
+
+@pytest.fixture(scope="module")
+def two_seeds(demo, data_cache):
+    """`--seeds 2` on the teacher the first run cached: the arms and the zero-shot comparisons twice."""
+    root = demo[0]
+    proc = _demo(root / "seeds", root / "teachers", data_cache, "--seeds", "2", "--retrain-iters", str(SEED_ITERS),
+                 "--retrain-warmup-iters", "1", "--eval-interval", "2", "--task-limit", "0")
+    return root / "seeds", proc.stdout
+
+
+def test_two_seeds_report_the_mean_and_spread_of_the_per_seed_metrics(two_seeds):
+    """Every mean ± spread in results.json and report.md equals statistics.mean/stdev of the per-seed numbers
+    read from the arms' own metrics.jsonl files; each verdict follows from the per-seed margins; the teacher and
+    the scores were computed once, the data order, the from-scratch weights and the random ranking per seed."""
+    import statistics
+
+    run, stdout = two_seeds
+    results = json.loads((run / "results.json").read_text())
+    report = (run / "report.md").read_text()
+    assert results["seeds"] == [1234, 1235] and "teacher: reusing" in stdout
+    assert stdout.count("--- importance") == 1 and stdout.count("--- zero-shot seed") == 2
+    finals = {}
+    for arm in ARMS:
+        entry = results["arms"][arm]
+        valid = [_records(Path(r["path"]), "valid") for r in entry["runs"]]
+        assert len({r["path"] for r in entry["runs"]}) == 2
+        finals[arm] = [v[-1]["val lm loss"] for v in valid]
+        assert [r["final"] for r in entry["runs"]] == finals[arm]
+        assert entry["final"] == pytest.approx(statistics.mean(finals[arm]), abs=1e-12)
+        assert entry["final_spread"] == pytest.approx(statistics.stdev(finals[arm]), abs=1e-12)
+        for i, step in enumerate(range(0, SEED_ITERS + 1, 2)):
+            losses = [v[i]["val lm loss"] for v in valid]
+            assert [v[i]["iteration"] for v in valid] == [step, step]
+            assert entry["curve"][i] == [step * 8 * 64, pytest.approx(statistics.mean(losses), abs=1e-12)]
+            assert entry["curve_spread"][i] == pytest.approx(statistics.stdev(losses), abs=1e-12)
+        cells = _row(report, entry["label"], after="## Retraining")
+        assert cells[4] == f"{statistics.mean(finals[arm]):.3f} ± {statistics.stdev(finals[arm]):.3f}", cells
+    # the seeds differ where they should: from-scratch weights, data order, random ranking, validation samples
+    assert len(set(finals["scratch"])) == 2
+    first_train = [_records(Path(r["path"]), "train")[0]["lm loss"] for r in results["arms"]["width_lm"]["runs"]]
+    assert first_train[0] != first_train[1]
+    random_plans = [json.loads((run / "plans" / f"{name}.json").read_text()) for name in ("random", "random-1")]
+    assert random_plans[0]["ffn"] != random_plans[1]["ffn"]
+    per_seed = results["per_seed"]
+    for k, seed_run in enumerate(per_seed):  # each seed's zero-shot losses are on that seed's validation samples
+        width_kd = results["arms"]["width_kd"]["runs"][k]
+        assert width_kd["initial"] == pytest.approx(seed_run["zero_shot"]["width"], rel=1e-5)
+    for name in ("width", "random", "teacher", "grid-l2-l2"):
+        values = [r["zero_shot"][name] for r in per_seed]
+        assert results["zero_shot"][name] == pytest.approx(statistics.mean(values), abs=1e-12)
+        assert results["zero_shot_spread"][name] == pytest.approx(statistics.stdev(values), abs=1e-12)
+    # each finding's margins, their mean and spread, and the verdict
+    margins = {"kd_beats_lm": [lm - kd for kd, lm in zip(finals["width_kd"], finals["width_lm"])],
+               "pruned_kd_beats_scratch": [s - kd for kd, s in zip(finals["width_kd"], finals["scratch"])],
+               "width_beats_depth": [d - w for w, d in zip(finals["width_kd"], finals["depth_kd"])],
+               "importance_beats_random": [r["zero_shot"]["random"] - r["zero_shot"]["width"] for r in per_seed]}
+    for finding in results["findings"]:
+        if finding["id"] not in margins:
+            continue
+        expected = margins[finding["id"]]
+        mean, spread = statistics.mean(expected), statistics.stdev(expected)
+        assert finding["margins"] == pytest.approx(expected, abs=1e-12)
+        assert (finding["margin"], finding["spread"]) == (pytest.approx(mean, abs=1e-12), pytest.approx(spread))
+        word = "within noise" if abs(mean) <= spread else ("agrees" if mean > 0 else "disagrees")
+        assert finding["verdict"] == word, finding
+        row = _row(report, finding["claim"])
+        assert f"margin {mean:.3f} ± {spread:.3f}" in row[2] and row[3] == word.replace("disagrees", "**disagrees**")
+    assert "Over 2 seeds" in report and "sample standard deviation over the seeds" in report
+
+
+def test_the_loss_plot_of_two_seeds_draws_a_band_of_the_spread(two_seeds):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from megatron_minitron.demo.plots import draw_loss_vs_tokens
+
+    run = two_seeds[0]
+    results = json.loads((run / "results.json").read_text())
+    assert "plots/loss_vs_tokens.png" in results["plots"]
+    fig, ax = plt.subplots()
+    draw_loss_vs_tokens(ax, results)
+    bands = ax.collections
+    assert len(bands) == len(ARMS)
+    for band, arm in zip(bands, results["arms"].values()):
+        edge = band.get_paths()[0].vertices
+        means = np.array([p[1] for p in arm["curve"]])
+        spread = np.array(arm["curve_spread"])
+        assert np.isclose(edge[:, 1].max(), (means + spread).max()) and np.isclose(edge[:, 1].min(),
+                                                                                   (means - spread).min())
+    plt.close(fig)

@@ -114,4 +114,6 @@ def test_moe_demo_bad_input_is_refused_before_any_process_starts(tmp_path, capsy
     arch.write_text(json.dumps(preset("tiny-moe", num_experts=2).to_json()))
     assert main(["demo", "--moe", "--arch", str(arch), "--out", str(tmp_path / "r")]) == 2
     assert "fewer than its router's top-k (2)" in capsys.readouterr().err
+    assert main(["demo", "--moe", "--seeds", "2", "--out", str(tmp_path / "r")]) == 2
+    assert "--seeds 2 repeats the dense demo's comparisons; --moe runs one seed" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
