@@ -54,7 +54,7 @@ class ExpertStats:
         self.mass = torch.zeros(n, arch.num_experts, dtype=torch.float64, device=dev)
         self.tokens = torch.zeros(n, dtype=torch.float64, device=dev)  # router tokens per row
         self._call: dict = {}  # the MoE layer running now: its micro-batch shape, probabilities, rows filled
-        self._work = torch.empty(0, dtype=torch.float32, device=dev)  # [x, x^2, |x|] of one fc2 input, reused
+        self._work = torch.empty(0, dtype=torch.float32, device=dev)  # [x^2, |x|] of one fc2 input, reused
         # layers' per-(expert, sample) sums not yet folded into the accumulators: see `flush`
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor, int, bool]] = []
         self._pending_bytes = 0
@@ -126,29 +126,37 @@ class ExpertStats:
             index = dispatcher.reversed_local_input_permutation_mapping
             first = torch.arange(self.local_experts, device=index.device) * samples
             groups = self.local_experts * samples
-            call.update(samples=samples, filled=0,
+            # one zeroed buffer for the sums of x [groups, Fe], then of x^2 and |x| [groups, 2, Fe]: two
+            # contiguous targets (index_add_ into a strided one takes a slow path)
+            sums = torch.zeros(groups * 3 * self.width, dtype=torch.float32, device=index.device)
+            call.update(samples=samples, filled=0, sums=sums,
                         group=token_sample[index] + torch.repeat_interleave(first, per_expert.to(index.device)),
-                        sums=torch.zeros(groups, 3, self.width, dtype=torch.float32, device=index.device),
+                        sum=sums[:groups * self.width].view(groups, self.width),
+                        square_abs=sums[groups * self.width:].view(groups, 2, self.width),
                         probs=probs.float().clamp(min=torch.finfo(torch.float32).tiny) if self.plain else None)
         return hook
 
     def _fc2_hook(self, _module, args):
-        """The input x of an expert's linear_fc2 (of all local experts with grouped GEMM): x, x^2 and
-        |x| side by side in a scratch buffer, added into the per-(expert, sample) sums while x is still
-        in cache (one index_add; fp32 sums over at most a sequence, as the dense hooks' moments)."""
+        """The input x of an expert's linear_fc2 (of all local experts with grouped GEMM): x added into
+        the per-(expert, sample) sums as it is, x^2 and |x| side by side in a scratch buffer and added
+        into theirs, while x is still in cache (fp32 sums over at most a sequence, as the dense hooks'
+        moments). Two elementwise passes and two index_add_: copying x beside its square and |x| for
+        one index_add_ was a third pass over the activation."""
         call, x = self._call, args[0]
-        rows = slice(call["filled"], call["filled"] + x.shape[0])
-        call["filled"] = rows.stop
-        if self._work.numel() < x.numel() * 3:
-            self._work = torch.empty(x.numel() * 3, dtype=torch.float32, device=self._work.device)
-        work = self._work[:x.numel() * 3].view(x.shape[0], 3, x.shape[1])
+        start, stop = call["filled"], call["filled"] + x.shape[0]
+        call["filled"] = stop
         if self.plain:  # undo megatron's scaling of the activation by the routing probability
-            torch.div(x, call["probs"][rows, None], out=work[:, 0])
-        else:
-            work[:, 0].copy_(x)
-        torch.square(work[:, 0], out=work[:, 1])
-        torch.abs(work[:, 0], out=work[:, 2])
-        call["sums"].index_add_(0, call["group"][rows], work)
+            x = torch.div(x, call["probs"][start:stop, None])
+        elif x.dtype != torch.float32:
+            x = x.float()
+        if self._work.numel() < x.numel() * 2:
+            self._work = torch.empty(x.numel() * 2, dtype=torch.float32, device=self._work.device)
+        work = self._work[:x.numel() * 2].view(x.shape[0], 2, x.shape[1])
+        torch.square(x, out=work[:, 0])
+        torch.abs(x, out=work[:, 1])
+        group = call["group"][start:stop]
+        call["sum"].index_add_(0, group, x)
+        call["square_abs"].index_add_(0, group, work)
 
     def _experts_hook(self, row: int, experts):
         group = experts.tp_group
@@ -164,7 +172,7 @@ class ExpertStats:
             norms = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)
             if self.plain:
                 norms = norms / call["probs"]
-            groups = call["sums"].shape[0]  # per (expert, sample): sum and sum of squares of the norms
+            groups = call["sum"].shape[0]  # per (expert, sample): sum and sum of squares of the norms
             norm_sums = torch.stack([torch.bincount(call["group"], norms, minlength=groups),
                                      torch.bincount(call["group"], norms.square(), minlength=groups)])
             self._pending.append((row, call["sums"], norm_sums, call["samples"], leader))
@@ -184,7 +192,11 @@ class ExpertStats:
             rows = torch.tensor([entry[0] for entry in batch], device=self.ffn.device)
             norm = torch.stack([entry[2] for entry in batch]).transpose(1, 2)  # [n, groups, 2]
             norm = torch.stack([norm[..., 0], norm[..., 1], norm[..., 0]], dim=-1)[..., None]  # x, x^2, |x|
-            sums = torch.cat([torch.stack([entry[1] for entry in batch]), norm], dim=3)  # [n, groups, 3, Fe + 1]
+            flat = torch.stack([entry[1] for entry in batch])  # [n, groups * 3 * Fe]: sum x, then x^2 and |x|
+            groups = flat.shape[1] // (3 * self.width)
+            sums = torch.cat([flat[:, :groups * self.width].view(-1, groups, 1, self.width),
+                              flat[:, groups * self.width:].view(-1, groups, 2, self.width)], dim=2)
+            sums = torch.cat([sums, norm], dim=3)  # [n, groups, 3, Fe + 1]
             seq = sequence_aggregates(sums.double().transpose(2, 3), self.seq_length)
             seq = seq.view(len(batch), self.local_experts, samples, -1, 3).transpose(0, 2)  # samples first
             update = raw_update(seq).transpose(0, 1)  # [n, experts, Fe + 1, 6]
