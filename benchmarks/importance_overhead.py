@@ -48,7 +48,7 @@ def samples(n: int, seq: int, vocab: int) -> list[dict]:
 
 def accumulator_bytes(collector: Collector) -> int:
     experts = collector.experts
-    moe = [experts.ffn, experts.output, experts.mass, experts.tokens] if experts is not None else []
+    moe = [experts.stats, experts.mass, experts.tokens] if experts is not None else []
     return sum(t.numel() * t.element_size() for t in [*collector.acc.values(), collector.bi, *moe])
 
 

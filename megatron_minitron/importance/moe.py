@@ -49,14 +49,15 @@ class ExpertStats:
         n, dev = len(layers), runtime.device
         ep, tp = runtime.parallel.expert_parallel, runtime.parallel.tensor_parallel
         self.local_experts, self.width = arch.num_experts // ep, arch.expert_ffn_hidden_size // tp
-        self.ffn = torch.zeros(n, self.local_experts, self.width, RAW_WIDTH, dtype=torch.float64, device=dev)
-        self.output = torch.zeros(n, self.local_experts, RAW_WIDTH, dtype=torch.float64, device=dev)
+        # raw statistics of each expert's neurons, then of its output norm, along the last axis (as
+        # `flush` computes them): [rows, experts, 6, Fe + 1]
+        self.stats = torch.zeros(n, self.local_experts, RAW_WIDTH, self.width + 1, dtype=torch.float64, device=dev)
         self.mass = torch.zeros(n, arch.num_experts, dtype=torch.float64, device=dev)
         self.tokens = torch.zeros(n, dtype=torch.float64, device=dev)  # router tokens per row
         self._call: dict = {}  # the MoE layer running now: its micro-batch shape, probabilities, rows filled
         self._work = torch.empty(0, dtype=torch.float32, device=dev)  # [x^2, |x|] of one fc2 input, reused
         # layers' per-(expert, sample) sums not yet folded into the accumulators: see `flush`
-        self._pending: list[tuple[int, torch.Tensor, torch.Tensor, int, bool]] = []
+        self._pending: list[tuple[int, torch.Tensor, int]] = []
         self._pending_bytes = 0
         self.chunk_positions = self._chunk_positions()
         self._samples: dict = {}  # (batch, chunk) -> (sample of each gathered token, samples)
@@ -126,13 +127,16 @@ class ExpertStats:
             index = dispatcher.reversed_local_input_permutation_mapping
             first = torch.arange(self.local_experts, device=index.device) * samples
             groups = self.local_experts * samples
-            # one zeroed buffer for the sums of x [groups, Fe], then of x^2 and |x| [groups, 2, Fe]: two
-            # contiguous targets (index_add_ into a strided one takes a slow path)
-            sums = torch.zeros(groups * 3 * self.width, dtype=torch.float32, device=index.device)
+            # one zeroed buffer for the per-group sums (`flush` reads it whole): of x [groups, Fe], of x^2
+            # and |x| [groups, 2, Fe], and of the output norm and its square [groups, 2]; contiguous
+            # targets, as index_add_ into a strided one takes a slow path
+            width = groups * self.width
+            sums = torch.zeros(3 * width + 2 * groups, dtype=torch.float32, device=index.device)
             call.update(samples=samples, filled=0, sums=sums,
                         group=token_sample[index] + torch.repeat_interleave(first, per_expert.to(index.device)),
-                        sum=sums[:groups * self.width].view(groups, self.width),
-                        square_abs=sums[groups * self.width:].view(groups, 2, self.width),
+                        sum=sums[:width].view(groups, self.width),
+                        square_abs=sums[width:3 * width].view(groups, 2, self.width),
+                        norm=sums[3 * width:].view(groups, 2),
                         probs=probs.float().clamp(min=torch.finfo(torch.float32).tiny) if self.plain else None)
         return hook
 
@@ -161,7 +165,6 @@ class ExpertStats:
     def _experts_hook(self, row: int, experts):
         group = experts.tp_group
         split = torch.distributed.get_world_size(group=group) > 1
-        leader = torch.distributed.get_rank(group=group) == 0  # every expert-TP rank has the whole output norm
 
         def hook(_module, _args, output):
             call, self._call = self._call, {}
@@ -172,10 +175,9 @@ class ExpertStats:
             norms = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)
             if self.plain:
                 norms = norms / call["probs"]
-            groups = call["sum"].shape[0]  # per (expert, sample): sum and sum of squares of the norms
-            norm_sums = torch.stack([torch.bincount(call["group"], norms, minlength=groups),
-                                     torch.bincount(call["group"], norms.square(), minlength=groups)])
-            self._pending.append((row, call["sums"], norm_sums, call["samples"], leader))
+            # per (expert, sample): sum and sum of squares of the norms (fp32, as the neurons' sums)
+            call["norm"].index_add_(0, call["group"], torch.stack([norms, norms.square()], dim=1))
+            self._pending.append((row, call["sums"], call["samples"]))
             self._pending_bytes += call["sums"].numel() * call["sums"].element_size()
             if len(self._pending) == len(self.layers) or self._pending_bytes >= PENDING_BYTES:
                 self.flush()
@@ -184,27 +186,21 @@ class ExpertStats:
     def flush(self) -> None:
         """Fold the pending layers' per-(expert, sample) sums over the sequence (x, x^2, |x| of each
         expert neuron [experts * samples, 3, Fe], and of the output norm) into the accumulators: their
-        sequence aggregations (fp64) and batch sums, for all pending layers of one micro-batch shape at
-        once (a few small operations each, which per layer cost more than the hooks' arithmetic)."""
+        sequence aggregations and batch sums (fp64), for all pending layers of one micro-batch shape at
+        once (a few small operations each, which per layer cost more than the hooks' arithmetic). The
+        aggregations run in fp32, as the sums they read: fp64 here would only halve the speed."""
         pending, self._pending, self._pending_bytes = self._pending, [], 0
-        for samples in sorted({entry[3] for entry in pending}):
-            batch = [entry for entry in pending if entry[3] == samples]
-            rows = torch.tensor([entry[0] for entry in batch], device=self.ffn.device)
-            norm = torch.stack([entry[2] for entry in batch]).transpose(1, 2)  # [n, groups, 2]
-            norm = torch.stack([norm[..., 0], norm[..., 1], norm[..., 0]], dim=-1)[..., None]  # x, x^2, |x|
-            flat = torch.stack([entry[1] for entry in batch])  # [n, groups * 3 * Fe]: sum x, then x^2 and |x|
-            groups = flat.shape[1] // (3 * self.width)
-            sums = torch.cat([flat[:, :groups * self.width].view(-1, groups, 1, self.width),
-                              flat[:, groups * self.width:].view(-1, groups, 2, self.width)], dim=2)
+        for samples in sorted({entry[2] for entry in pending}):
+            batch = [entry for entry in pending if entry[2] == samples]
+            rows = torch.tensor([entry[0] for entry in batch], device=self.stats.device)
+            n, groups = len(batch), self.local_experts * samples
+            total, square_abs, norm = torch.stack([entry[1] for entry in batch]).split(
+                [groups * self.width, 2 * groups * self.width, 2 * groups], dim=1)  # see `_experts_pre_hook`
+            sums = torch.cat([total.view(n, groups, 1, self.width), square_abs.view(n, groups, 2, self.width)], dim=2)
+            norm = norm.view(n, groups, 2)[..., [0, 1, 0], None]  # a norm's x, x^2, |x|: it is never negative
             sums = torch.cat([sums, norm], dim=3)  # [n, groups, 3, Fe + 1]
-            seq = sequence_aggregates(sums.double().transpose(2, 3), self.seq_length)
-            seq = seq.view(len(batch), self.local_experts, samples, -1, 3).transpose(0, 2)  # samples first
-            update = raw_update(seq).transpose(0, 1)  # [n, experts, Fe + 1, 6]
-            self.ffn.index_add_(0, rows, update[:, :, :-1])
-            leaders = [i for i, entry in enumerate(batch) if entry[4]]
-            if leaders:  # one expert-TP rank counts the output norm
-                index = torch.tensor(leaders, device=rows.device)
-                self.output.index_add_(0, rows[index], update[index, :, -1])
+            seq = sequence_aggregates(sums, self.seq_length, dim=2).view(n, self.local_experts, samples, 3, -1)
+            self.stats.index_add_(0, rows, raw_update(seq, batch=2, dim=3))  # [n, experts, 6, Fe + 1]
 
     def _token_samples(self, batch: int, chunk: int) -> tuple[torch.Tensor, int]:
         """For each gathered token (chunk tokens [s, b] flattened from each rank of the TP x EP group),
@@ -232,8 +228,9 @@ class ExpertStats:
             first = mlp.local_expert_indices[0]
             experts = slice(first, first + self.local_experts)
             rank = torch.distributed.get_rank(group=mlp.experts.tp_group)
-            ffn[layer, experts, rank * self.width:(rank + 1) * self.width] = self.ffn[row]
-            output[layer, experts] = self.output[row]
+            ffn[layer, experts, rank * self.width:(rank + 1) * self.width] = self.stats[row, :, :, :-1].transpose(1, 2)
+            if rank == 0:  # every expert-TP rank has the whole output norm: one counts it
+                output[layer, experts] = self.stats[row, :, :, -1]
             mass[layer, :E], mass[layer, E] = self.mass[row], self.tokens[row]
         flat = torch.cat([ffn.flatten(), output.flatten(), mass.flatten()])
         torch.distributed.all_reduce(flat, group=torch.distributed.group.WORLD)

@@ -82,13 +82,15 @@ def sequence_sums(x: torch.Tensor, work: Optional[torch.Tensor] = None) -> torch
     return partial_sums(sequence_partials(x, work), x.shape[0])
 
 
-def sequence_aggregates(sums: torch.Tensor, seq_length: int) -> torch.Tensor:
+def sequence_aggregates(sums: torch.Tensor, seq_length: int, *, dim: int = -1) -> torch.Tensor:
     """From full-sequence sums [batch, channels, 3] to the per-sample seq aggregations
-    [batch, channels, 3] in AGGREGATIONS order: mean|x|, L2, variance."""
-    total, square, absolute = sums.unbind(-1)
+    [batch, channels, 3] in AGGREGATIONS order: mean|x|, L2, variance. `dim`: the axis of the three
+    sums and of the result's three values, when not the last (a contiguous channel axis after it
+    keeps every operation vectorised)."""
+    total, square, absolute = sums.unbind(dim)
     mean = total / seq_length
     var = (square / seq_length - mean.square()).clamp(min=0)
-    return torch.stack([absolute / seq_length, square.clamp(min=0).sqrt(), var], dim=-1)
+    return torch.stack([absolute / seq_length, square.clamp(min=0).sqrt(), var], dim=dim)
 
 
 def whole_sequence_aggregates(partials: torch.Tensor, seq_length) -> torch.Tensor:
@@ -100,11 +102,15 @@ def whole_sequence_aggregates(partials: torch.Tensor, seq_length) -> torch.Tenso
     return torch.stack([absolute / seq_length, (seq_length * (var + mean.square())).sqrt(), var], dim=-1)
 
 
-def raw_update(seq_values: torch.Tensor) -> torch.Tensor:
-    """The contribution of one micro-batch [batch, ..., channels, 3] to the raw statistics [..., channels, 6]."""
+def raw_update(seq_values: torch.Tensor, *, batch: int = 0, dim: int = -1) -> torch.Tensor:
+    """The contribution of one micro-batch [batch, ..., channels, 3] to the raw statistics [..., channels, 6].
+    `batch` and `dim`: the axes of the samples and of the three aggregations, when elsewhere; the six
+    statistics take the aggregations' place among the remaining axes."""
     seq_values = seq_values.double()
-    out = torch.stack([seq_values.sum(0), seq_values.square().sum(0)], dim=-1)  # [..., channels, 3, 2]
-    return out.flatten(-2)
+    batch, dim = batch % seq_values.dim(), dim % seq_values.dim()
+    dim -= batch < dim  # the aggregations' axis once the samples are summed away
+    out = torch.stack([seq_values.sum(batch), seq_values.square().sum(batch)], dim=dim + 1)  # [..., 3, 2, ...]
+    return out.flatten(dim, dim + 1)
 
 
 def aggregate(raw: torch.Tensor, num_samples: int, *, seq: str = "mean", batch: str = "l2") -> torch.Tensor:

@@ -49,6 +49,20 @@ def test_whole_sequence_aggregates_skip_the_sums_and_agree():
     torch.testing.assert_close(got[..., 2], exact, rtol=1e-4, atol=0)
 
 
+def test_aggregations_along_other_axes_equal_the_channel_last_ones():
+    """The expert statistics' layout (samples and aggregations before a last, contiguous channel
+    axis) gives the same numbers as the default [batch, ..., channels, 3] one, moved."""
+    g = torch.Generator().manual_seed(2)
+    sums = torch.rand(2, 3, 4, 3, 7, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 1.0])[:, None]
+    sums[..., 0, :] -= 0.5  # sum x may be negative, sum x^2 and sum |x| not
+    seq = stats.sequence_aggregates(sums, 5, dim=3)
+    expected_seq = stats.sequence_aggregates(sums.movedim(3, -1), 5)
+    torch.testing.assert_close(seq.movedim(3, -1), expected_seq, rtol=1e-12, atol=0)
+    got = stats.raw_update(seq, batch=2, dim=3)  # [2, 3, 6, 7]
+    expected = stats.raw_update(expected_seq.movedim(2, 0))  # samples first, aggregations last: [2, 3, 7, 6]
+    torch.testing.assert_close(got.movedim(2, -1), expected, rtol=1e-12, atol=0)
+
+
 def test_the_paper_default_ranks_channels_by_mean_then_l2():
     """seq = mean|x|, batch = L2: a channel with larger |activations| in every sample ranks higher."""
     x = torch.ones(4, 8, 3) * torch.tensor([0.5, -2.0, 1.0])
