@@ -146,6 +146,16 @@ def test_checksums_of_an_unknown_algorithm_are_refused_naming_it(copy, capsys):
     assert err.count("\n") == 1 and str(release / CHECKSUMS) in err and "'md5'" in err, err
 
 
+def test_checksums_without_a_digest_for_a_file_are_called_damaged(copy):
+    release = ckpt.resolve(copy).path
+    recorded = json.loads((release / CHECKSUMS).read_text())
+    recorded["files"]["common.pt"] = {"size": recorded["files"]["common.pt"]["size"]}
+    (release / CHECKSUMS).write_text(json.dumps(recorded))
+    with pytest.raises(IntegrityError, match=f"{release / CHECKSUMS} is damaged \\(expected a size and a blake3 "
+                                             f"digest for every file\\)"):
+        verify(release)
+
+
 def test_scores_of_another_checkpoint_are_refused(copy, tiny_scores, tmp_path, capsys):
     """Checkpoint B: tiny_teacher with one weight changed (same architecture, other weights)."""
     release = ckpt.resolve(copy).path
