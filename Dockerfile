@@ -16,7 +16,7 @@ COPY . .
 # One layer, every requirement pinned (the versions the test suite runs with) and --no-deps, so pip
 # never replaces the container's torch, numpy or Transformer Engine; then this package itself.
 RUN python -m pip install --no-cache-dir --no-deps \
-        megatron-core==0.16.1 sentencepiece==0.2.3 psutil==7.2.2 safetensors==0.8.0 tokenizers==0.23.3 && \
+        megatron-core==0.16.1 sentencepiece==0.2.3 psutil==7.2.2 safetensors==0.8.0 tokenizers==0.23.3 blake3==1.0.11 && \
     python -m pip install --no-cache-dir --no-deps . && \
     python -c "import apex, transformer_engine, megatron.core as mc, megatron_minitron.cli; \
 assert mc.__version__ == '0.16.1', mc.__version__" && \

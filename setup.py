@@ -24,6 +24,8 @@ setup(
         "psutil",
         # importance scores and Hugging Face weights are safetensors files.
         "safetensors",
+        # checksums.json records BLAKE3 digests (model/integrity.py): cryptographic, 2.4x faster than SHA-256.
+        "blake3>=1.0",
     ],
     extras_require={
         # lm-eval: tests cross-check our model against lm-eval's own Hugging Face backend (needs accelerate).

@@ -237,7 +237,7 @@ def _return_freed_memory() -> None:
 def run_job(job: Job, report: Optional[Callable[[int, int, int], None]] = None
             ) -> tuple[list[storage.Record], dict[str, dict]]:
     """Rewrite one worker's units into `__{worker}_0.distcp`; returns the records of what it wrote and
-    the file's checksums.json entry ({name: {"size", "sha256"}}, hashed as it was written)."""
+    the file's checksums.json entry ({name: {"size", "blake3"}}, hashed as it was written)."""
     _return_freed_memory()
     plan = job.plan
     reader = storage.SourceReader(Path(job.source))

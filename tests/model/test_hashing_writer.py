@@ -3,8 +3,7 @@ writer's back is refused when the checksums are recorded."""
 
 from __future__ import annotations
 
-import hashlib
-
+import blake3
 import pytest
 import torch
 
@@ -19,7 +18,7 @@ def test_hashing_file_hashes_small_and_threaded_writes_in_order(tmp_path):
     assert [f.write(p) for p in pieces] == [memoryview(p).nbytes for p in pieces]
     f.close()
     data = (tmp_path / "x").read_bytes()
-    assert f.checksum() == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert f.checksum() == {"size": len(data), "blake3": blake3.blake3(data).hexdigest()}
     assert data == b"".join(bytes(p) for p in pieces)
 
 
@@ -32,6 +31,8 @@ def test_chunk_writer_checksum_equals_a_rehash_and_a_wrong_one_is_refused(tmp_pa
     writer.close()
     write_metadata(tmp_path, writer.records, fsync=False)
     (tmp_path / "metadata.json").write_text("{}")
+    shard = (tmp_path / "__0_0.distcp").read_bytes()
+    assert writer.checksum == {"size": len(shard), "blake3": blake3.blake3(shard).hexdigest()}
     recorded = write_checksums(tmp_path, known={writer.name: writer.checksum})
     assert recorded == compute_checksums(tmp_path)
     with open(tmp_path / "__0_0.distcp", "ab") as f:

@@ -8,11 +8,13 @@ import json
 import shutil
 from pathlib import Path
 
+import blake3
 import pytest
 
 from megatron_minitron.cli import main
 from megatron_minitron.model import checkpoint as ckpt
-from megatron_minitron.model.integrity import CHECKSUMS, compute_checksums, fingerprint, write_checksums
+from megatron_minitron.model.integrity import (CHECKSUMS, IntegrityError, compute_checksums, fingerprint, verify,
+                                               write_checksums)
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -36,10 +38,21 @@ def copy(tiny_teacher, tmp_path):
     return tmp_path / "ckpt"
 
 
+def _hashed_files(release: Path) -> list[Path]:
+    return sorted(p for p in release.iterdir() if p.name not in ("minitron.json", CHECKSUMS))
+
+
+def _old_fingerprint(table: list) -> str:
+    """fingerprint() as every version computed it: SHA-256 of the sorted (name, size, digest) list."""
+    return hashlib.sha256(json.dumps(sorted(table)).encode()).hexdigest()[:32]
+
+
 def test_written_checkpoint_records_checksums_that_inspect_verifies(copy, capsys):
     release = ckpt.resolve(copy).path
     recorded = json.loads((release / CHECKSUMS).read_text())
-    assert recorded == compute_checksums(release)
+    assert recorded == {"algorithm": "blake3",
+                        "files": {p.name: {"size": p.stat().st_size, "blake3": blake3.blake3(p.read_bytes()).hexdigest()}
+                                  for p in _hashed_files(release)}}
     assert {"common.pt", ".metadata", "metadata.json"} <= set(recorded["files"])
     assert main(["inspect", str(copy), "--verify"]) == 0
     assert "every file matches its checksum" in capsys.readouterr().out
@@ -87,13 +100,60 @@ def test_inspect_reports_an_incomplete_or_damaged_checkpoint(copy, capsys, how, 
     assert digest(copy) == before
 
 
-def test_fingerprint_is_content_not_the_recorded_file(copy):
+def test_fingerprint_is_content_and_without_checksums_is_the_sha256_one(copy):
+    """A checkpoint without checksums.json (Megatron-LM's) is hashed on demand with SHA-256, as before
+    BLAKE3, so the fingerprints that logits caches and scores recorded for such a teacher still match."""
     release = ckpt.resolve(copy).path
     recorded = fingerprint(release)
-    (release / CHECKSUMS).unlink()  # a checkpoint without checksums (Megatron-LM's) is hashed on demand
-    assert fingerprint(release) == recorded
+    assert recorded == _old_fingerprint([(name, e["size"], e["blake3"]) for name, e in
+                                         json.loads((release / CHECKSUMS).read_text())["files"].items()])
+    (release / CHECKSUMS).unlink()
+    foreign = fingerprint(release)
+    assert foreign == _old_fingerprint([(p.name, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+                                        for p in _hashed_files(release)])
     _flip_weight_byte(release)
+    assert fingerprint(release) != foreign
+    write_checksums(release)
     assert fingerprint(release) != recorded
+
+
+def test_a_checkpoint_with_sha256_checksums_verifies_and_keeps_its_fingerprint(copy, capsys):
+    """checksums.json as earlier versions wrote it, made here with hashlib."""
+    release = ckpt.resolve(copy).path
+    files = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+             for p in _hashed_files(release)}
+    (release / CHECKSUMS).write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1, sort_keys=True))
+    assert fingerprint(release) == _old_fingerprint([(name, e["size"], e["sha256"]) for name, e in files.items()])
+    assert verify(release) == []
+    assert main(["inspect", str(copy), "--verify"]) == 0
+    assert "every file matches its checksum" in capsys.readouterr().out
+    shard = _flip_weight_byte(release)
+    assert verify(release) == [f"{shard} does not match its checksum: its contents changed since it was written"]
+    assert main(["inspect", str(copy), "--verify"]) == 2
+    assert str(shard) in capsys.readouterr().err
+
+
+def test_checksums_of_an_unknown_algorithm_are_refused_naming_it(copy, capsys):
+    release = ckpt.resolve(copy).path
+    recorded = json.loads((release / CHECKSUMS).read_text())
+    files = {name: {"size": e["size"], "md5": "0" * 32} for name, e in recorded["files"].items()}
+    (release / CHECKSUMS).write_text(json.dumps({"algorithm": "md5", "files": files}))
+    for check in (verify, fingerprint):
+        with pytest.raises(IntegrityError, match=f"{release / CHECKSUMS} records checksums made with 'md5'"):
+            check(release)
+    assert main(["inspect", str(copy), "--verify"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(release / CHECKSUMS) in err and "'md5'" in err, err
+
+
+def test_checksums_without_a_digest_for_a_file_are_called_damaged(copy):
+    release = ckpt.resolve(copy).path
+    recorded = json.loads((release / CHECKSUMS).read_text())
+    recorded["files"]["common.pt"] = {"size": recorded["files"]["common.pt"]["size"]}
+    (release / CHECKSUMS).write_text(json.dumps(recorded))
+    with pytest.raises(IntegrityError, match=f"{release / CHECKSUMS} is damaged \\(expected a size and a blake3 "
+                                             f"digest for every file\\)"):
+        verify(release)
 
 
 def test_scores_of_another_checkpoint_are_refused(copy, tiny_scores, tmp_path, capsys):
