@@ -12,7 +12,6 @@ states, which a cache does not hold.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Iterator, Optional
 
 import torch
@@ -26,7 +25,7 @@ def cached_task(runtime, cfg: DistillConfig):
     """megatron forward step + loss function of distillation against cached targets."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from megatron_minitron.distill.cached_kl import cached_kl
+    from megatron_minitron.distill.cached_kl import cached_kl_and_lm
     from megatron_minitron.training.loop import Task
 
     device = runtime.device
@@ -39,11 +38,13 @@ def cached_task(runtime, cfg: DistillConfig):
         logits = model(batch["tokens"], batch["position_ids"], None)
 
         def loss_func(student_logits):
-            kd = cached_kl(student_logits, *(batch[k] for k in TARGET_KEYS), group=runtime.tp_group,
-                           temperature=cfg.temperature, reverse=cfg.kd_loss == "reverse",
-                           scale_by_temperature_squared=cfg.temperature_squared)
-            # megatron's vocab-parallel CE writes into its input: give it its own fp32 copy
-            with contextlib.nullcontext() if cfg.lm_weight > 0 else torch.no_grad():
+            # the student's LM loss for the reports comes from the KL's own pass over the vocabulary
+            kd, lm = cached_kl_and_lm(student_logits, *(batch[k] for k in TARGET_KEYS), batch["labels"],
+                                      group=runtime.tp_group, temperature=cfg.temperature,
+                                      reverse=cfg.kd_loss == "reverse",
+                                      scale_by_temperature_squared=cfg.temperature_squared,
+                                      sequence_first=True)
+            if cfg.lm_weight > 0:  # trained on: megatron's CE (as online), on an fp32 copy it may overwrite
                 copy = student_logits.float() if student_logits.dtype != torch.float32 else student_logits.clone()
                 lm = vocab_parallel_cross_entropy(copy, batch["labels"])
             teacher_lm = batch[LABEL_KEY].to(torch.float32).neg()  # what the online teacher's CE gives
