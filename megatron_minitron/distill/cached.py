@@ -64,9 +64,10 @@ def cached_task(runtime, cfg: DistillConfig):
 
 def cached_batches(cache: LogitsCache, data_cfg, tokenizer, train_cfg, runtime, *, model_vocab_size: int) -> dict:
     """`train_batches(start)` / `valid_batches()` as data/loader.run_batches gives them, each sample with its
-    cached targets. The datasets are built for the cache's sample counts (megatron's shuffle depends on
-    them), so a run shorter than the cache sees the cache's first samples, in its order."""
-    from megatron_minitron.data.loader import batch_iterator, build_datasets
+    cached targets, read ahead by a background thread (`prefetched`). The datasets are built for the cache's
+    sample counts (megatron's shuffle depends on them), so a run shorter than the cache sees the cache's
+    first samples, in its order."""
+    from megatron_minitron.data.loader import batch_iterator, build_datasets, prefetched
 
     from megatron_minitron.distill.logits_cache import check_tokenizer
 
@@ -77,8 +78,10 @@ def cached_batches(cache: LogitsCache, data_cfg, tokenizer, train_cfg, runtime, 
     dp = dict(micro_batch_size=train_cfg.micro_batch_size, dp_rank=runtime.dp_rank, dp_size=runtime.data_parallel)
     train = WithTeacherTargets(train_ds, cache, "train")
     valid = WithTeacherTargets(valid_ds, cache, "valid") if valid_ds is not None and m.eval_iters else None
-    return {"train_batches": lambda start: batch_iterator(train, start_sample=start, **dp),
-            "valid_batches": (lambda: batch_iterator(valid, **dp)) if valid is not None else None}
+    pin = runtime.device.type == "cuda"  # reading the cache overlaps the step; pinned: the copy to the GPU too
+    return {"train_batches": lambda start: prefetched(batch_iterator(train, start_sample=start, **dp), pin_memory=pin),
+            "valid_batches": ((lambda: prefetched(batch_iterator(valid, **dp), pin_memory=pin))
+                              if valid is not None else None)}
 
 
 def distill_from_cache(*, student_info, runtime, train_cfg, cfg: DistillConfig, train_batches, valid_batches, save,
