@@ -178,7 +178,10 @@ class _CachedKL(torch.autograd.Function):
         n, k, device = x2d.shape[0], ids2d.shape[-1], student.device
         start = _rank(group) * vocab_local
         support = mine, flat, offsets = _support(ids2d, start, vocab_local)
-        m = _row_max(x2d, temperature, group)
+        # a max over the whole vocabulary first only when it is split over ranks; else each chunk's own, taken
+        # while the chunk is in the CPU's cache (the same values)
+        split = _group_size(group) > 1
+        m = _row_max(x2d, temperature, group) if split else x2d.new_empty(n, dtype=COMPUTE_DTYPE)
         # one all-reduce: [logits at the cached ids (0 where another rank holds one) | sum exp | sum exp over
         # the rest | the label's logit | sum exp at τ = 1]
         lm_sum = labels is not None and temperature != 1.0
@@ -193,6 +196,8 @@ class _CachedKL(torch.autograd.Function):
         work = torch.empty(min(chunk_size, n), vocab_local, dtype=COMPUTE_DTYPE, device=device)
         for i in range(0, n, chunk_size):
             j = min(i + chunk_size, n)
+            if not split:
+                m[i:j] = _row_max(x2d[i:j], temperature, None)
             exp = _shifted(work[:j - i], x2d[i:j], temperature, m[i:j]).exp_()
             total[i:j] = exp.sum(-1)
             exp.view(-1)[flat[offsets[i]:offsets[j]] - i * vocab_local] = 0.0
