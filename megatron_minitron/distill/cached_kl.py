@@ -88,10 +88,13 @@ def teacher_top_k(teacher_logits: torch.Tensor, *, k: int, group=None, temperatu
 
 
 # ---------------------------------------------------------------------------------- reading a cache
-CHUNK_ELEMENTS = 2**20
-"""Default chunk of `cached_kl`: tokens x V_local elements (4 MiB of fp32). Each chunk goes through several
-element-wise steps in a row (shift, exp, two sums, zeroing the cached ids, the gradient); a chunk that fits
-in the CPU's cache is read from memory once, not once per step."""
+CHUNK_ELEMENTS = 2**21
+"""Default chunk of `cached_kl` on a CPU: tokens x V_local elements (8 MiB of fp32). Each chunk goes through
+several element-wise steps in a row (max, shift, exp, two sums, zeroing the cached ids, the gradient); a
+chunk that fits in the CPU's cache is read from memory once, not once per step. Each step is a parallel
+region, though: on a loaded 2-core machine small regions wait for descheduled threads (measured there:
+fast at best, a slow median), so the chunk is no smaller than this. On a GPU the chunk is losses.py's
+(kernel launches, not caches, are the cost there)."""
 
 
 def _support(ids2d: torch.Tensor, start: int, width: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -279,7 +282,10 @@ def _check_targets(student_logits, ids, logp, log_rest, labels, temperature, chu
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
-    return chunk_size or max(1, CHUNK_ELEMENTS // max(1, student_logits.shape[-1]))
+    if chunk_size is not None:
+        return chunk_size
+    vocab_local = max(1, student_logits.shape[-1])
+    return _default_chunk(vocab_local) if student_logits.is_cuda else max(1, CHUNK_ELEMENTS // vocab_local)
 
 
 def _apply(student_logits, ids, logp, log_rest, labels, *, group, temperature, reverse, scale_by_temperature_squared,
