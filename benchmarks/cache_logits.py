@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_minitron.config import preset  # noqa: E402
-from megatron_minitron.data.loader import batch_iterator  # noqa: E402
+from megatron_minitron.data.loader import batch_iterator, prefetched  # noqa: E402
 from megatron_minitron.distill import logits_cache as lc  # noqa: E402
 from megatron_minitron.distill.cached import cached_task  # noqa: E402
 from megatron_minitron.distill.loop import DistillConfig, build, distill_task  # noqa: E402
@@ -124,7 +124,7 @@ def main() -> None:
     cache = lc.LogitsCache(root / f"k{args.timed_k}")
     dp = dict(micro_batch_size=MBS, dp_rank=rt.dp_rank, dp_size=rt.data_parallel)
     data = {"student": batch_iterator(samples, **dp), "online": batch_iterator(samples, **dp),
-            "cached": batch_iterator(lc.WithTeacherTargets(samples, cache, "train"), **dp)}
+            "cached": prefetched(batch_iterator(lc.WithTeacherTargets(samples, cache, "train"), **dp))}  # as a run
     runs = {"student": (own, lm_task(rt.device)), "cached": (cached, cached_task(rt, dcfg)),
             "online": (online, online_task)}
     times = {name: [] for name in runs}

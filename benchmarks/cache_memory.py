@@ -60,7 +60,7 @@ def setup(rt, root: Path, k: int, steps: int) -> None:
 
 def arm(rt, root: Path, kind: str, steps: int) -> dict:
     """One kind of run for `steps` steps (the first untimed); this rank's memory and step times."""
-    from megatron_minitron.data.loader import batch_iterator
+    from megatron_minitron.data.loader import batch_iterator, prefetched
     from megatron_minitron.distill import logits_cache as lc
     from megatron_minitron.distill.cached import cached_task
     from megatron_minitron.distill.loop import DistillConfig, build, distill_task
@@ -84,6 +84,8 @@ def arm(rt, root: Path, kind: str, steps: int) -> dict:
     if kind == "cached":
         samples = lc.WithTeacherTargets(samples, lc.LogitsCache(root / "cache"), "train")
     data = batch_iterator(samples, micro_batch_size=MBS, dp_rank=rt.dp_rank, dp_size=rt.data_parallel)
+    if kind == "cached":  # read ahead, as distill/cached.py's batches are
+        data = prefetched(data)
     times = []
     for _ in range(steps):
         rt.barrier()

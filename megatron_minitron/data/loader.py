@@ -461,6 +461,53 @@ def _micro_batches(
         batch_start += global_batch_size
 
 
+def prefetched(batches: Iterator[dict[str, torch.Tensor]], *, depth: int = 2,
+               pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """``batches`` read ``depth`` micro-batches ahead by a background thread, in the same order, so that
+    reading them (a logits cache: files of teacher targets) overlaps the step instead of preceding it.
+
+    An error raised while reading one is raised here when that micro-batch is due. ``pin_memory``
+    (CUDA runs) pins each batch so that ``.to(device, non_blocking=True)`` copies asynchronously. The
+    thread stops when this generator is closed or collected (a validation pass dropping its iterator)."""
+    import queue
+    import threading
+
+    if depth < 1:
+        raise ValueError(f"prefetch depth must be >= 1 micro-batches, got {depth}")
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill() -> None:
+        try:
+            for batch in batches:
+                if pin_memory:
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                if not offer((batch, None)):
+                    return
+        except BaseException as error:  # handed to the consumer, raised where the batch was due
+            offer((None, error))
+
+    thread = threading.Thread(target=fill, name="prefetched-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            batch, error = ready.get()
+            if error is not None:
+                raise error
+            yield batch
+    finally:
+        stop.set()
+
+
 def run_batches(data_cfg, tokenizer, cfg, runtime, *, model_vocab_size: int, train_iters=None) -> dict:
     """`train_batches(start_sample)` and `valid_batches()` (None without validation data) of a training
     run: megatron datasets sized for train_iters (default cfg.train_iters) and cfg.eval_iters global

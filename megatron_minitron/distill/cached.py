@@ -12,7 +12,6 @@ states, which a cache does not hold.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Iterator, Optional
 
 import torch
@@ -26,7 +25,7 @@ def cached_task(runtime, cfg: DistillConfig):
     """megatron forward step + loss function of distillation against cached targets."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from megatron_minitron.distill.cached_kl import cached_kl
+    from megatron_minitron.distill.cached_kl import cached_kl_and_lm
     from megatron_minitron.training.loop import Task
 
     device = runtime.device
@@ -39,11 +38,13 @@ def cached_task(runtime, cfg: DistillConfig):
         logits = model(batch["tokens"], batch["position_ids"], None)
 
         def loss_func(student_logits):
-            kd = cached_kl(student_logits, *(batch[k] for k in TARGET_KEYS), group=runtime.tp_group,
-                           temperature=cfg.temperature, reverse=cfg.kd_loss == "reverse",
-                           scale_by_temperature_squared=cfg.temperature_squared)
-            # megatron's vocab-parallel CE writes into its input: give it its own fp32 copy
-            with contextlib.nullcontext() if cfg.lm_weight > 0 else torch.no_grad():
+            # the student's LM loss for the reports comes from the KL's own pass over the vocabulary
+            kd, lm = cached_kl_and_lm(student_logits, *(batch[k] for k in TARGET_KEYS), batch["labels"],
+                                      group=runtime.tp_group, temperature=cfg.temperature,
+                                      reverse=cfg.kd_loss == "reverse",
+                                      scale_by_temperature_squared=cfg.temperature_squared,
+                                      sequence_first=True)
+            if cfg.lm_weight > 0:  # trained on: megatron's CE (as online), on an fp32 copy it may overwrite
                 copy = student_logits.float() if student_logits.dtype != torch.float32 else student_logits.clone()
                 lm = vocab_parallel_cross_entropy(copy, batch["labels"])
             teacher_lm = batch[LABEL_KEY].to(torch.float32).neg()  # what the online teacher's CE gives
@@ -63,9 +64,10 @@ def cached_task(runtime, cfg: DistillConfig):
 
 def cached_batches(cache: LogitsCache, data_cfg, tokenizer, train_cfg, runtime, *, model_vocab_size: int) -> dict:
     """`train_batches(start)` / `valid_batches()` as data/loader.run_batches gives them, each sample with its
-    cached targets. The datasets are built for the cache's sample counts (megatron's shuffle depends on
-    them), so a run shorter than the cache sees the cache's first samples, in its order."""
-    from megatron_minitron.data.loader import batch_iterator, build_datasets
+    cached targets, read ahead by a background thread (`prefetched`). The datasets are built for the cache's
+    sample counts (megatron's shuffle depends on them), so a run shorter than the cache sees the cache's
+    first samples, in its order."""
+    from megatron_minitron.data.loader import batch_iterator, build_datasets, prefetched
 
     from megatron_minitron.distill.logits_cache import check_tokenizer
 
@@ -76,8 +78,10 @@ def cached_batches(cache: LogitsCache, data_cfg, tokenizer, train_cfg, runtime, 
     dp = dict(micro_batch_size=train_cfg.micro_batch_size, dp_rank=runtime.dp_rank, dp_size=runtime.data_parallel)
     train = WithTeacherTargets(train_ds, cache, "train")
     valid = WithTeacherTargets(valid_ds, cache, "valid") if valid_ds is not None and m.eval_iters else None
-    return {"train_batches": lambda start: batch_iterator(train, start_sample=start, **dp),
-            "valid_batches": (lambda: batch_iterator(valid, **dp)) if valid is not None else None}
+    pin = runtime.device.type == "cuda"  # reading the cache overlaps the step; pinned: the copy to the GPU too
+    return {"train_batches": lambda start: prefetched(batch_iterator(train, start_sample=start, **dp), pin_memory=pin),
+            "valid_batches": ((lambda: prefetched(batch_iterator(valid, **dp), pin_memory=pin))
+                              if valid is not None else None)}
 
 
 def distill_from_cache(*, student_info, runtime, train_cfg, cfg: DistillConfig, train_batches, valid_batches, save,

@@ -13,7 +13,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_minitron.data import loader
 from megatron_minitron.data.corpus import embedded_documents
-from megatron_minitron.data.loader import DataConfig, batch_iterator, build_datasets
+from megatron_minitron.data.loader import DataConfig, batch_iterator, build_datasets, prefetched
 from megatron_minitron.data.preprocess import preprocess
 from megatron_minitron.data.tokenizer import tokenizer_ref_for
 
@@ -325,3 +325,42 @@ def test_iterator_wraps_around_with_a_warning(synthetic_train) -> None:
 def test_batch_iterator_checks_arguments_eagerly(synthetic_train, kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         batch_iterator(synthetic_train, **kwargs)
+
+
+# ------------------------------------------------------------------------------ prefetched
+def test_prefetched_batches_are_the_same_batches_in_order(synthetic_train) -> None:
+    plain = _take(batch_iterator(synthetic_train, micro_batch_size=3, dp_rank=1, dp_size=2), 7)
+    ahead = _take(prefetched(batch_iterator(synthetic_train, micro_batch_size=3, dp_rank=1, dp_size=2), depth=2), 7)
+    assert len(ahead) == 7
+    for a, b in zip(plain, ahead):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_prefetched_error_is_raised_when_its_batch_is_due() -> None:
+    """A bad sample read ahead by the thread surfaces in the consumer, after the good batches before it."""
+    def batches():
+        yield {"x": torch.zeros(1)}
+        yield {"x": torch.ones(1)}
+        raise ValueError("sample 2 is damaged")
+
+    it = prefetched(batches(), depth=1)
+    assert float(next(it)["x"]) == 0.0 and float(next(it)["x"]) == 1.0
+    with pytest.raises(ValueError, match="sample 2 is damaged"):
+        next(it)
+
+
+def test_closing_a_prefetched_iterator_stops_its_thread() -> None:
+    import threading
+
+    def endless():
+        while True:
+            yield {"x": torch.zeros(1)}
+
+    it = prefetched(endless(), depth=2)
+    next(it)
+    it.close()
+    for _ in range(50):  # the thread notices within its 0.1 s put timeout
+        if not any(t.name == "prefetched-batches" and t.is_alive() for t in threading.enumerate()):
+            break
+        threading.Event().wait(0.05)
+    assert not any(t.name == "prefetched-batches" and t.is_alive() for t in threading.enumerate())

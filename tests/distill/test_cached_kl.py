@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_minitron.distill.cached_kl import cached_kl, teacher_top_k
+from megatron_minitron.distill.cached_kl import cached_kl, cached_kl_and_lm, teacher_top_k
 from megatron_minitron.distill.losses import vocab_parallel_kl
 
 SHAPE = (5, 3, 40)
@@ -99,3 +99,66 @@ def test_mismatched_targets_are_refused():
     ids, logp, rest = teacher_top_k(teacher[:2], k=3)
     with pytest.raises(ValueError, match="do not match student logits"):
         cached_kl(student, ids, logp, rest)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_lm_loss_from_the_same_pass_is_the_cross_entropy(temperature):
+    """The student's LM loss (temperature 1 whatever the KL's τ) against log_softmax in float64; the KL is
+    cached_kl's, and the LM loss carries no gradient."""
+    student, teacher = _logits(torch.float32)
+    targets = teacher_top_k(teacher, k=7, temperature=temperature)
+    labels = torch.randint(0, SHAPE[-1], SHAPE[:-1], generator=torch.Generator().manual_seed(5))
+    s = student.clone().requires_grad_(True)
+    kl, lm = cached_kl_and_lm(s, *targets, labels, temperature=temperature, chunk_size=4)
+    expected = -student.double().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(lm.double(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(kl.detach(), cached_kl(student, *targets, temperature=temperature, chunk_size=4))
+    assert not lm.requires_grad and kl.requires_grad
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_sequence_first_gradient_is_the_same_gradient_laid_out_for_the_output_layer(reverse):
+    """GPTModel returns [b, s, V] logits as a transposed copy of its output layer's [s, b, V]: with
+    sequence_first the gradient reaching the output layer is contiguous (no copy in its backward) and holds
+    the same values, bit for bit."""
+    g = torch.Generator().manual_seed(6)
+    output = torch.randn(3, 5, 40, generator=g).mul_(3)  # [s, b, V]
+    targets = teacher_top_k(torch.randn(5, 3, 40, generator=g), k=7)
+    upstream = torch.randn(5, 3, generator=g)
+    grads = []
+    for sequence_first in (False, True):
+        out = output.clone().requires_grad_(True)
+        seen = []
+        out.register_hook(lambda grad: seen.append(grad))
+        kl, _ = cached_kl_and_lm(out.transpose(0, 1).contiguous(), *targets, torch.zeros(5, 3, dtype=torch.long),
+                                 reverse=reverse, chunk_size=2, sequence_first=sequence_first)
+        (kl * upstream).sum().backward()
+        grads.append(seen[0])
+    assert grads[1].is_contiguous()
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_a_16_bit_student_gets_the_gradient_to_its_precision():
+    """bf16 logits: the values of an fp32 run on the same (rounded) logits, the gradient to bf16 rounding
+    (stored before the upstream scale, one rounding more than online's)."""
+    student, teacher = _logits(torch.float32)
+    targets = teacher_top_k(teacher, k=7)
+    upstream = torch.randn(SHAPE[:-1], generator=torch.Generator().manual_seed(7))
+    runs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        s = student.to(torch.bfloat16).to(dtype).requires_grad_(True)
+        loss = cached_kl(s, *targets, chunk_size=4)
+        (loss * upstream).sum().backward()
+        runs.append((loss.detach(), s.grad))
+    (loss16, grad16), (loss32, grad32) = runs
+    assert grad16.dtype == torch.bfloat16 and torch.equal(loss16, loss32)
+    assert (grad16.float() - grad32).abs().max() <= 2 * 2**-8 * grad32.abs().max()
+
+
+def test_a_second_backward_is_refused():
+    student, teacher = _logits(torch.float32)
+    s = student.clone().requires_grad_(True)
+    loss = cached_kl(s, *teacher_top_k(teacher, k=3)).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
