@@ -93,43 +93,55 @@ def _kl_rows(log_ps: torch.Tensor, log_pt: torch.Tensor, reverse: bool) -> torch
 
 class _VocabParallelKL(torch.autograd.Function):
     """Forward: three passes of collectives (max, then per-chunk sum-exp, then one sum of the KL
-    partials). Backward recomputes each chunk's log-probabilities from the saved log-sum-exps (no
-    collective) and writes the gradient chunk by chunk into one buffer of the student's dtype, which
-    is what keeps the fp32 memory bounded; autograd of a chunked forward would keep every chunk's
-    fp32 intermediates alive until backward."""
+    partials). The forward KL's gradient p_s − p_t needs no full-row statistic beyond the log-sum-exps,
+    so when a gradient will be wanted (`with_grad`) the forward writes it, chunk by chunk, into one buffer
+    of the student's dtype while each chunk's probabilities exist; the first backward only scales it by
+    the incoming gradient. Otherwise (reverse KL, whose gradient needs the finished row KL, or a backward
+    after the first, as with retain_graph) backward recomputes each chunk's log-probabilities from the
+    saved log-sum-exps (no collective). Either way the fp32 memory stays bounded by the chunk; autograd
+    of a chunked forward would keep every chunk's fp32 intermediates alive until backward."""
 
     @staticmethod
-    def forward(ctx, student, teacher, group, temperature, reverse, chunk_size):
+    def forward(ctx, student, teacher, group, temperature, reverse, chunk_size, with_grad):
         student2d, teacher2d = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
         lse = _global_max(student2d, teacher2d, temperature, group)
         kl = torch.zeros(student2d.shape[0], dtype=COMPUTE_DTYPE, device=student.device)
+        grad = torch.empty_like(student2d) if with_grad and not reverse else None
         for i in range(0, student2d.shape[0], chunk_size):
             s, t = _scaled(student2d[i:i + chunk_size], temperature), _scaled(teacher2d[i:i + chunk_size], temperature)
             m = lse[:, i:i + chunk_size]
             sums = torch.stack(((s - m[0].unsqueeze(-1)).exp_().sum(-1), (t - m[1].unsqueeze(-1)).exp_().sum(-1)))
             m.add_(_all_reduce(sums, dist.ReduceOp.SUM, group).log_())  # lse = max + log Σ exp(x − max)
-            kl[i:i + chunk_size] = _kl_rows(_log_softmax_(s, m[0]), _log_softmax_(t, m[1]), reverse)
+            log_ps, log_pt = _log_softmax_(s, m[0]), _log_softmax_(t, m[1])
+            kl[i:i + chunk_size] = _kl_rows(log_ps, log_pt, reverse)
+            if grad is not None:
+                grad[i:i + chunk_size] = _kl_grad(log_ps, log_pt, None, reverse=False)
         _all_reduce(kl, dist.ReduceOp.SUM, group)
         ctx.save_for_backward(student, teacher, lse, kl)
-        ctx.temperature, ctx.reverse, ctx.chunk_size = temperature, reverse, chunk_size
+        ctx.temperature, ctx.reverse, ctx.chunk_size, ctx.grad = temperature, reverse, chunk_size, grad
         return kl.reshape(student.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_kl):
         student, teacher, lse, kl = ctx.saved_tensors
-        student2d, teacher2d = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
         grad_rows = grad_kl.reshape(-1).to(COMPUTE_DTYPE) / ctx.temperature
+        if ctx.grad is not None:  # written by the forward; scaled in place, so only the first backward uses it
+            grad, ctx.grad = ctx.grad, None
+            for i in range(0, grad.shape[0], ctx.chunk_size):  # by chunk: a bf16 x fp32 product makes fp32 copies
+                grad[i:i + ctx.chunk_size].mul_(grad_rows[i:i + ctx.chunk_size].unsqueeze(-1))
+            return grad.reshape(student.shape), None, None, None, None, None, None
+        student2d, teacher2d = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
         grad = torch.empty_like(student2d)
         for i in range(0, student2d.shape[0], ctx.chunk_size):
             rows = slice(i, i + ctx.chunk_size)
             log_ps = _log_softmax_(_scaled(student2d[rows], ctx.temperature), lse[0, rows])
             log_pt = _log_softmax_(_scaled(teacher2d[rows], ctx.temperature), lse[1, rows])
             grad[rows] = _kl_grad(log_ps, log_pt, kl[rows], ctx.reverse).mul_(grad_rows[rows].unsqueeze(-1))
-        return grad.reshape(student.shape), None, None, None, None, None
+        return grad.reshape(student.shape), None, None, None, None, None, None
 
 
 def _kl_grad(log_ps: torch.Tensor, log_pt: torch.Tensor, kl: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """d KL / d (student logits / τ), in place over log_ps.
+    """d KL / d (student logits / τ), in place over log_ps (and log_pt for the forward KL).
     forward KL(p_t‖p_s): p_s − p_t.
     reverse KL(p_s‖p_t): p_s (log p_s − log p_t − KL), from d p_s,v / d z_i = p_s,v (δ_vi − p_s,i)
     (the Σ p_s d log p_s term vanishes because Σ_v d p_s,v = 0)."""
@@ -161,7 +173,9 @@ def vocab_parallel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     Every rank of `group` gets the same per-token values; the gradient reaches only the student's
     slice. `chunk_size` tokens are converted to fp32 at a time (default: CHUNK_ELEMENTS / V_local)."""
     chunk = _check(student_logits, teacher_logits, temperature, chunk_size)
-    kl = _VocabParallelKL.apply(student_logits, teacher_logits.detach(), group, float(temperature), reverse, chunk)
+    with_grad = torch.is_grad_enabled() and student_logits.requires_grad  # (inside forward, autograd is off)
+    kl = _VocabParallelKL.apply(student_logits, teacher_logits.detach(), group, float(temperature), reverse, chunk,
+                                with_grad)
     return kl * temperature**2 if scale_by_temperature_squared else kl
 
 
