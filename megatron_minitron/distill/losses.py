@@ -80,8 +80,10 @@ def _default_chunk(vocab_local: int, device: torch.device | None = None) -> int:
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """A fresh fp32 copy divided by τ (a copy even for fp32 input, so in-place work below is safe)."""
-    return logits.to(COMPUTE_DTYPE, copy=True).div_(temperature)
+    """A fresh fp32 copy divided by τ (a copy even for fp32 input, so in-place work below is safe; no
+    division at τ = 1, which would not change a bit)."""
+    copy = logits.to(COMPUTE_DTYPE, copy=True)
+    return copy if temperature == 1 else copy.div_(temperature)
 
 
 def _global_max(student: torch.Tensor, teacher: torch.Tensor, temperature: float, group) -> torch.Tensor:
@@ -95,10 +97,11 @@ def _log_softmax_(scaled: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return scaled.sub_(lse.unsqueeze(-1))
 
 
-def _kl_rows(log_ps: torch.Tensor, log_pt: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """This rank's part of Σ_v p (log p − log q) per row: p = teacher (forward) or student (reverse)."""
+def _kl_rows(log_ps: torch.Tensor, log_pt: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(This rank's part of Σ_v p (log p − log q) per row, p): p = teacher (forward) or student (reverse)."""
     log_p, log_q = (log_ps, log_pt) if reverse else (log_pt, log_ps)
-    return torch.sub(log_p, log_q).mul_(log_p.exp()).sum(-1)
+    p = log_p.exp()
+    return torch.sub(log_p, log_q).mul_(p).sum(-1), p
 
 
 class _VocabParallelKL(torch.autograd.Function):
@@ -118,14 +121,9 @@ class _VocabParallelKL(torch.autograd.Function):
         kl = torch.zeros(student2d.shape[0], dtype=COMPUTE_DTYPE, device=student.device)
         grad = torch.empty_like(student2d) if with_grad and not reverse else None
         for i in range(0, student2d.shape[0], chunk_size):
-            s, t = _scaled(student2d[i:i + chunk_size], temperature), _scaled(teacher2d[i:i + chunk_size], temperature)
-            m = lse[:, i:i + chunk_size]
-            sums = torch.stack(((s - m[0].unsqueeze(-1)).exp_().sum(-1), (t - m[1].unsqueeze(-1)).exp_().sum(-1)))
-            m.add_(_all_reduce(sums, dist.ReduceOp.SUM, group).log_())  # lse = max + log Σ exp(x − max)
-            log_ps, log_pt = _log_softmax_(s, m[0]), _log_softmax_(t, m[1])
-            kl[i:i + chunk_size] = _kl_rows(log_ps, log_pt, reverse)
-            if grad is not None:
-                grad[i:i + chunk_size] = _kl_grad(log_ps, log_pt, None, reverse=False)
+            rows = slice(i, i + chunk_size)
+            kl[rows] = _forward_chunk(student2d[rows], teacher2d[rows], lse[:, rows], temperature, reverse, group,
+                                      None if grad is None else grad[rows])
         _all_reduce(kl, dist.ReduceOp.SUM, group)
         ctx.save_for_backward(student, teacher, lse, kl)
         ctx.temperature, ctx.reverse, ctx.chunk_size, ctx.grad = temperature, reverse, chunk_size, grad
@@ -150,8 +148,24 @@ class _VocabParallelKL(torch.autograd.Function):
         return grad.reshape(student.shape), None, None, None, None, None, None
 
 
+def _forward_chunk(student: torch.Tensor, teacher: torch.Tensor, lse: torch.Tensor, temperature: float, reverse: bool,
+                   group, grad: torch.Tensor | None) -> torch.Tensor:
+    """One chunk of the KL's forward: turns its maxima `lse` [2, n] into log-sum-exps (in place), returns
+    this rank's part of its KL rows, and writes the forward KL's gradient p_s − p_t into `grad` when given
+    (with p_t from the KL: what _kl_grad computes, one exp fewer). A function, so that the chunk's fp32
+    arrays are freed before the next chunk's are made."""
+    s, t = _scaled(student, temperature), _scaled(teacher, temperature)
+    sums = torch.stack(((s - lse[0].unsqueeze(-1)).exp_().sum(-1), (t - lse[1].unsqueeze(-1)).exp_().sum(-1)))
+    lse.add_(_all_reduce(sums, dist.ReduceOp.SUM, group).log_())  # lse = max + log Σ exp(x − max)
+    log_ps, log_pt = _log_softmax_(s, lse[0]), _log_softmax_(t, lse[1])
+    kl, p = _kl_rows(log_ps, log_pt, reverse)
+    if grad is not None:
+        grad.copy_(log_ps.exp_().sub_(p))
+    return kl
+
+
 def _kl_grad(log_ps: torch.Tensor, log_pt: torch.Tensor, kl: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """d KL / d (student logits / τ), in place over log_ps (and log_pt for the forward KL).
+    """d KL / d (student logits / τ), in place over log_ps (and log_pt for the forward KL), in backward.
     forward KL(p_t‖p_s): p_s − p_t.
     reverse KL(p_s‖p_t): p_s (log p_s − log p_t − KL), from d p_s,v / d z_i = p_s,v (δ_vi − p_s,i)
     (the Σ p_s d log p_s term vanishes because Σ_v d p_s,v = 0)."""
