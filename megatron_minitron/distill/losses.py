@@ -21,7 +21,14 @@ import torch
 import torch.distributed as dist
 
 CHUNK_ELEMENTS = 2**25
-"""Default chunk: as many tokens as keep one fp32 chunk x V_local array at 128 MiB."""
+"""Default chunk on an accelerator: as many tokens as keep one fp32 chunk x V_local array at 128 MiB
+(few, large kernels)."""
+
+CPU_CHUNK_ELEMENTS = 2**19
+"""Default chunk for logits on the CPU: 2 MiB fp32 arrays. Each larger temporary is a fresh mapping from
+the allocator (page faults, zeroing) that also misses the caches: at 1,024 tokens of an 8k vocabulary
+the KL's forward and backward took about 3x longer in one 32 MiB chunk than in 64-token chunks (same
+bits: every operation is per row)."""
 
 COMPUTE_DTYPE = torch.float32
 """Working precision of the KL math: a module constant so that the tests can run this very code in
@@ -65,13 +72,18 @@ class _GatherReplicated(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------- vocab-parallel KL
-def _default_chunk(vocab_local: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(1, vocab_local))
+def _default_chunk(vocab_local: int, device: torch.device | None = None) -> int:
+    """Tokens per chunk: CPU_CHUNK_ELEMENTS / V_local for logits on the CPU, else (an accelerator, or a
+    caller that does not say) CHUNK_ELEMENTS / V_local."""
+    elements = CPU_CHUNK_ELEMENTS if device is not None and device.type == "cpu" else CHUNK_ELEMENTS
+    return max(1, elements // max(1, vocab_local))
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """A fresh fp32 copy divided by τ (a copy even for fp32 input, so in-place work below is safe)."""
-    return logits.to(COMPUTE_DTYPE, copy=True).div_(temperature)
+    """A fresh fp32 copy divided by τ (a copy even for fp32 input, so in-place work below is safe; no
+    division at τ = 1, which would not change a bit)."""
+    copy = logits.to(COMPUTE_DTYPE, copy=True)
+    return copy if temperature == 1 else copy.div_(temperature)
 
 
 def _global_max(student: torch.Tensor, teacher: torch.Tensor, temperature: float, group) -> torch.Tensor:
@@ -85,51 +97,75 @@ def _log_softmax_(scaled: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return scaled.sub_(lse.unsqueeze(-1))
 
 
-def _kl_rows(log_ps: torch.Tensor, log_pt: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """This rank's part of Σ_v p (log p − log q) per row: p = teacher (forward) or student (reverse)."""
+def _kl_rows(log_ps: torch.Tensor, log_pt: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(This rank's part of Σ_v p (log p − log q) per row, p): p = teacher (forward) or student (reverse)."""
     log_p, log_q = (log_ps, log_pt) if reverse else (log_pt, log_ps)
-    return torch.sub(log_p, log_q).mul_(log_p.exp()).sum(-1)
+    p = log_p.exp()
+    return torch.sub(log_p, log_q).mul_(p).sum(-1), p
 
 
 class _VocabParallelKL(torch.autograd.Function):
     """Forward: three passes of collectives (max, then per-chunk sum-exp, then one sum of the KL
-    partials). Backward recomputes each chunk's log-probabilities from the saved log-sum-exps (no
-    collective) and writes the gradient chunk by chunk into one buffer of the student's dtype, which
-    is what keeps the fp32 memory bounded; autograd of a chunked forward would keep every chunk's
-    fp32 intermediates alive until backward."""
+    partials). The forward KL's gradient p_s − p_t needs no full-row statistic beyond the log-sum-exps,
+    so when a gradient will be wanted (`with_grad`) the forward writes it, chunk by chunk, into one buffer
+    of the student's dtype while each chunk's probabilities exist; the first backward only scales it by
+    the incoming gradient. Otherwise (reverse KL, whose gradient needs the finished row KL, or a backward
+    after the first, as with retain_graph) backward recomputes each chunk's log-probabilities from the
+    saved log-sum-exps (no collective). Either way the fp32 memory stays bounded by the chunk; autograd
+    of a chunked forward would keep every chunk's fp32 intermediates alive until backward."""
 
     @staticmethod
-    def forward(ctx, student, teacher, group, temperature, reverse, chunk_size):
+    def forward(ctx, student, teacher, group, temperature, reverse, chunk_size, with_grad):
         student2d, teacher2d = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
         lse = _global_max(student2d, teacher2d, temperature, group)
         kl = torch.zeros(student2d.shape[0], dtype=COMPUTE_DTYPE, device=student.device)
+        grad = torch.empty_like(student2d) if with_grad and not reverse else None
         for i in range(0, student2d.shape[0], chunk_size):
-            s, t = _scaled(student2d[i:i + chunk_size], temperature), _scaled(teacher2d[i:i + chunk_size], temperature)
-            m = lse[:, i:i + chunk_size]
-            sums = torch.stack(((s - m[0].unsqueeze(-1)).exp_().sum(-1), (t - m[1].unsqueeze(-1)).exp_().sum(-1)))
-            m.add_(_all_reduce(sums, dist.ReduceOp.SUM, group).log_())  # lse = max + log Σ exp(x − max)
-            kl[i:i + chunk_size] = _kl_rows(_log_softmax_(s, m[0]), _log_softmax_(t, m[1]), reverse)
+            rows = slice(i, i + chunk_size)
+            kl[rows] = _forward_chunk(student2d[rows], teacher2d[rows], lse[:, rows], temperature, reverse, group,
+                                      None if grad is None else grad[rows])
         _all_reduce(kl, dist.ReduceOp.SUM, group)
         ctx.save_for_backward(student, teacher, lse, kl)
-        ctx.temperature, ctx.reverse, ctx.chunk_size = temperature, reverse, chunk_size
+        ctx.temperature, ctx.reverse, ctx.chunk_size, ctx.grad = temperature, reverse, chunk_size, grad
         return kl.reshape(student.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_kl):
         student, teacher, lse, kl = ctx.saved_tensors
-        student2d, teacher2d = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
         grad_rows = grad_kl.reshape(-1).to(COMPUTE_DTYPE) / ctx.temperature
+        if ctx.grad is not None:  # written by the forward; scaled in place, so only the first backward uses it
+            grad, ctx.grad = ctx.grad, None
+            for i in range(0, grad.shape[0], ctx.chunk_size):  # by chunk: a bf16 x fp32 product makes fp32 copies
+                grad[i:i + ctx.chunk_size].mul_(grad_rows[i:i + ctx.chunk_size].unsqueeze(-1))
+            return grad.reshape(student.shape), None, None, None, None, None, None
+        student2d, teacher2d = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
         grad = torch.empty_like(student2d)
         for i in range(0, student2d.shape[0], ctx.chunk_size):
             rows = slice(i, i + ctx.chunk_size)
             log_ps = _log_softmax_(_scaled(student2d[rows], ctx.temperature), lse[0, rows])
             log_pt = _log_softmax_(_scaled(teacher2d[rows], ctx.temperature), lse[1, rows])
             grad[rows] = _kl_grad(log_ps, log_pt, kl[rows], ctx.reverse).mul_(grad_rows[rows].unsqueeze(-1))
-        return grad.reshape(student.shape), None, None, None, None, None
+        return grad.reshape(student.shape), None, None, None, None, None, None
+
+
+def _forward_chunk(student: torch.Tensor, teacher: torch.Tensor, lse: torch.Tensor, temperature: float, reverse: bool,
+                   group, grad: torch.Tensor | None) -> torch.Tensor:
+    """One chunk of the KL's forward: turns its maxima `lse` [2, n] into log-sum-exps (in place), returns
+    this rank's part of its KL rows, and writes the forward KL's gradient p_s − p_t into `grad` when given
+    (with p_t from the KL: what _kl_grad computes, one exp fewer). A function, so that the chunk's fp32
+    arrays are freed before the next chunk's are made."""
+    s, t = _scaled(student, temperature), _scaled(teacher, temperature)
+    sums = torch.stack(((s - lse[0].unsqueeze(-1)).exp_().sum(-1), (t - lse[1].unsqueeze(-1)).exp_().sum(-1)))
+    lse.add_(_all_reduce(sums, dist.ReduceOp.SUM, group).log_())  # lse = max + log Σ exp(x − max)
+    log_ps, log_pt = _log_softmax_(s, lse[0]), _log_softmax_(t, lse[1])
+    kl, p = _kl_rows(log_ps, log_pt, reverse)
+    if grad is not None:
+        grad.copy_(log_ps.exp_().sub_(p))
+    return kl
 
 
 def _kl_grad(log_ps: torch.Tensor, log_pt: torch.Tensor, kl: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """d KL / d (student logits / τ), in place over log_ps.
+    """d KL / d (student logits / τ), in place over log_ps (and log_pt for the forward KL), in backward.
     forward KL(p_t‖p_s): p_s − p_t.
     reverse KL(p_s‖p_t): p_s (log p_s − log p_t − KL), from d p_s,v / d z_i = p_s,v (δ_vi − p_s,i)
     (the Σ p_s d log p_s term vanishes because Σ_v d p_s,v = 0)."""
@@ -146,7 +182,7 @@ def _check(student: torch.Tensor, teacher: torch.Tensor, temperature: float, chu
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
-    return chunk_size or _default_chunk(student.shape[-1])
+    return chunk_size or _default_chunk(student.shape[-1], student.device)
 
 
 def vocab_parallel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, group=None,
@@ -159,9 +195,12 @@ def vocab_parallel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     reverse=True: KL(p_s ‖ p_t). `scale_by_temperature_squared` multiplies by τ², which keeps the
     gradient magnitude independent of τ (Hinton et al.), so loss weights tuned at τ=1 still apply.
     Every rank of `group` gets the same per-token values; the gradient reaches only the student's
-    slice. `chunk_size` tokens are converted to fp32 at a time (default: CHUNK_ELEMENTS / V_local)."""
+    slice. `chunk_size` tokens are converted to fp32 at a time (default: CHUNK_ELEMENTS / V_local, or
+    CPU_CHUNK_ELEMENTS / V_local for logits on the CPU)."""
     chunk = _check(student_logits, teacher_logits, temperature, chunk_size)
-    kl = _VocabParallelKL.apply(student_logits, teacher_logits.detach(), group, float(temperature), reverse, chunk)
+    with_grad = torch.is_grad_enabled() and student_logits.requires_grad  # (inside forward, autograd is off)
+    kl = _VocabParallelKL.apply(student_logits, teacher_logits.detach(), group, float(temperature), reverse, chunk,
+                                with_grad)
     return kl * temperature**2 if scale_by_temperature_squared else kl
 
 

@@ -98,6 +98,21 @@ def test_top_k_equals_reference(reverse, k):
         assert rel(ours[0], full) <= 1e-6
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_gradient_written_by_the_forward_equals_the_recomputed_one_bit_for_bit(temperature):
+    """The forward KL writes its gradient during the forward pass and the first backward scales it;
+    a second backward (retain_graph) recomputes it from the saved log-sum-exps as the reverse KL
+    always does: the two must agree exactly, for an upstream gradient that is not all ones."""
+    student = logits(7, 5, 64, dtype=torch.float32).requires_grad_(True)
+    teacher, upstream = logits(7, 5, 64, dtype=torch.float32, seed=1), logits(7, 5, dtype=torch.float32, seed=2)
+    loss = vocab_parallel_kl(student, teacher, temperature=temperature, chunk_size=3)
+    (written,) = torch.autograd.grad(loss, student, upstream, retain_graph=True)
+    (recomputed,) = torch.autograd.grad(loss, student, upstream)
+    assert torch.equal(written, recomputed)
+    assert rel(written, value_and_grad(lambda s, t: kl_reference(s, t, temperature=temperature), student.double(),
+                                       teacher, upstream.double())[1]) <= 1e-5
+
+
 def test_chunking_does_not_change_results():
     student, teacher = logits(7, 5, 64, dtype=torch.float32), logits(7, 5, 64, dtype=torch.float32, seed=1)
     upstream = logits(7, 5, seed=2)
