@@ -17,12 +17,14 @@ rank other than 0 and fails to load them if rank 0 wrote them elsewhere.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import math
 import os
 import re
 import struct
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -468,7 +470,10 @@ def prefetched(batches: Iterator[dict[str, torch.Tensor]], *, depth: int = 2,
 
     An error raised while reading one is raised here when that micro-batch is due. ``pin_memory``
     (CUDA runs) pins each batch so that ``.to(device, non_blocking=True)`` copies asynchronously. The
-    thread stops when this generator is closed or collected (a validation pass dropping its iterator)."""
+    thread stops, and is waited for, when this generator is closed or collected (a validation pass dropping
+    its iterator), and at interpreter exit for a generator still open then: a daemon thread left inside a
+    torch operation while the interpreter shuts down aborts the process ("terminate called without an
+    active exception")."""
     import queue
     import threading
 
@@ -489,6 +494,8 @@ def prefetched(batches: Iterator[dict[str, torch.Tensor]], *, depth: int = 2,
     def fill() -> None:
         try:
             for batch in batches:
+                if stop.is_set():
+                    return
                 if pin_memory:
                     batch = {k: v.pin_memory() for k, v in batch.items()}
                 if not offer((batch, None)):
@@ -497,6 +504,8 @@ def prefetched(batches: Iterator[dict[str, torch.Tensor]], *, depth: int = 2,
             offer((None, error))
 
     thread = threading.Thread(target=fill, name="prefetched-batches", daemon=True)
+    entry = (stop, thread)
+    _PREFETCHING.add(entry)
     thread.start()
     try:
         while True:
@@ -506,6 +515,23 @@ def prefetched(batches: Iterator[dict[str, torch.Tensor]], *, depth: int = 2,
             yield batch
     finally:
         stop.set()
+        if not sys.is_finalizing():  # past atexit a daemon thread cannot run again: joining it would hang
+            thread.join()
+        _PREFETCHING.discard(entry)
+
+
+_PREFETCHING: set = set()
+"""(stop event, thread) of each `prefetched` reader still running."""
+
+
+@atexit.register
+def _stop_prefetching() -> None:
+    """Stop every prefetch thread and wait for it before the interpreter shuts down (atexit runs while
+    daemon threads still run): each leaves within its 0.1 s put timeout or after the batch it is reading."""
+    for stop, _ in list(_PREFETCHING):
+        stop.set()
+    for _, thread in list(_PREFETCHING):
+        thread.join()
 
 
 def run_batches(data_cfg, tokenizer, cfg, runtime, *, model_vocab_size: int, train_iters=None) -> dict:
