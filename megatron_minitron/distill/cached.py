@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from megatron_minitron.distill.loop import LOSSES, DistillConfig
+from megatron_minitron.distill.loop import LOSSES, DistillConfig, check_teacher_loss
 from megatron_minitron.distill.logits_cache import LABEL_KEY, TARGET_KEYS, LogitsCache, WithTeacherTargets
 from megatron_minitron.training.losses import masked_sum
 
@@ -104,6 +104,9 @@ def distill_from_cache(*, student_info, runtime, train_cfg, cfg: DistillConfig, 
             val = evaluate(trainer, task, valid_batches(), train_cfg.eval_iters)
             log.say(f"before training: teacher lm loss {val['teacher lm loss']:.4f} (cached), student lm loss "
                     f"{val['lm loss']:.4f}, kd loss {val['kd loss']:.4f}")
+            if cfg.teacher_check:  # the cache holds the teacher's label log-probabilities: the same check as online
+                check_teacher_loss(val["teacher lm loss"], vocab_size=student_info.arch.vocab_size,
+                                   where="the teacher the --teacher-logits cache was written from")
             log.write({"kind": "valid", "iteration": 0, **{f"val {k}": v for k, v in val.items()}})
     train(trainer, task=task, train_batches=train_batches, valid_batches=valid_batches,
           paths=RunPaths(save=save, metrics=save / "metrics.jsonl"), tokenizer=tokenizer, provenance=provenance,

@@ -341,14 +341,20 @@ def teacher_sanity_check(trainer, task, valid_batches, *, vocab_size: int, eval_
     from megatron_minitron.training.loop import evaluate
 
     val = evaluate(trainer, task, valid_batches(), eval_iters)
-    limit = math.log(vocab_size) - 1.0
     log(f"before training: teacher lm loss {val['teacher lm loss']:.4f}, student lm loss {val['lm loss']:.4f}, "
         f"kd loss {val['kd loss']:.4f} (uniform prediction: {math.log(vocab_size):.4f})")
-    if not val["teacher lm loss"] < limit:
-        raise ConfigError(f"the teacher looks untrained: its validation loss {val['teacher lm loss']:.4f} is not below "
-                          f"ln(vocab size {vocab_size}) - 1 = {limit:.4f}; check --teacher (pass --skip-teacher-check "
-                          f"to distill from it anyway)")
+    check_teacher_loss(val["teacher lm loss"], vocab_size=vocab_size, where="--teacher")
     return val
+
+
+def check_teacher_loss(loss: float, *, vocab_size: int, where: str) -> None:
+    """Refuse a teacher whose validation LM loss is not at least 1 nat below ln(vocab); `where` names what
+    holds the teacher (--teacher, or the logits cache it was read from)."""
+    limit = math.log(vocab_size) - 1.0
+    if not loss < limit:
+        raise ConfigError(f"the teacher looks untrained: its validation loss {loss:.4f} is not below "
+                          f"ln(vocab size {vocab_size}) - 1 = {limit:.4f}; check {where} (pass --skip-teacher-check "
+                          f"to distill from it anyway)")
 
 
 def distill(*, teacher_info, student_info, runtime, train_cfg, cfg: DistillConfig, train_batches, valid_batches,

@@ -281,3 +281,24 @@ def test_a_cache_cut_with_another_tokenizer_is_refused(cache):
                                           "'another'; write a cache with this run's tokenizer"):
         check_tokenizer(logits, SimpleNamespace(fingerprint="another"))
     check_tokenizer(logits, SimpleNamespace(fingerprint=logits.manifest.tokenizer_fingerprint))
+
+
+def test_a_cache_of_an_untrained_teacher_is_refused_before_step_one(tiny_teacher, student, data_cache,
+                                                                    single_rank_runtime, tmp_path):
+    """The cache's label log-probabilities give the teacher's validation loss, so a cached run checks the
+    teacher as an online run does (a randomly initialised teacher scores about ln(vocab))."""
+    from megatron_minitron.model.build import build_model
+    from megatron_minitron.model.checkpoint import resolve, save_checkpoint
+
+    info = resolve(tiny_teacher)
+    random_teacher = tmp_path / "random-teacher"
+    save_checkpoint(random_teacher, model=build_model(info.arch, single_rank_runtime), arch=info.arch,
+                    runtime=single_rank_runtime, iteration=None, tokenizer=info.tokenizer)
+    made = _minitron(*_cache_cmd(random_teacher, tmp_path / "cache", data_cache))
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    proc = _minitron("distill", "--teacher-logits", tmp_path / "cache", "--student", student, "--save",
+                     tmp_path / "run", "--cache-dir", data_cache, "--train-iters", ITERS, *DATA)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the teacher looks untrained: its validation loss" in proc.stderr
+    assert "--teacher-logits cache" in proc.stderr and "--skip-teacher-check" in proc.stderr
+    assert not list((tmp_path / "run").glob("iter_*"))
