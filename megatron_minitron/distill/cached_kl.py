@@ -282,10 +282,7 @@ def _check_targets(student_logits, ids, logp, log_rest, labels, temperature, chu
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
-    if chunk_size is not None:
-        return chunk_size
-    vocab_local = max(1, student_logits.shape[-1])
-    return _default_chunk(vocab_local) if student_logits.is_cuda else max(1, CHUNK_ELEMENTS // vocab_local)
+    return chunk_size or _default_chunk(student_logits.shape[-1], student_logits.device, cpu_elements=CHUNK_ELEMENTS)
 
 
 def _apply(student_logits, ids, logp, log_rest, labels, *, group, temperature, reverse, scale_by_temperature_squared,

@@ -72,10 +72,12 @@ class _GatherReplicated(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------- vocab-parallel KL
-def _default_chunk(vocab_local: int, device: torch.device | None = None) -> int:
-    """Tokens per chunk: CPU_CHUNK_ELEMENTS / V_local for logits on the CPU, else (an accelerator, or a
-    caller that does not say) CHUNK_ELEMENTS / V_local."""
-    elements = CPU_CHUNK_ELEMENTS if device is not None and device.type == "cpu" else CHUNK_ELEMENTS
+def _default_chunk(vocab_local: int, device: torch.device | None = None, *,
+                   cpu_elements: int = CPU_CHUNK_ELEMENTS) -> int:
+    """Tokens per chunk: cpu_elements / V_local for logits on the CPU (a caller's own budget where its
+    per-chunk work differs: cached_kl.CHUNK_ELEMENTS), else (an accelerator, or a caller that does not
+    say) CHUNK_ELEMENTS / V_local."""
+    elements = cpu_elements if device is not None and device.type == "cpu" else CHUNK_ELEMENTS
     return max(1, elements // max(1, vocab_local))
 
 
