@@ -85,6 +85,9 @@ class Job:
     units: tuple[Unit, ...]
     worker: int
     fsync: bool = True
+    metadata: object = None
+    """The source's DCP Metadata as the caller read it (None: read it again). A forked worker inherits
+    it: unpickling `.metadata` took 23 ms per worker inside the timed window of the 1.15 GB MoE model."""
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -240,7 +243,7 @@ def run_job(job: Job, report: Optional[Callable[[int, int, int], None]] = None
     the file's checksums.json entry ({name: {"size", "blake3"}}, hashed as it was written)."""
     _return_freed_memory()
     plan = job.plan
-    reader = storage.SourceReader(Path(job.source))
+    reader = storage.SourceReader(Path(job.source), metadata=job.metadata)
     axes = AxisIndices(plan, job.head_scores)
     writer = storage.ChunkWriter(Path(job.partial), f"__{job.worker}_0.distcp", fsync=job.fsync)
     parent = os.getppid()
@@ -455,15 +458,18 @@ def prune_checkpoint(source: str | os.PathLike, plan: Plan, out: str | os.PathLi
         (partial / "release").mkdir(parents=True)
     if group is not None:
         dist.barrier(group=group)
-    info = ckpt.resolve(source)
-    metadata = storage.read_dcp_metadata(info.path)
+    if prepared is not None:  # rank 0: what _prepare resolved and read
+        info, metadata = prepared.info, prepared.metadata
+    else:
+        info = ckpt.resolve(source)
+        metadata = storage.read_dcp_metadata(info.path)
     units = plan_units(metadata, plan, head_scores, chunk_bytes)
     total = sum(u.read_bytes + u.write_bytes for u in units)
     progress = _Progress(units=len(units), total_bytes=total, print_fn=print_fn if rank == 0 else (lambda s: None))
     n_workers = world if group is not None else workers
     shares = split_units(units, n_workers)
     jobs = [Job(source=str(info.path), partial=str(partial / "release"), plan=plan,
-                head_scores=head_scores, units=tuple(share), worker=w, fsync=fsync)
+                head_scores=head_scores, units=tuple(share), worker=w, fsync=fsync, metadata=metadata)
             for w, share in enumerate(shares)]
     peaks: dict = {}
     try:
@@ -507,6 +513,8 @@ class _Prepared:
     common: dict
     megatron_meta: dict
     tokenizer: Optional[dict]
+    metadata: object
+    """The source's DCP Metadata, unpickled once for the checks, the units and every forked worker."""
 
 
 def _prepare(source: Path, plan: Plan, out: Path, overwrite: bool, head_scores, chunk_bytes: int) -> _Prepared:
@@ -526,7 +534,8 @@ def _prepare(source: Path, plan: Plan, out: Path, overwrite: bool, head_scores, 
             raise PruneError(f"the source's tokenizer {tokenizer['path']} is missing; the pruned checkpoint "
                              f"could not carry it")
         tokenizer = None  # a Megatron-LM checkpoint naming a tokenizer on another machine
-    return _Prepared(info=info, plan=plan, common=common, megatron_meta=megatron_meta, tokenizer=tokenizer)
+    return _Prepared(info=info, plan=plan, common=common, megatron_meta=megatron_meta, tokenizer=tokenizer,
+                     metadata=metadata)
 
 
 def _finalize(partial: Path, out: Path, prepared: _Prepared, records: list[storage.Record], shards: dict[str, dict],
