@@ -56,6 +56,11 @@ def test_rows_at_layer_and_expert_equal_slicing_in_every_chunk_layout(tmp_path):
             want = full[layer, expert]
             assert torch.equal(reader.read_rows("w", (layer, expert), 0, 10), want), name
             assert torch.equal(reader.read_rows("w", (layer, expert), 3, 8), want[3:8]), name
+            scratch = Scratch()
+            got = reader.read_rows("w", (layer, expert), 0, 10, scratch=scratch)
+            assert torch.equal(got, want), name
+            if name == "halves":  # both halves copied from their mappings into the scratch buffer (no fresh tensor)
+                assert got.data_ptr() == scratch.buffers["rows"].data_ptr()
             index = torch.tensor([0, 2, 5, 9])
             for scratch in (None, Scratch()):
                 got = reader.read_rows("w", (layer, expert), 0, 10, index=index, scratch=scratch)

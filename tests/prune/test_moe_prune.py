@@ -185,3 +185,26 @@ def test_identity_plan_rewrites_a_mixed_moe_checkpoint_bit_for_bit(single_rank_r
             for p in paths]
     assert keys[0] == keys[1]  # every object too, expert extra states included
     assert "decoder.layers.3.mlp.experts.experts.linear_fc2._extra_state/shard_3_4" in keys[1]
+
+
+def test_a_worker_reads_through_the_metadata_it_is_given(single_rank_runtime, tmp_path):
+    """A worker uses the coordinator's DCP metadata (Job.metadata) instead of unpickling `.metadata` again:
+    with that file damaged afterwards, the job writes the same bytes as one that read the intact file."""
+    from megatron_minitron.model import storage
+    from megatron_minitron.prune.rewrite import Job, plan_units, run_job
+
+    _save(ROUTED, single_rank_runtime, tmp_path / "src", seed=7)
+    plan = random_plan(ROUTED, Target(num_experts=4, moe_ffn_hidden_size=24), seed=1)
+    path = ckpt.resolve(tmp_path / "src").path
+    metadata = storage.read_dcp_metadata(path)
+    units = tuple(plan_units(metadata, plan, None, 4096))
+    written = []
+    for name, given in (("read", None), ("given", metadata)):
+        if given is not None:
+            (path / ".metadata").write_bytes(b"damaged")
+        (tmp_path / name).mkdir()
+        records, sums = run_job(Job(source=str(path), partial=str(tmp_path / name), plan=plan, head_scores=None,
+                                    units=units, worker=0, fsync=False, metadata=given))
+        written.append(([(r.key, r.chunk_offsets, r.offset, r.length) for r in records], sums,
+                        (tmp_path / name / "__0_0.distcp").read_bytes()))
+    assert len(written[0][0]) == len(units) and written[0] == written[1]
