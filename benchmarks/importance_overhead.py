@@ -11,7 +11,9 @@ through the same forward-only schedule; passes alternate, in pairs whose order s
 median throughputs (the target's figure), the median of the ratios of adjacent pairs, the ratio of
 this rank's median CPU seconds per pass, and the hooks' share: their main-thread CPU time over that
 of the rest of the same pass (the steadiest figure here, since it needs no second pass: single
-passes of the same work vary by +-15% in wall time on this VM). Also the hooks' working memory
+passes of the same work vary by +-15% in wall time on this VM). The main thread's share misses the
+other intra-op threads' part of the hooks' operations: hook_process_cpu_share is the same ratio of
+the process's CPU time (all threads), the figure to hold against cpu_ratio. Also the hooks' working memory
 (scratch buffer and pending slots), which grows with a micro-batch's tokens up to a cap, not with
 the number of samples. Writes JSON to --out (default benchmarks/results/importance_overhead.json).
 """
@@ -92,17 +94,20 @@ def main() -> None:
     times = {"bare": [], "hooked": []}
     cpu = {"bare": [], "hooked": []}  # this rank's CPU seconds per pass (less noisy than wall time)
     hook_share = []  # per hooked pass: main-thread CPU time in the hooks / in the rest of the pass
+    process_share = []  # per hooked pass: the process's CPU time (all threads) in the hooks / in the rest
     hook_seconds, thread = [], {"bare": [], "hooked": []}  # main-thread CPU seconds
     for repeat in range(args.repeats):
         for name in ("bare", "hooked") if repeat % 2 == 0 else ("hooked", "bare"):
             rt.barrier()
             start, start_cpu, start_thread = time.perf_counter(), time.process_time(), time.thread_time()
             if name == "hooked":
-                hooks_before = collector.hook_seconds
+                hooks_before, process_before = collector.hook_seconds, collector.hook_process_seconds
                 with collector.attached():
                     forward_passes(model, rt, batches(), sizes, args.seq_length)
                 hooks = collector.hook_seconds - hooks_before
                 hook_share.append(hooks / (time.thread_time() - start_thread - hooks))
+                in_hooks = collector.hook_process_seconds - process_before
+                process_share.append(in_hooks / (time.process_time() - start_cpu - in_hooks))
                 hook_seconds.append(hooks)
             else:
                 forward_passes(model, rt, batches(), sizes, args.seq_length)
@@ -125,6 +130,7 @@ def main() -> None:
         "pair_ratio_median": statistics.median(b / h for b, h in zip(times["bare"], times["hooked"])),
         "cpu_ratio": statistics.median(cpu["bare"]) / statistics.median(cpu["hooked"]),
         "hook_cpu_share": statistics.median(hook_share),
+        "hook_process_cpu_share": statistics.median(process_share),
         "seconds": times, "cpu_seconds": cpu, "thread_seconds": thread, "hook_seconds": hook_seconds,
         "accumulator_bytes": {"tokens": [len(short) * args.seq_length // 4, tokens],
                               "bytes": [accumulator_bytes(small), accumulator_bytes(collector)]},

@@ -120,6 +120,9 @@ class Collector:
         self._handles: list = []
         self._views: dict = {}  # shape -> a view of _work
         self.hook_seconds = 0.0  # this thread's CPU time inside the hooks (and their flushes) so far
+        # this process's CPU time (all threads) inside them: adds the intra-op worker threads' part of the
+        # hooks' parallel operations, which `hook_seconds` does not see
+        self.hook_process_seconds = 0.0
         self._pending: dict[str, _Pending] = {}  # key -> its calls not yet folded in: see `_flush`
 
     # ------------------------------------------------------------------------------------ hooks
@@ -328,14 +331,17 @@ class Collector:
 
     def _timed(self, function):
         """function, adding the thread's CPU time inside it to `hook_seconds` (thread time: waits for
-        other ranks in a flush's all-reduce do not count, work does)."""
+        other ranks in a flush's all-reduce do not count, work does) and the process's to
+        `hook_process_seconds` (with several intra-op threads, the hooks' larger operations also run
+        on the others, and `hook_seconds` misses that part of their cost)."""
         @functools.wraps(function)
         def timed(*args, **kwargs):
-            start = time.thread_time()
+            start, start_process = time.thread_time(), time.process_time()
             try:
                 return function(*args, **kwargs)
             finally:
                 self.hook_seconds += time.thread_time() - start
+                self.hook_process_seconds += time.process_time() - start_process
         return timed
 
     # ------------------------------------------------------------------------------- reductions
