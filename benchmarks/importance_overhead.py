@@ -13,7 +13,9 @@ this rank's median CPU seconds per pass, and the hooks' share: their main-thread
 of the rest of the same pass (the steadiest figure here, since it needs no second pass: single
 passes of the same work vary by +-15% in wall time on this VM). The main thread's share misses the
 other intra-op threads' part of the hooks' operations: hook_process_cpu_share is the same ratio of
-the process's CPU time (all threads), the figure to hold against cpu_ratio. Also the hooks' working memory
+the process's CPU time (all threads), the figure to hold against cpu_ratio; hook_wall_share that of
+wall time, to hold against throughput_ratio: where 1 / throughput_ratio - 1 exceeds it, the hooks slow
+the rest of the pass down (wall figures hold only on an otherwise idle machine). Also the hooks' working memory
 (scratch buffer and pending slots), which grows with a micro-batch's tokens up to a cap, not with
 the number of samples. Writes JSON to --out (default benchmarks/results/importance_overhead.json).
 """
@@ -95,6 +97,7 @@ def main() -> None:
     cpu = {"bare": [], "hooked": []}  # this rank's CPU seconds per pass (less noisy than wall time)
     hook_share = []  # per hooked pass: main-thread CPU time in the hooks / in the rest of the pass
     process_share = []  # per hooked pass: the process's CPU time (all threads) in the hooks / in the rest
+    wall_share = []  # per hooked pass: wall time in the hooks / in the rest of the pass
     hook_seconds, thread = [], {"bare": [], "hooked": []}  # main-thread CPU seconds
     for repeat in range(args.repeats):
         for name in ("bare", "hooked") if repeat % 2 == 0 else ("hooked", "bare"):
@@ -102,12 +105,15 @@ def main() -> None:
             start, start_cpu, start_thread = time.perf_counter(), time.process_time(), time.thread_time()
             if name == "hooked":
                 hooks_before, process_before = collector.hook_seconds, collector.hook_process_seconds
+                wall_before = collector.hook_wall_seconds
                 with collector.attached():
                     forward_passes(model, rt, batches(), sizes, args.seq_length)
                 hooks = collector.hook_seconds - hooks_before
                 hook_share.append(hooks / (time.thread_time() - start_thread - hooks))
                 in_hooks = collector.hook_process_seconds - process_before
                 process_share.append(in_hooks / (time.process_time() - start_cpu - in_hooks))
+                in_hooks = collector.hook_wall_seconds - wall_before
+                wall_share.append(in_hooks / (time.perf_counter() - start - in_hooks))
                 hook_seconds.append(hooks)
             else:
                 forward_passes(model, rt, batches(), sizes, args.seq_length)
@@ -131,6 +137,7 @@ def main() -> None:
         "cpu_ratio": statistics.median(cpu["bare"]) / statistics.median(cpu["hooked"]),
         "hook_cpu_share": statistics.median(hook_share),
         "hook_process_cpu_share": statistics.median(process_share),
+        "hook_wall_share": statistics.median(wall_share),
         "seconds": times, "cpu_seconds": cpu, "thread_seconds": thread, "hook_seconds": hook_seconds,
         "accumulator_bytes": {"tokens": [len(short) * args.seq_length // 4, tokens],
                               "bytes": [accumulator_bytes(small), accumulator_bytes(collector)]},

@@ -123,6 +123,7 @@ class Collector:
         # this process's CPU time (all threads) inside them: adds the intra-op worker threads' part of the
         # hooks' parallel operations, which `hook_seconds` does not see
         self.hook_process_seconds = 0.0
+        self.hook_wall_seconds = 0.0  # wall time inside them (with waits: for other ranks, other threads)
         self._pending: dict[str, _Pending] = {}  # key -> its calls not yet folded in: see `_flush`
 
     # ------------------------------------------------------------------------------------ hooks
@@ -333,15 +334,17 @@ class Collector:
         """function, adding the thread's CPU time inside it to `hook_seconds` (thread time: waits for
         other ranks in a flush's all-reduce do not count, work does) and the process's to
         `hook_process_seconds` (with several intra-op threads, the hooks' larger operations also run
-        on the others, and `hook_seconds` misses that part of their cost)."""
+        on the others, and `hook_seconds` misses that part of their cost), and the wall time to
+        `hook_wall_seconds`."""
         @functools.wraps(function)
         def timed(*args, **kwargs):
-            start, start_process = time.thread_time(), time.process_time()
+            start, start_process, start_wall = time.thread_time(), time.process_time(), time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
                 self.hook_seconds += time.thread_time() - start
                 self.hook_process_seconds += time.process_time() - start_process
+                self.hook_wall_seconds += time.perf_counter() - start_wall
         return timed
 
     # ------------------------------------------------------------------------------- reductions
