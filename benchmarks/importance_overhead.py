@@ -3,6 +3,7 @@
 
     torchrun --nproc-per-node 2 benchmarks/importance_overhead.py --tp 2
     torchrun --nproc-per-node 1 benchmarks/importance_overhead.py --arch small-moe   # Mixture of Experts
+    torchrun --nproc-per-node 1 benchmarks/importance_overhead.py --arch small-moe --hook-threads 1 --out /tmp/x.json
 
 Calibration is as `minitron importance` runs it by default (sequence length min(4096, max positions),
 4 samples a micro-batch), on 16 samples. Both sides run the same model on the same micro-batches
@@ -74,6 +75,8 @@ def main() -> None:
                         help="tokens per sample; default as `minitron importance`: min(4096, max positions)")
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--hook-threads", type=int, default=None,
+                        help="intra-op threads for the hooks' operations (default: the forward pass's)")
     parser.add_argument("--out", default=None, help="default benchmarks/results/importance_overhead[_moe].json")
     args = parser.parse_args()
 
@@ -91,7 +94,7 @@ def main() -> None:
         return micro_batches(data, args.samples, micro_batch_size=args.micro_batch_size, dp_rank=rt.dp_rank,
                              dp_size=rt.data_parallel)
 
-    collector = Collector(model, rt, arch, seq_length=args.seq_length)
+    collector = Collector(model, rt, arch, seq_length=args.seq_length, hook_threads=args.hook_threads)
     forward_passes(model, rt, batches(), sizes, args.seq_length)  # warm-up
     times = {"bare": [], "hooked": []}
     cpu = {"bare": [], "hooked": []}  # this rank's CPU seconds per pass (less noisy than wall time)
@@ -130,7 +133,8 @@ def main() -> None:
         forward_passes(model, rt, micro_batches(short, len(short), micro_batch_size=args.micro_batch_size,
                                                 dp_rank=0, dp_size=1), [len(short)], args.seq_length // 4)
     result = {
-        "arch": args.arch, "tp": args.tp, "ep": args.ep, "samples": args.samples, "seq_length": args.seq_length,
+        "arch": args.arch, "tp": args.tp, "ep": args.ep, "hook_threads": args.hook_threads, "samples": args.samples,
+        "seq_length": args.seq_length,
         "tokens_per_s_bare": throughput["bare"], "tokens_per_s_hooked": throughput["hooked"],
         "throughput_ratio": throughput["hooked"] / throughput["bare"], "target_ratio": 0.95,
         "pair_ratio_median": statistics.median(b / h for b, h in zip(times["bare"], times["hooked"])),
