@@ -3,6 +3,7 @@
 
     torchrun --nproc-per-node 2 benchmarks/importance_overhead.py --tp 2
     torchrun --nproc-per-node 1 benchmarks/importance_overhead.py --arch small-moe   # Mixture of Experts
+    torchrun --nproc-per-node 1 benchmarks/importance_overhead.py --arch small-moe --hook-threads 1 --out /tmp/x.json
 
 Calibration is as `minitron importance` runs it by default (sequence length min(4096, max positions),
 4 samples a micro-batch), on 16 samples. Both sides run the same model on the same micro-batches
@@ -11,7 +12,11 @@ through the same forward-only schedule; passes alternate, in pairs whose order s
 median throughputs (the target's figure), the median of the ratios of adjacent pairs, the ratio of
 this rank's median CPU seconds per pass, and the hooks' share: their main-thread CPU time over that
 of the rest of the same pass (the steadiest figure here, since it needs no second pass: single
-passes of the same work vary by +-15% in wall time on this VM). Also the hooks' working memory
+passes of the same work vary by +-15% in wall time on this VM). The main thread's share misses the
+other intra-op threads' part of the hooks' operations: hook_process_cpu_share is the same ratio of
+the process's CPU time (all threads), the figure to hold against cpu_ratio; hook_wall_share that of
+wall time, to hold against throughput_ratio: where 1 / throughput_ratio - 1 exceeds it, the hooks slow
+the rest of the pass down (wall figures hold only on an otherwise idle machine). Also the hooks' working memory
 (scratch buffer and pending slots), which grows with a micro-batch's tokens up to a cap, not with
 the number of samples. Writes JSON to --out (default benchmarks/results/importance_overhead.json).
 """
@@ -70,6 +75,8 @@ def main() -> None:
                         help="tokens per sample; default as `minitron importance`: min(4096, max positions)")
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--hook-threads", type=int, default=None,
+                        help="intra-op threads for the hooks' operations (default: the forward pass's)")
     parser.add_argument("--out", default=None, help="default benchmarks/results/importance_overhead[_moe].json")
     args = parser.parse_args()
 
@@ -87,22 +94,29 @@ def main() -> None:
         return micro_batches(data, args.samples, micro_batch_size=args.micro_batch_size, dp_rank=rt.dp_rank,
                              dp_size=rt.data_parallel)
 
-    collector = Collector(model, rt, arch, seq_length=args.seq_length)
+    collector = Collector(model, rt, arch, seq_length=args.seq_length, hook_threads=args.hook_threads)
     forward_passes(model, rt, batches(), sizes, args.seq_length)  # warm-up
     times = {"bare": [], "hooked": []}
     cpu = {"bare": [], "hooked": []}  # this rank's CPU seconds per pass (less noisy than wall time)
     hook_share = []  # per hooked pass: main-thread CPU time in the hooks / in the rest of the pass
+    process_share = []  # per hooked pass: the process's CPU time (all threads) in the hooks / in the rest
+    wall_share = []  # per hooked pass: wall time in the hooks / in the rest of the pass
     hook_seconds, thread = [], {"bare": [], "hooked": []}  # main-thread CPU seconds
     for repeat in range(args.repeats):
         for name in ("bare", "hooked") if repeat % 2 == 0 else ("hooked", "bare"):
             rt.barrier()
             start, start_cpu, start_thread = time.perf_counter(), time.process_time(), time.thread_time()
             if name == "hooked":
-                hooks_before = collector.hook_seconds
+                hooks_before, process_before = collector.hook_seconds, collector.hook_process_seconds
+                wall_before = collector.hook_wall_seconds
                 with collector.attached():
                     forward_passes(model, rt, batches(), sizes, args.seq_length)
                 hooks = collector.hook_seconds - hooks_before
                 hook_share.append(hooks / (time.thread_time() - start_thread - hooks))
+                in_hooks = collector.hook_process_seconds - process_before
+                process_share.append(in_hooks / (time.process_time() - start_cpu - in_hooks))
+                in_hooks = collector.hook_wall_seconds - wall_before
+                wall_share.append(in_hooks / (time.perf_counter() - start - in_hooks))
                 hook_seconds.append(hooks)
             else:
                 forward_passes(model, rt, batches(), sizes, args.seq_length)
@@ -119,12 +133,15 @@ def main() -> None:
         forward_passes(model, rt, micro_batches(short, len(short), micro_batch_size=args.micro_batch_size,
                                                 dp_rank=0, dp_size=1), [len(short)], args.seq_length // 4)
     result = {
-        "arch": args.arch, "tp": args.tp, "ep": args.ep, "samples": args.samples, "seq_length": args.seq_length,
+        "arch": args.arch, "tp": args.tp, "ep": args.ep, "hook_threads": args.hook_threads, "samples": args.samples,
+        "seq_length": args.seq_length,
         "tokens_per_s_bare": throughput["bare"], "tokens_per_s_hooked": throughput["hooked"],
         "throughput_ratio": throughput["hooked"] / throughput["bare"], "target_ratio": 0.95,
         "pair_ratio_median": statistics.median(b / h for b, h in zip(times["bare"], times["hooked"])),
         "cpu_ratio": statistics.median(cpu["bare"]) / statistics.median(cpu["hooked"]),
         "hook_cpu_share": statistics.median(hook_share),
+        "hook_process_cpu_share": statistics.median(process_share),
+        "hook_wall_share": statistics.median(wall_share),
         "seconds": times, "cpu_seconds": cpu, "thread_seconds": thread, "hook_seconds": hook_seconds,
         "accumulator_bytes": {"tokens": [len(short) * args.seq_length // 4, tokens],
                               "bytes": [accumulator_bytes(small), accumulator_bytes(collector)]},

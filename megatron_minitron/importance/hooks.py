@@ -68,11 +68,20 @@ class Collector:
     """Importance statistics of the layers on this rank's pipeline stage.
 
     Use `with collector.attached(): <forward passes>` then `collector.reduce()` on every rank.
+
+    hook_threads: intra-op threads for the hooks' operations (None: the forward pass's). The hooks run
+    many operations of 0.1-2 M elements, each of which, split over the intra-op threads, pays their
+    synchronisation; `benchmarks/importance_overhead.py --hook-threads 1` measures whether running
+    them on one thread costs less.
     """
 
     def __init__(self, model, runtime, arch, *, seq_length: int, ffn_pre: bool = False, use_te: bool = False,
-                 expert_weighting: str = "router"):
+                 expert_weighting: str = "router", hook_threads: Optional[int] = None):
         from megatron_minitron.model.build import unwrap
+
+        if hook_threads is not None and hook_threads < 1:
+            raise ValueError(f"hook_threads must be None or at least 1, got {hook_threads}")
+        self.hook_threads = hook_threads
 
         self.gpt = unwrap(model)
         self.runtime, self.arch, self.seq_length = runtime, arch, seq_length
@@ -120,6 +129,10 @@ class Collector:
         self._handles: list = []
         self._views: dict = {}  # shape -> a view of _work
         self.hook_seconds = 0.0  # this thread's CPU time inside the hooks (and their flushes) so far
+        # this process's CPU time (all threads) inside them: adds the intra-op worker threads' part of the
+        # hooks' parallel operations, which `hook_seconds` does not see
+        self.hook_process_seconds = 0.0
+        self.hook_wall_seconds = 0.0  # wall time inside them (with waits: for other ranks, other threads)
         self._pending: dict[str, _Pending] = {}  # key -> its calls not yet folded in: see `_flush`
 
     # ------------------------------------------------------------------------------------ hooks
@@ -328,14 +341,24 @@ class Collector:
 
     def _timed(self, function):
         """function, adding the thread's CPU time inside it to `hook_seconds` (thread time: waits for
-        other ranks in a flush's all-reduce do not count, work does)."""
+        other ranks in a flush's all-reduce do not count, work does) and the process's to
+        `hook_process_seconds` (with several intra-op threads, the hooks' larger operations also run
+        on the others, and `hook_seconds` misses that part of their cost), and the wall time to
+        `hook_wall_seconds`. With `hook_threads`, function runs on that many intra-op threads."""
         @functools.wraps(function)
         def timed(*args, **kwargs):
-            start = time.thread_time()
+            start, start_process, start_wall = time.thread_time(), time.process_time(), time.perf_counter()
+            threads = torch.get_num_threads()
+            if self.hook_threads is not None:
+                torch.set_num_threads(self.hook_threads)
             try:
                 return function(*args, **kwargs)
             finally:
+                if self.hook_threads is not None:
+                    torch.set_num_threads(threads)
                 self.hook_seconds += time.thread_time() - start
+                self.hook_process_seconds += time.process_time() - start_process
+                self.hook_wall_seconds += time.perf_counter() - start_wall
         return timed
 
     # ------------------------------------------------------------------------------- reductions

@@ -200,3 +200,31 @@ def test_importance_builds_the_all_gather_dispatcher_on_every_backend():
     assert transformer_config(ARCH, ParallelConfig(), backend="nccl").moe_token_dispatcher_type == "alltoall"
     assert transformer_config(ARCH, ParallelConfig(), backend="nccl",
                               moe_dispatcher="allgather").moe_token_dispatcher_type == "allgather"
+
+
+def test_hooks_on_one_thread_give_the_same_statistics_and_restore_the_threads(scored, single_rank_runtime):
+    """Collector(hook_threads=1) runs the hooks' operations on one intra-op thread and the forward pass
+    on its own count (restored after every hook): the statistics equal those of the default collector."""
+    from megatron_minitron.importance.hooks import Collector
+    from megatron_minitron.importance.run import forward_passes
+
+    model, data, rt = scored[4], scored[5], single_rank_runtime
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        raw, seen = [], []
+        for hook_threads in (None, 1):
+            collector = Collector(model, rt, ARCH, seq_length=SEQ, hook_threads=hook_threads)
+            with collector.attached():
+                forward_passes(model, rt, micro_batches(data, SAMPLES, micro_batch_size=MBS, dp_rank=0, dp_size=1),
+                               [MBS, SAMPLES - MBS], SEQ)
+            seen.append(torch.get_num_threads())
+            raw.append(collector.reduce())
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [2, 2]
+    assert raw[0].keys() == raw[1].keys()
+    for key in raw[0]:
+        torch.testing.assert_close(raw[1][key], raw[0][key], rtol=1e-6, atol=1e-9, equal_nan=True, msg=key)
+    with pytest.raises(ValueError, match="hook_threads"):
+        Collector(model, rt, ARCH, seq_length=SEQ, hook_threads=0)
