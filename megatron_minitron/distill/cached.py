@@ -62,6 +62,19 @@ def cached_task(runtime, cfg: DistillConfig):
     return Task(forward_step=forward_step, losses=LOSSES, eval_only=("teacher lm loss",))
 
 
+def cached_trainer(arch, runtime, train_cfg):
+    """The student's Trainer, its output layer writing batch-major logits as online distillation's does
+    (distill/model.py `batch_major_logits`): no logits copies, and the output weight's gradient summed
+    over the tokens in the online run's order, so that a run from a full-vocabulary cache follows it."""
+    from megatron_minitron.distill.model import batch_major_logits
+    from megatron_minitron.model.build import unwrap
+    from megatron_minitron.training.loop import build_trainer
+
+    trainer = build_trainer(arch, runtime, train_cfg)
+    batch_major_logits(unwrap(trainer.model[0]))  # kept for the model's life
+    return trainer
+
+
 def cached_batches(cache: LogitsCache, data_cfg, tokenizer, train_cfg, runtime, *, model_vocab_size: int) -> dict:
     """`train_batches(start)` / `valid_batches()` as data/loader.run_batches gives them, each sample with its
     cached targets, read ahead by a background thread (`prefetched`). The datasets are built for the cache's
@@ -92,9 +105,9 @@ def distill_from_cache(*, student_info, runtime, train_cfg, cfg: DistillConfig, 
     import json
 
     from megatron_minitron.model.checkpoint import latest_iteration
-    from megatron_minitron.training.loop import MetricsLog, RunPaths, build_trainer, evaluate, init_from, train
+    from megatron_minitron.training.loop import MetricsLog, RunPaths, evaluate, init_from, train
 
-    trainer = build_trainer(student_info.arch, runtime, train_cfg)
+    trainer = cached_trainer(student_info.arch, runtime, train_cfg)
     task = cached_task(runtime, cfg)
     if latest_iteration(save) is None:
         log = MetricsLog(save / "metrics.jsonl", enabled=runtime.is_logging_rank)
