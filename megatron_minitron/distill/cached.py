@@ -22,13 +22,17 @@ from megatron_minitron.training.losses import masked_sum
 
 
 def cached_task(runtime, cfg: DistillConfig):
-    """megatron forward step + loss function of distillation against cached targets."""
+    """megatron forward step + loss function of distillation against cached targets, for a student built by
+    `cached_trainer`."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from megatron_minitron.distill.cached_kl import cached_kl_and_lm
     from megatron_minitron.training.loop import Task
 
     device = runtime.device
+    # the layout the output layer writes (cached_trainer): sequence-first only under sequence parallelism,
+    # where GPTModel hands back a transposed copy; the KL's gradient goes out in that layout (no copy back)
+    sequence_first = runtime.parallel.sequence_parallel
 
     def forward_step(data_iterator: Iterator[dict], model):
         batch = next(data_iterator)
@@ -43,7 +47,7 @@ def cached_task(runtime, cfg: DistillConfig):
                                       group=runtime.tp_group, temperature=cfg.temperature,
                                       reverse=cfg.kd_loss == "reverse",
                                       scale_by_temperature_squared=cfg.temperature_squared,
-                                      sequence_first=True)
+                                      sequence_first=sequence_first)
             if cfg.lm_weight > 0:  # trained on: megatron's CE (as online), on an fp32 copy it may overwrite
                 copy = student_logits.float() if student_logits.dtype != torch.float32 else student_logits.clone()
                 lm = vocab_parallel_cross_entropy(copy, batch["labels"])

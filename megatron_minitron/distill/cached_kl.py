@@ -317,9 +317,10 @@ def cached_kl_and_lm(student_logits: torch.Tensor, ids: torch.Tensor, logp: torc
     """`cached_kl`, and the student's LM loss -log softmax(student_logits)[label] (temperature 1, global
     label ids [...]) from the same pass over the vocabulary: fp32 [...] each. The LM loss is for reports and
     carries no gradient (a run that trains on it adds megatron's vocab-parallel cross entropy).
-    `sequence_first`: the logits [b, s, V] are GPTModel's transposed copy of its output layer's [s, b, V];
-    the gradient is then laid out [s, b, V] (returned as a transposed view), which the output layer's
-    backward reads without a copy."""
+    `sequence_first`: the logits [b, s, V] are GPTModel's transposed copy of its output layer's [s, b, V]
+    (under sequence parallelism; otherwise distillation's output layers write [b, s, V] themselves, see
+    distill/model.py batch_major_logits); the gradient is then laid out [s, b, V] (returned as a transposed
+    view), which the output layer's backward reads without a copy."""
     return _apply(student_logits, ids, logp, log_rest, labels, group=group, temperature=temperature,
                   reverse=reverse, scale_by_temperature_squared=scale_by_temperature_squared, chunk_size=chunk_size,
                   sequence_first=sequence_first)
