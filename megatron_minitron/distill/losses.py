@@ -72,12 +72,13 @@ class _GatherReplicated(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------- vocab-parallel KL
-def _default_chunk(vocab_local: int, device: torch.device | None = None, *,
-                   cpu_elements: int = CPU_CHUNK_ELEMENTS) -> int:
-    """Tokens per chunk: cpu_elements / V_local for logits on the CPU (a caller's own budget where its
-    per-chunk work differs: cached_kl.CHUNK_ELEMENTS), else (an accelerator, or a caller that does not
-    say) CHUNK_ELEMENTS / V_local."""
-    elements = cpu_elements if device is not None and device.type == "cpu" else CHUNK_ELEMENTS
+def _default_chunk(vocab_local: int, device: torch.device) -> int:
+    """Tokens per chunk: CPU_CHUNK_ELEMENTS / V_local for logits on the CPU, else CHUNK_ELEMENTS / V_local.
+    One budget for every chunked pass here and in cached_kl.py: measured single-threaded at 1,024 tokens of
+    an 8k vocabulary (loaded 2-core machine, medians of 8), 2^19 elements was as fast as or faster than 2^21
+    for the KL (86-148 vs 133-154 ms), the teacher's top-k (54-73 vs 72-76 ms), the cached KL (59-67 vs
+    65 ms) and the reported cross entropy (12-13 vs 14-17 ms)."""
+    elements = CPU_CHUNK_ELEMENTS if device.type == "cpu" else CHUNK_ELEMENTS
     return max(1, elements // max(1, vocab_local))
 
 
