@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_minitron.config import preset  # noqa: E402
 from megatron_minitron.data.loader import batch_iterator, prefetched  # noqa: E402
 from megatron_minitron.distill import logits_cache as lc  # noqa: E402
-from megatron_minitron.distill.cached import cached_task  # noqa: E402
+from megatron_minitron.distill.cached import cached_task, cached_trainer  # noqa: E402
 from megatron_minitron.distill.loop import DistillConfig, build, distill_task  # noqa: E402
 from megatron_minitron.model import checkpoint as ckpt  # noqa: E402
 from megatron_minitron.model.build import build_model  # noqa: E402
@@ -118,7 +118,7 @@ def main() -> None:
     online, pairs = build(teacher, student, rt, cfg, dcfg)
     init_from(online, student.root)
     online_task = distill_task(rt, dcfg, online.chunks[0], pairs)
-    cached, own = build_trainer(student_arch, rt, cfg), build_trainer(student_arch, rt, cfg)
+    cached, own = cached_trainer(student_arch, rt, cfg), build_trainer(student_arch, rt, cfg)
     init_from(cached, student.root)
     init_from(own, student.root)
     cache = lc.LogitsCache(root / f"k{args.timed_k}")

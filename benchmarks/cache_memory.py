@@ -62,7 +62,7 @@ def arm(rt, root: Path, kind: str, steps: int) -> dict:
     """One kind of run for `steps` steps (the first untimed); this rank's memory and step times."""
     from megatron_minitron.data.loader import batch_iterator, prefetched
     from megatron_minitron.distill import logits_cache as lc
-    from megatron_minitron.distill.cached import cached_task
+    from megatron_minitron.distill.cached import cached_task, cached_trainer
     from megatron_minitron.distill.loop import DistillConfig, build, distill_task
     from megatron_minitron.model import checkpoint as ckpt
     from megatron_minitron.training.loop import TrainConfig, build_trainer, init_from, lm_task, train_step
@@ -78,7 +78,7 @@ def arm(rt, root: Path, kind: str, steps: int) -> dict:
         trainer, pairs = build(teacher, student, rt, cfg, dcfg)
         task = distill_task(rt, dcfg, trainer.chunks[0], pairs)
     else:
-        trainer = build_trainer(student_arch, rt, cfg)
+        trainer = (build_trainer if kind == "student" else cached_trainer)(student_arch, rt, cfg)
         task = lm_task(rt.device) if kind == "student" else cached_task(rt, dcfg)
     init_from(trainer, student.root)
     if kind == "cached":

@@ -22,13 +22,17 @@ from megatron_minitron.training.losses import masked_sum
 
 
 def cached_task(runtime, cfg: DistillConfig):
-    """megatron forward step + loss function of distillation against cached targets."""
+    """megatron forward step + loss function of distillation against cached targets, for a student built by
+    `cached_trainer`."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from megatron_minitron.distill.cached_kl import cached_kl_and_lm
     from megatron_minitron.training.loop import Task
 
     device = runtime.device
+    # the layout the output layer writes (cached_trainer): sequence-first only under sequence parallelism,
+    # where GPTModel hands back a transposed copy; the KL's gradient goes out in that layout (no copy back)
+    sequence_first = runtime.parallel.sequence_parallel
 
     def forward_step(data_iterator: Iterator[dict], model):
         batch = next(data_iterator)
@@ -43,7 +47,7 @@ def cached_task(runtime, cfg: DistillConfig):
                                       group=runtime.tp_group, temperature=cfg.temperature,
                                       reverse=cfg.kd_loss == "reverse",
                                       scale_by_temperature_squared=cfg.temperature_squared,
-                                      sequence_first=True)
+                                      sequence_first=sequence_first)
             if cfg.lm_weight > 0:  # trained on: megatron's CE (as online), on an fp32 copy it may overwrite
                 copy = student_logits.float() if student_logits.dtype != torch.float32 else student_logits.clone()
                 lm = vocab_parallel_cross_entropy(copy, batch["labels"])
@@ -60,6 +64,19 @@ def cached_task(runtime, cfg: DistillConfig):
         return logits, loss_func
 
     return Task(forward_step=forward_step, losses=LOSSES, eval_only=("teacher lm loss",))
+
+
+def cached_trainer(arch, runtime, train_cfg):
+    """The student's Trainer, its output layer writing batch-major logits as online distillation's does
+    (distill/model.py `batch_major_logits`): no logits copies, and the output weight's gradient summed
+    over the tokens in the online run's order, so that a run from a full-vocabulary cache follows it."""
+    from megatron_minitron.distill.model import batch_major_logits
+    from megatron_minitron.model.build import unwrap
+    from megatron_minitron.training.loop import build_trainer
+
+    trainer = build_trainer(arch, runtime, train_cfg)
+    batch_major_logits(unwrap(trainer.model[0]))  # kept for the model's life
+    return trainer
 
 
 def cached_batches(cache: LogitsCache, data_cfg, tokenizer, train_cfg, runtime, *, model_vocab_size: int) -> dict:
@@ -92,9 +109,9 @@ def distill_from_cache(*, student_info, runtime, train_cfg, cfg: DistillConfig, 
     import json
 
     from megatron_minitron.model.checkpoint import latest_iteration
-    from megatron_minitron.training.loop import MetricsLog, RunPaths, build_trainer, evaluate, init_from, train
+    from megatron_minitron.training.loop import MetricsLog, RunPaths, evaluate, init_from, train
 
-    trainer = build_trainer(student_info.arch, runtime, train_cfg)
+    trainer = cached_trainer(student_info.arch, runtime, train_cfg)
     task = cached_task(runtime, cfg)
     if latest_iteration(save) is None:
         log = MetricsLog(save / "metrics.jsonl", enabled=runtime.is_logging_rank)

@@ -63,7 +63,7 @@ def teacher_top_k(teacher_logits: torch.Tensor, *, k: int, group=None, temperatu
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     x2d = teacher_logits.reshape(-1, vocab_local)
-    chunk, start = chunk_size or _default_chunk(vocab_local), _rank(group) * vocab_local
+    chunk, start = chunk_size or _default_chunk(vocab_local, x2d.device), _rank(group) * vocab_local
     ids = torch.empty(x2d.shape[0], k, dtype=torch.int64, device=x2d.device)
     logp = torch.empty(x2d.shape[0], k, dtype=COMPUTE_DTYPE, device=x2d.device)
     log_rest = torch.empty(x2d.shape[0], dtype=COMPUTE_DTYPE, device=x2d.device)
@@ -88,15 +88,6 @@ def teacher_top_k(teacher_logits: torch.Tensor, *, k: int, group=None, temperatu
 
 
 # ---------------------------------------------------------------------------------- reading a cache
-CHUNK_ELEMENTS = 2**21
-"""Default chunk of `cached_kl` on a CPU: tokens x V_local elements (8 MiB of fp32). Each chunk goes through
-several element-wise steps in a row (max, shift, exp, two sums, zeroing the cached ids, the gradient); a
-chunk that fits in the CPU's cache is read from memory once, not once per step. Each step is a parallel
-region, though: on a loaded 2-core machine small regions wait for descheduled threads (measured there:
-fast at best, a slow median), so the chunk is no smaller than this. On a GPU the chunk is losses.py's
-(kernel launches, not caches, are the cost there)."""
-
-
 def _support(ids2d: torch.Tensor, start: int, width: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Where the cached ids [N, K] that this rank holds sit in its [N, width] slice of the logits: `mine`
     [N, K], which of them it holds; `flat`, their flat positions (row-major, in the order of `ids[mine]`);
@@ -282,7 +273,7 @@ def _check_targets(student_logits, ids, logp, log_rest, labels, temperature, chu
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
-    return chunk_size or _default_chunk(student_logits.shape[-1], student_logits.device, cpu_elements=CHUNK_ELEMENTS)
+    return chunk_size or _default_chunk(student_logits.shape[-1], student_logits.device)
 
 
 def _apply(student_logits, ids, logp, log_rest, labels, *, group, temperature, reverse, scale_by_temperature_squared,
@@ -317,9 +308,10 @@ def cached_kl_and_lm(student_logits: torch.Tensor, ids: torch.Tensor, logp: torc
     """`cached_kl`, and the student's LM loss -log softmax(student_logits)[label] (temperature 1, global
     label ids [...]) from the same pass over the vocabulary: fp32 [...] each. The LM loss is for reports and
     carries no gradient (a run that trains on it adds megatron's vocab-parallel cross entropy).
-    `sequence_first`: the logits [b, s, V] are GPTModel's transposed copy of its output layer's [s, b, V];
-    the gradient is then laid out [s, b, V] (returned as a transposed view), which the output layer's
-    backward reads without a copy."""
+    `sequence_first`: the logits [b, s, V] are GPTModel's transposed copy of its output layer's [s, b, V]
+    (under sequence parallelism; otherwise distillation's output layers write [b, s, V] themselves, see
+    distill/model.py batch_major_logits); the gradient is then laid out [s, b, V] (returned as a transposed
+    view), which the output layer's backward reads without a copy."""
     return _apply(student_logits, ids, logp, log_rest, labels, group=group, temperature=temperature,
                   reverse=reverse, scale_by_temperature_squared=scale_by_temperature_squared, chunk_size=chunk_size,
                   sequence_first=sequence_first)

@@ -255,15 +255,6 @@ def distill_task(runtime, cfg: DistillConfig, chunk: DistillationChunk, pairs: t
         copy = logits.float() if logits.dtype != torch.float32 else logits.clone()
         return vocab_parallel_cross_entropy(copy, labels)
 
-    @torch.no_grad()
-    def reported_cross_entropy(logits, labels):
-        """The same per-token values, for reports only: chunk by chunk of tokens (the KL's chunk), so the
-        copies stay chunk-sized (every step of megatron's CE is per token, so the bits do not change)."""
-        logits2d, labels1d = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-        chunk = losses._default_chunk(logits.shape[-1], logits.device)
-        return torch.cat([cross_entropy(logits2d[i:i + chunk], labels1d[i:i + chunk])
-                          for i in range(0, labels1d.shape[0], chunk)]).reshape(labels.shape)
-
     def forward_step(data_iterator: Iterator[dict], model: DistillationChunk):
         batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
         out = model(batch["tokens"], batch["position_ids"], None, loss_mask=batch["loss_mask"])
@@ -277,10 +268,10 @@ def distill_task(runtime, cfg: DistillConfig, chunk: DistillationChunk, pairs: t
             if cfg.lm_weight > 0:
                 lm = cross_entropy(student_logits, batch["labels"])
             else:
-                lm = reported_cross_entropy(student_logits, batch["labels"])
+                lm = losses.reported_cross_entropy(student_logits, batch["labels"], group=group)
             # the teacher's own loss is for validation reports only
             teacher_lm = (torch.zeros_like(kd_loss) if model.training
-                          else reported_cross_entropy(teacher_logits, batch["labels"]))
+                          else losses.reported_cross_entropy(teacher_logits, batch["labels"], group=group))
             total = cfg.kd_weight * kd_loss + cfg.lm_weight * lm
             loss_sum, count = masked_sum(total, mask)
             report = {}

@@ -125,6 +125,7 @@ class DistillationChunk(torch.nn.Module):
         self._teacher_hidden: dict[int, torch.Tensor] = {}
         self._hooks = self._capture(unwrap(student), {p.student for p in self.pairs}, self._student_hidden)
         self._hooks += self._capture(unwrap(teacher), {p.teacher for p in self.pairs}, self._teacher_hidden)
+        self._hooks += batch_major_logits(unwrap(student)) + batch_major_logits(unwrap(teacher))
         self.reports: list[torch.Tensor] = []  # per micro-batch [pairs, 2]: loss sum, token count
         teacher.eval()
         for param in teacher.parameters():
@@ -207,3 +208,32 @@ def _sequence_mask(loss_mask: Optional[torch.Tensor], per_token: torch.Tensor, t
         chunk = per_token.shape[0]
         mask = mask[tp_rank * chunk:(tp_rank + 1) * chunk]
     return mask
+
+
+def batch_major_logits(gpt) -> list:
+    """Hooks that make the output layer of `gpt` (if this stage has it) write its logits batch-major.
+
+    megatron's GPTModel returns logits [b, s, V] as `logits.transpose(0, 1).contiguous()` of the output
+    layer's [s, b, V]: a copy of the largest activation in each model's forward and another in the
+    student's backward (three vocabulary-sized copies per micro-batch, about as much time as the KL's
+    backward on the CPU). Feeding the layer its input as [b, s, h] (a copy h/V the size) and handing back
+    the [s, b, V] view of its [b, s, V] result makes that `.contiguous()` return the tensor itself, so
+    neither the forward nor the backward copies the logits. Only the order in which the output weight's
+    gradient sums the tokens changes. Not under sequence parallelism, where the layer first gathers its
+    input's sequence slices along dim 0 and so needs the sequence first. Returns the hook handles (none
+    then). Distillation from a cache hooks its student too: it then sums the output weight's gradient in
+    the online run's order (and copies no logits either)."""
+    layer = getattr(gpt, "output_layer", None)
+    if layer is None or gpt.config.sequence_parallel:
+        return []
+
+    def batch_first(_module, args, kwargs):
+        hidden, *rest = args
+        return (hidden.transpose(0, 1).contiguous(), *rest), kwargs
+
+    def sequence_first_view(_module, _args, _kwargs, output):
+        logits, bias = output
+        return logits.transpose(0, 1), bias
+
+    return [layer.register_forward_pre_hook(batch_first, with_kwargs=True),
+            layer.register_forward_hook(sequence_first_view, with_kwargs=True)]

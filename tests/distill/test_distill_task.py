@@ -72,6 +72,37 @@ def test_reported_losses_equal_the_loss_functions(pair, single_rank_runtime, opt
     chunk.close()
 
 
+def test_logits_are_the_output_layers_own_batch_major_tensor(pair, single_rank_runtime):
+    """Both models' logits come out of the chunk as the output layer's storage (no transposed copy), equal
+    to the logits of the same models without the chunk's hooks, and the student's gradient still flows."""
+    from megatron_minitron.model.build import unwrap
+
+    teacher, student = pair
+    rt = single_rank_runtime
+    trainer, pairs = build(teacher, student, rt, TrainConfig(train_iters=2, micro_batch_size=MBS,
+                                                             global_batch_size=MBS, seq_length=SEQ,
+                                                             lr_warmup_iters=0), DistillConfig())
+    chunk = trainer.chunks[0]
+    models = (unwrap(chunk.module), unwrap(chunk.teacher))
+    written: dict = {}  # registered after the chunk's hooks: sees what GPTModel receives
+    probes = [m.output_layer.register_forward_hook(lambda layer, _a, out: written.update({layer: out[0]}))
+              for m in models]
+    batch = _batch(teacher.arch.vocab_size)
+    s_out, t_out = chunk(batch["tokens"], batch["position_ids"], None)
+    for probe in probes:
+        probe.remove()
+    for out, model in zip((s_out, t_out), models):
+        assert out.shape == (MBS, SEQ, student.arch.padded_vocab) and out.is_contiguous()
+        assert out.data_ptr() == written[model.output_layer].data_ptr()
+    s_out.float().square().sum().backward()
+    assert unwrap(chunk.module).output_layer.weight.main_grad.abs().sum() > 0
+    chunk.close()  # the models as megatron alone runs them: [s, b, V] logits, transposed and copied
+    with torch.no_grad():
+        for out, model in zip((s_out, t_out), models):
+            plain = model(batch["tokens"], batch["position_ids"], None)
+            torch.testing.assert_close(out.detach(), plain, rtol=1e-6, atol=1e-6)
+
+
 def test_cli_flags_reach_the_config():
     from megatron_minitron.cli.distill import add_arguments, distill_config
 

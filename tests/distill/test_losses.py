@@ -217,3 +217,17 @@ def test_masked_sum_keeps_nan_at_masked_positions_out():
 def test_bad_input_is_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_reported_cross_entropy_equals_torch(dtype):
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(*SHAPE, generator=g, dtype=torch.float64) * 3).to(dtype)
+    labels = torch.randint(0, SHAPE[-1], SHAPE[:-1], generator=g)
+    expected = torch.nn.functional.cross_entropy(logits.double().flatten(0, 1), labels.flatten(), reduction="none")
+    for chunk_size in (None, 1, 4):
+        got = losses.reported_cross_entropy(logits, labels, chunk_size=chunk_size)
+        assert got.dtype == torch.float32 and got.shape == labels.shape
+        torch.testing.assert_close(got.double().flatten(), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"labels \(5, 2\) do not match logits \(5, 3, 37\)"):
+        losses.reported_cross_entropy(logits, labels[:, :2])

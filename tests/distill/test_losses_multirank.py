@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import REPO, torchrun
 from tests.distill.reference import kl_reference
-from tests.multirank.distill_losses import CASES, inputs
+from tests.multirank.distill_losses import CASES, inputs, labels
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +43,11 @@ def test_split_vocabulary_equals_single_process(ranks, name):
         assert rel(r[name]["loss"], loss) <= tol, name
     # each rank's gradient is the gradient of its own vocabulary slice; in rank order they are the whole
     assert rel(torch.cat([r[name]["grad"] for r in ranks], dim=-1), grad) <= tol, name
+
+
+def test_reported_cross_entropy_over_a_split_vocabulary(ranks):
+    student, _, _ = inputs(torch.float64)
+    expected = torch.nn.functional.cross_entropy(student.flatten(0, -2), labels().flatten(), reduction="none")
+    for r in ranks:  # every rank reports the cross entropy of the whole vocabulary, whichever rank holds the label
+        assert r["cross_entropy"].dtype == torch.float32
+        assert rel(r["cross_entropy"].flatten(), expected) <= 1e-6

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from megatron_minitron.config import preset  # noqa: E402
 from megatron_minitron.data.loader import batch_iterator  # noqa: E402
 from megatron_minitron.distill import logits_cache as lc  # noqa: E402
-from megatron_minitron.distill.cached import cached_task  # noqa: E402
+from megatron_minitron.distill.cached import cached_task, cached_trainer  # noqa: E402
 from megatron_minitron.distill.cached_kl import cached_kl, teacher_top_k  # noqa: E402
 from megatron_minitron.distill.loop import DistillConfig, build, distill_task  # noqa: E402
 from megatron_minitron.model import checkpoint as ckpt  # noqa: E402
@@ -36,7 +36,7 @@ from megatron_minitron.model.build import build_model, unwrap  # noqa: E402
 from megatron_minitron.plan import Target, random_plan  # noqa: E402
 from megatron_minitron.prune.rewrite import prune_checkpoint  # noqa: E402
 from megatron_minitron.runtime import ParallelConfig, initialize, shutdown  # noqa: E402
-from megatron_minitron.training.loop import TrainConfig, build_trainer, evaluate, init_from, train_step  # noqa: E402
+from megatron_minitron.training.loop import TrainConfig, evaluate, init_from, train_step  # noqa: E402
 from tests.multirank import synthetic  # noqa: E402
 
 ARCH = preset("tiny")
@@ -138,7 +138,7 @@ def compare_runs(out: Path, teacher, student) -> None:
         trainer.chunks[0].close()
 
         rt = initialize(parallel, seed=5)
-        trainer = build_trainer(student.arch, rt, cfg)
+        trainer = cached_trainer(student.arch, rt, cfg)
         init_from(trainer, student.root)
         cache = lc.LogitsCache(out / f"cache_{cache_layout}_k{ARCH.padded_vocab}")
         data = batches(rt, lc.WithTeacherTargets(Samples(), cache, "train"))

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_minitron.distill.losses import top_k_kl, vocab_parallel_kl  # noqa: E402
+from megatron_minitron.distill.losses import reported_cross_entropy, top_k_kl, vocab_parallel_kl  # noqa: E402
 
 SHAPE = (6, 3, 40)  # [s, b, V]: padded vocabulary 40, 20 per rank
 CASES = {  # name: (function, keyword arguments, dtype)
@@ -48,6 +48,17 @@ def run_case(fn, kwargs: dict, dtype: torch.dtype, rank: int, world: int, group)
     return {"loss": loss.detach(), "grad": local.grad}
 
 
+def labels() -> torch.Tensor:
+    """Labels over the whole vocabulary, identical on every rank (so each rank holds some of them)."""
+    return torch.randint(0, SHAPE[-1], SHAPE[:-1], generator=torch.Generator().manual_seed(1))
+
+
+def run_cross_entropy(rank: int, world: int, group) -> torch.Tensor:
+    student, _, _ = inputs(torch.float32)
+    width = SHAPE[-1] // world
+    return reported_cross_entropy(student[..., rank * width:(rank + 1) * width], labels(), group=group, chunk_size=3)
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
@@ -55,6 +66,7 @@ if __name__ == "__main__":
         rank, world = dist.get_rank(), dist.get_world_size()
         group = dist.new_group(list(range(world)))  # an explicit group, not WORLD, as TP would pass
         results = {name: run_case(fn, kwargs, dtype, rank, world, group) for name, (fn, kwargs, dtype) in CASES.items()}
+        results["cross_entropy"] = run_cross_entropy(rank, world, group)
         torch.save(results, out / f"rank{rank}.pt")
         dist.barrier(group=group)
     finally:
