@@ -261,10 +261,10 @@ def write_split(model, runtime, dataset, *, split: str, manifest: CacheManifest,
     """The teacher's targets for the shards `todo` of one split: data-parallel replica r does shards r, r + DP, …
     (each pipeline of TP ranks as one), the last stage's first TP rank writes them."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from megatron_minitron.data.loader import collate
     from megatron_minitron.distill.cached_kl import teacher_top_k
+    from megatron_minitron.distill.losses import reported_cross_entropy
 
     device, gbs = runtime.device, manifest.global_batch_size
     mine = [i for i in todo if i % runtime.data_parallel == runtime.dp_rank]
@@ -283,9 +283,8 @@ def write_split(model, runtime, dataset, *, split: str, manifest: CacheManifest,
             def targets(output):
                 ids, logp, rest = teacher_top_k(output, k=manifest.top_k, group=runtime.tp_group,
                                                 temperature=manifest.temperature)
-                # the online teacher LM loss's own computation (distill/loop.py), on an fp32 copy it may overwrite
-                label_logp = vocab_parallel_cross_entropy(output.float() if output.dtype != torch.float32
-                                                          else output.clone(), labels).neg_()
+                # the online teacher LM loss's own computation (distill/loop.py): no vocabulary-sized copy
+                label_logp = reported_cross_entropy(output, labels, group=runtime.tp_group).neg_()
                 parts.append((tokens, ids, logp, rest, label_logp))
                 zero = output.float().sum() * 0
                 return zero, torch.ones((), dtype=torch.int), {"zero": torch.stack([zero, zero])}
