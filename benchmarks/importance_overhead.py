@@ -4,6 +4,8 @@
     torchrun --nproc-per-node 2 benchmarks/importance_overhead.py --tp 2
     torchrun --nproc-per-node 1 benchmarks/importance_overhead.py --arch small-moe   # Mixture of Experts
     torchrun --nproc-per-node 1 benchmarks/importance_overhead.py --arch small-moe --hook-threads 1 --out /tmp/x.json
+    torchrun --nproc-per-node 1 benchmarks/importance_overhead.py --arch small-moe --set hidden_size=1024 \
+        --set moe_ffn_hidden_size=1024 --samples 8 --repeats 6 --out /tmp/wide.json   # wider experts
 
 Calibration is as `minitron importance` runs it by default (sequence length min(4096, max positions),
 4 samples a micro-batch), on 16 samples. Both sides run the same model on the same micro-batches
@@ -34,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_minitron.config import preset  # noqa: E402
+from megatron_minitron.config import ArchConfig, load_arch, unknown_fields  # noqa: E402
 from megatron_minitron.importance.calibration import micro_batch_sizes, micro_batches  # noqa: E402
 from megatron_minitron.importance.hooks import Collector  # noqa: E402
 from megatron_minitron.importance.run import forward_passes  # noqa: E402
@@ -69,7 +71,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE architectures)")
-    parser.add_argument("--arch", default="small", help="a preset; a MoE one (small-moe) also scores its experts")
+    parser.add_argument("--arch", default="small", help="a preset or an architecture JSON file; a MoE one "
+                                                        "(small-moe) also scores its experts")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a field of the architecture (a JSON value), e.g. hidden_size=1024; repeatable")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-length", type=int, default=None,
                         help="tokens per sample; default as `minitron importance`: min(4096, max positions)")
@@ -80,7 +85,14 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default benchmarks/results/importance_overhead[_moe].json")
     args = parser.parse_args()
 
-    arch = preset(args.arch)
+    arch = load_arch(args.arch)
+    bad = [item for item in args.set if "=" not in item]
+    changes = {field: value for field, value in (item.split("=", 1) for item in args.set if "=" in item)}
+    unknown = unknown_fields(ArchConfig, changes)
+    if bad or unknown:
+        parser.error(f"--set {(bad + unknown)[0]!r}: give FIELD=VALUE with FIELD an architecture field")
+    if changes:
+        arch = arch.replace(**{field: json.loads(value) for field, value in changes.items()})
     rt = initialize(ParallelConfig(tensor_parallel=args.tp, expert_parallel=args.ep,  # MoE at TP > 1 needs SP
                                    sequence_parallel=args.tp > 1 and arch.is_moe))
     args.out = args.out or f"benchmarks/results/importance_overhead{'_moe' if arch.is_moe else ''}.json"
@@ -133,7 +145,7 @@ def main() -> None:
         forward_passes(model, rt, micro_batches(short, len(short), micro_batch_size=args.micro_batch_size,
                                                 dp_rank=0, dp_size=1), [len(short)], args.seq_length // 4)
     result = {
-        "arch": args.arch, "tp": args.tp, "ep": args.ep, "hook_threads": args.hook_threads, "samples": args.samples,
+        "arch": args.arch, "changes": changes, "tp": args.tp, "ep": args.ep, "hook_threads": args.hook_threads, "samples": args.samples,
         "seq_length": args.seq_length,
         "tokens_per_s_bare": throughput["bare"], "tokens_per_s_hooked": throughput["hooked"],
         "throughput_ratio": throughput["hooked"] / throughput["bare"], "target_ratio": 0.95,

@@ -334,7 +334,7 @@ def _write_metadata(plan: ImportPlan, partial: Path, release: Path, tp: int, pp:
                            "model_type": plan.family.model_type, "hf_config": f"{HF_DIR}/{files.CONFIG}"}}
     if plan.tokenizer is not None:
         meta["tokenizer"] = plan.tokenizer
-    (release / ckpt.META).write_text(json.dumps(meta, indent=2) + "\n")
+    (release / ckpt.META).write_text(ckpt.meta_text(meta))
     (release / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))  # the finished marker: last
     write_checksums(release, known=shards)
     (partial / ckpt.TRACKER).write_text("release")

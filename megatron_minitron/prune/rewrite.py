@@ -462,12 +462,12 @@ def prune_checkpoint(source: str | os.PathLike, plan: Plan, out: str | os.PathLi
         (partial / "release").mkdir(parents=True)
     if group is not None:
         dist.barrier(group=group)
-    if prepared is not None:  # rank 0: what _prepare resolved and read
-        info, metadata = prepared.info, prepared.metadata
+    if prepared is not None:  # rank 0: what _prepare resolved, read and planned
+        info, metadata, units = prepared.info, prepared.metadata, prepared.units
     else:
         info = ckpt.resolve(source)
         metadata = storage.read_dcp_metadata(info.path)
-    units = plan_units(metadata, plan, head_scores, chunk_bytes)
+        units = plan_units(metadata, plan, head_scores, chunk_bytes)
     total = sum(u.read_bytes + u.write_bytes for u in units)
     progress = _Progress(units=len(units), total_bytes=total, print_fn=print_fn if rank == 0 else (lambda s: None))
     n_workers = world if group is not None else workers
@@ -522,6 +522,8 @@ class _Prepared:
     tokenizer: Optional[dict]
     metadata: object
     """The source's DCP Metadata, unpickled once for the checks, the units and every forked worker."""
+    units: list
+    """plan_units of the source: planned once, as the check that every key is known, and then run."""
 
 
 def _prepare(source: Path, plan: Plan, out: Path, overwrite: bool, head_scores, chunk_bytes: int) -> _Prepared:
@@ -532,7 +534,7 @@ def _prepare(source: Path, plan: Plan, out: Path, overwrite: bool, head_scores, 
     _check_paths(info.root, out, overwrite)
     metadata = storage.read_dcp_metadata(info.path)
     storage.check_storage_files(info.path, metadata)
-    plan_units(metadata, plan, head_scores, chunk_bytes)  # raises on unknown or mismatched keys
+    units = plan_units(metadata, plan, head_scores, chunk_bytes)  # raises on unknown or mismatched keys
     common = _common_state(info, plan)
     megatron_meta = _megatron_metadata(info)
     tokenizer = info.tokenizer
@@ -542,7 +544,7 @@ def _prepare(source: Path, plan: Plan, out: Path, overwrite: bool, head_scores, 
                              f"could not carry it")
         tokenizer = None  # a Megatron-LM checkpoint naming a tokenizer on another machine
     return _Prepared(info=info, plan=plan, common=common, megatron_meta=megatron_meta, tokenizer=tokenizer,
-                     metadata=metadata)
+                     metadata=metadata, units=units)
 
 
 def _write_side_files(partial: Path, prepared: _Prepared) -> None:
@@ -560,7 +562,7 @@ def _write_side_files(partial: Path, prepared: _Prepared) -> None:
             "plan": plan.to_json()}
     if prepared.tokenizer is not None:
         meta["tokenizer"] = ckpt.copy_tokenizer(partial, prepared.tokenizer)
-    (release / ckpt.META).write_text(json.dumps(meta, indent=2) + "\n")
+    (release / ckpt.META).write_text(ckpt.meta_text(meta))
 
 
 def _finalize(partial: Path, out: Path, prepared: _Prepared, records: list[storage.Record], shards: dict[str, dict],
