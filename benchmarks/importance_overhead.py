@@ -91,8 +91,9 @@ def main() -> None:
     unknown = unknown_fields(ArchConfig, changes)
     if bad or unknown:
         parser.error(f"--set {(bad + unknown)[0]!r}: give FIELD=VALUE with FIELD an architecture field")
+    changes = {field: json.loads(value) for field, value in changes.items()}
     if changes:
-        arch = arch.replace(**{field: json.loads(value) for field, value in changes.items()})
+        arch = arch.replace(**changes)
     rt = initialize(ParallelConfig(tensor_parallel=args.tp, expert_parallel=args.ep,  # MoE at TP > 1 needs SP
                                    sequence_parallel=args.tp > 1 and arch.is_moe))
     args.out = args.out or f"benchmarks/results/importance_overhead{'_moe' if arch.is_moe else ''}.json"

@@ -12,8 +12,10 @@ run); the tests show that writer's output loads in megatron at TP2xPP2.
 
 Throughput = (bytes read + bytes written) / wall time of `prune_checkpoint`, including starting the
 workers, validation and the metadata; `cp -r` of the same source in the same run gives the
-reference. Both start after `sync` with the source in the page cache, best of three runs each, and
-neither flushes to disk (the pruner runs with fsync=False here; by default it fsyncs, as DCP does). The larger model has 4x the layers
+reference. Both start after `sync` with the source in the page cache, best of five runs each, taken in
+rounds of `cp -r`, the identity plan and the pruned plan, so every side meets the same states of the page
+cache (on the 2-core VM the same copy took 0.30 s or 0.56 s from one minute to the next). Neither flushes
+to disk (the pruner runs with fsync=False here; by default it fsyncs, as DCP does). The larger model has 4x the layers
 and 4x the vocabulary, so its single embedding chunk is 4x larger too: peak RSS must stay flat
 because a worker reads row ranges, never whole stored chunks.
 
@@ -171,6 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--chunk-mb", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of cp -r, identity plan, pruned plan")
     parser.add_argument("--moe", action="store_true", help="Mixture-of-Experts models and an expert-pruning plan")
     parser.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/prune_throughput"
                                                     "[_moe].json)")
@@ -188,18 +191,25 @@ def main() -> None:
             t0 = time.perf_counter()
             size = write_source(arch, src)
             print(f"{name}: wrote a {size / 1e9:.2f} GB source in {time.perf_counter() - t0:.1f}s", flush=True)
-            cp_s = min(time_cp(src, tmp / "cp") for _ in range(3))
+            plans = (("identity", identity_plan(arch)), (pruned_name, pruned_plan(arch)))
+            cp_runs, prune_runs = [], {plan_name: [] for plan_name, _ in plans}
+            for _ in range(args.repeats):  # interleaved, so every side meets the same states of the machine
+                cp_runs.append(time_cp(src, tmp / "cp"))
+                for plan_name, plan in plans:
+                    prune_runs[plan_name].append(time_prune(src, plan, tmp / "pruned", args.workers, chunk))
+            cp_s = min(cp_runs)
             row = {"parameters": arch.num_parameters(), "checkpoint_bytes": size, "cp_seconds": cp_s,
-                   "cp_bytes_per_s": 2 * size / cp_s}
-            for plan_name, plan in (("identity", identity_plan(arch)), (pruned_name, pruned_plan(arch))):
-                runs = [time_prune(src, plan, tmp / "pruned", args.workers, chunk) for _ in range(3)]
+                   "cp_bytes_per_s": 2 * size / cp_s, "cp_seconds_all": cp_runs}
+            for plan_name, _ in plans:
+                runs = prune_runs[plan_name]
                 best = min(runs, key=lambda s: s["seconds"])
                 rate = (best["bytes_read"] + best["bytes_written"]) / best["seconds"]
                 row[plan_name] = {"seconds": best["seconds"], "window_seconds": best["window_seconds"],
                                   "bytes_read": best["bytes_read"],
                                   "bytes_written": best["bytes_written"], "bytes_per_s": rate,
                                   "ratio_vs_cp": rate / row["cp_bytes_per_s"],
-                                  "peak_rss_mb_per_worker": max(max(r["peak_rss_mb"].values()) for r in runs)}
+                                  "peak_rss_mb_per_worker": max(max(r["peak_rss_mb"].values()) for r in runs),
+                                  "seconds_all": [r["seconds"] for r in runs]}
                 print(f"{name} {plan_name}: {rate / 1e6:.0f} MB/s read+written vs cp -r "
                       f"{row['cp_bytes_per_s'] / 1e6:.0f}"
                       f" MB/s (ratio {row[plan_name]['ratio_vs_cp']:.2f}); peak RSS per worker "
