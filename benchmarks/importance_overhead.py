@@ -67,6 +67,14 @@ def working_bytes(collector: Collector) -> int:
     return sum(t.numel() * t.element_size() for t in buffers)
 
 
+def _json_or_text(value: str):
+    """A --set value: JSON (1024, true, null) where it parses, else the text itself (RMSNorm)."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
@@ -91,7 +99,7 @@ def main() -> None:
     unknown = unknown_fields(ArchConfig, changes)
     if bad or unknown:
         parser.error(f"--set {(bad + unknown)[0]!r}: give FIELD=VALUE with FIELD an architecture field")
-    changes = {field: json.loads(value) for field, value in changes.items()}
+    changes = {field: _json_or_text(value) for field, value in changes.items()}
     if changes:
         arch = arch.replace(**changes)
     rt = initialize(ParallelConfig(tensor_parallel=args.tp, expert_parallel=args.ep,  # MoE at TP > 1 needs SP
@@ -146,8 +154,8 @@ def main() -> None:
         forward_passes(model, rt, micro_batches(short, len(short), micro_batch_size=args.micro_batch_size,
                                                 dp_rank=0, dp_size=1), [len(short)], args.seq_length // 4)
     result = {
-        "arch": args.arch, "changes": changes, "tp": args.tp, "ep": args.ep, "hook_threads": args.hook_threads, "samples": args.samples,
-        "seq_length": args.seq_length,
+        "arch": args.arch, "changes": changes, "tp": args.tp, "ep": args.ep, "hook_threads": args.hook_threads,
+        "samples": args.samples, "seq_length": args.seq_length,
         "tokens_per_s_bare": throughput["bare"], "tokens_per_s_hooked": throughput["hooked"],
         "throughput_ratio": throughput["hooked"] / throughput["bare"], "target_ratio": 0.95,
         "pair_ratio_median": statistics.median(b / h for b, h in zip(times["bare"], times["hooked"])),

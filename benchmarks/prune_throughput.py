@@ -14,9 +14,9 @@ Throughput = (bytes read + bytes written) / wall time of `prune_checkpoint`, inc
 workers, validation and the metadata; `cp -r` of the same source in the same run gives the
 reference. Both start after `sync` with the source in the page cache, best of five runs each, taken in
 rounds of `cp -r`, the identity plan and the pruned plan, so every side meets the same states of the page
-cache (on the 2-core VM the same copy took 0.30 s or 0.56 s from one minute to the next). Neither flushes
-to disk (the pruner runs with fsync=False here; by default it fsyncs, as DCP does). The larger model has 4x the layers
-and 4x the vocabulary, so its single embedding chunk is 4x larger too: peak RSS must stay flat
+cache (on the 2-core VM the same 1.15 GB copy took 0.33-0.91 s within one run). Neither flushes to disk
+(the pruner runs with fsync=False here; by default it fsyncs, as DCP does). The larger model has 4x the
+layers and 4x the vocabulary, so its single embedding chunk is 4x larger too: peak RSS must stay flat
 because a worker reads row ranges, never whole stored chunks.
 
 --moe: the same with Mixture-of-Experts models (8 experts of width 1024, top-2, every layer MoE; about
