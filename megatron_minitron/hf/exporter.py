@@ -160,9 +160,8 @@ def plan_export(load: str | os.PathLike, *, family: Optional[str] = None, dtype:
 
     if dtype is not None and dtype not in DTYPES:
         raise HFError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    info = ckpt.resolve(load)
+    info = ckpt.resolve(load)  # also checks that every shard file the metadata points into is there, long enough
     metadata = storage.read_dcp_metadata(info.path)
-    storage.check_storage_files(info.path, metadata)
     arch = info.arch.explicit()
     source = find_hf_source(info)
     base = files.read_json(source / files.CONFIG, "the source model's configuration") if source else None

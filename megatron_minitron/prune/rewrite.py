@@ -532,8 +532,7 @@ def _prepare(source: Path, plan: Plan, out: Path, overwrite: bool, head_scores, 
     plan.validate()
     ckpt.check_architecture(plan.source, info.arch, where=f"{info.path} (the plan's source)")
     _check_paths(info.root, out, overwrite)
-    metadata = storage.read_dcp_metadata(info.path)
-    storage.check_storage_files(info.path, metadata)
+    metadata = storage.read_dcp_metadata(info.path)  # (its shard files were checked by ckpt.resolve)
     units = plan_units(metadata, plan, head_scores, chunk_bytes)  # raises on unknown or mismatched keys
     common = _common_state(info, plan)
     megatron_meta = _megatron_metadata(info)
