@@ -94,12 +94,12 @@ def main() -> None:
     args = parser.parse_args()
 
     arch = load_arch(args.arch)
-    bad = [item for item in args.set if "=" not in item]
-    changes = {field: value for field, value in (item.split("=", 1) for item in args.set if "=" in item)}
-    unknown = unknown_fields(ArchConfig, changes)
-    if bad or unknown:
-        parser.error(f"--set {(bad + unknown)[0]!r}: give FIELD=VALUE with FIELD an architecture field")
-    changes = {field: _json_or_text(value) for field, value in changes.items()}
+    changes = {}
+    for item in args.set:
+        field, equals, value = item.partition("=")
+        if not equals or unknown_fields(ArchConfig, {field: value}):
+            parser.error(f"--set {item!r}: give FIELD=VALUE with FIELD an architecture field")
+        changes[field] = _json_or_text(value)
     if changes:
         arch = arch.replace(**changes)
     rt = initialize(ParallelConfig(tensor_parallel=args.tp, expert_parallel=args.ep,  # MoE at TP > 1 needs SP

@@ -349,13 +349,13 @@ class Collector:
         @functools.wraps(function)
         def timed(*args, **kwargs):
             start, start_process, start_wall = time.thread_time(), time.process_time(), time.perf_counter()
-            threads = torch.get_num_threads()
-            if self.hook_threads is not None:
+            threads = None if self.hook_threads is None else torch.get_num_threads()
+            if threads is not None:
                 torch.set_num_threads(self.hook_threads)
             try:
                 return function(*args, **kwargs)
             finally:
-                if self.hook_threads is not None:
+                if threads is not None:
                     torch.set_num_threads(threads)
                 self.hook_seconds += time.thread_time() - start
                 self.hook_process_seconds += time.process_time() - start_process
