@@ -178,6 +178,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/prune_throughput"
                                                     "[_moe].json)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.out is None:
         args.out = str(Path(__file__).parent / "results" / f"prune_throughput{'_moe' if args.moe else ''}.json")
     models = (("base", BASE_MOE), ("4x", LARGE_MOE)) if args.moe else (("base", BASE), ("4x", LARGE))
