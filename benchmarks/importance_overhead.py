@@ -6,6 +6,12 @@
     torchrun --nproc-per-node 1 benchmarks/importance_overhead.py --arch small-moe --hook-threads 1 --out /tmp/x.json
     torchrun --nproc-per-node 1 benchmarks/importance_overhead.py --arch small-moe --set hidden_size=1024 \
         --set moe_ffn_hidden_size=1024 --samples 8 --repeats 6 --out /tmp/wide.json   # wider experts
+    torchrun --nproc-per-node 1 benchmarks/importance_overhead.py --arch qwen3-30b-a3b --set num_layers=2 \
+        --set vocab_size=32000 --set padded_vocab_size=32000 --seq-length 512 --samples 8 --repeats 8 \
+        --out benchmarks/results/importance_overhead_moe_qwen3.json   # two layers of Qwen3-30B-A3B
+    torchrun --nproc-per-node 1 benchmarks/importance_overhead.py --arch mixtral-8x7b --set num_layers=1 \
+        --seq-length 512 --samples 4 --micro-batch-size 2 --repeats 4 \
+        --out benchmarks/results/importance_overhead_moe_mixtral.json   # one layer of Mixtral-8x7B
 
 Calibration is as `minitron importance` runs it by default (sequence length min(4096, max positions),
 4 samples a micro-batch), on 16 samples. Both sides run the same model on the same micro-batches
@@ -155,7 +161,8 @@ def main() -> None:
                                                 dp_rank=0, dp_size=1), [len(short)], args.seq_length // 4)
     result = {
         "arch": args.arch, "changes": changes, "tp": args.tp, "ep": args.ep, "hook_threads": args.hook_threads,
-        "samples": args.samples, "seq_length": args.seq_length,
+        "samples": args.samples, "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size,
+        "repeats": args.repeats,
         "tokens_per_s_bare": throughput["bare"], "tokens_per_s_hooked": throughput["hooked"],
         "throughput_ratio": throughput["hooked"] / throughput["bare"], "target_ratio": 0.95,
         "pair_ratio_median": statistics.median(b / h for b, h in zip(times["bare"], times["hooked"])),
