@@ -8,7 +8,10 @@
 Teacher: the `small` preset (10.5M); student: its width-pruned shape (hidden 192, ffn 384), both
 random. With --moe: the `small-moe` teacher (8 experts, top-2) and a student with hidden 192 and
 experts of width 128; the baseline's student step then carries the same router aux loss and
-statistics as the distillation step (sequence parallelism is switched on at TP > 1, as MoE needs). Time mode alternates the steps (baseline, distillation, baseline, ...) and compares medians.
+statistics as the distillation step (sequence parallelism is switched on at TP > 1, as MoE needs).
+Time mode runs --steps rounds of one baseline and one distillation step on the same batch, the
+order swapped every round (after one warm-up round), and compares the medians; the median of the
+rounds' own ratios and every step's seconds are kept too.
 Memory mode runs one kind of step in a fresh launch and reports the peak RSS above what the process
 held before building models (run it once per MODE). Writes JSON to --out.
 """
@@ -57,7 +60,7 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (with --moe)")
     parser.add_argument("--moe", action="store_true", help="MoE teacher and student (small-moe)")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--memory", choices=["distill", "student", "teacher"], default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -116,7 +119,7 @@ def main() -> None:
         times = {"distill": [], "baseline": []}
         for step in range(args.steps + 1):
             batch = next(data)
-            for name in ("baseline", "distill"):
+            for name in ("baseline", "distill") if step % 2 == 0 else ("distill", "baseline"):
                 rt.barrier()
                 start = time.perf_counter()
                 if name == "distill":
@@ -128,7 +131,9 @@ def main() -> None:
                     times[name].append(time.perf_counter() - start)
         median = {k: statistics.median(v) for k, v in times.items()}
         result.update(distill_step_s=median["distill"], baseline_step_s=median["baseline"],
-                      ratio=median["distill"] / median["baseline"], target_ratio=1.10)
+                      ratio=median["distill"] / median["baseline"], target_ratio=1.10, steps=args.steps,
+                      pair_ratio_median=statistics.median(d / b for d, b in zip(times["distill"], times["baseline"])),
+                      seconds=times)
     if rt.rank == 0:
         print(json.dumps(result, indent=2))
         if args.out:

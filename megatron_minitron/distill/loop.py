@@ -243,12 +243,14 @@ def distill_task(runtime, cfg: DistillConfig, chunk: DistillationChunk, pairs: t
 
     device, group = runtime.device, runtime.tp_group
 
-    def kd(student_logits, teacher_logits):
+    def kd_and_lm(student_logits, teacher_logits, labels):
+        """The KD loss, and the student's LM loss for reports (from the full KL's own pass over the vocabulary)."""
         options = dict(group=group, temperature=cfg.temperature, reverse=cfg.kd_loss == "reverse",
                        scale_by_temperature_squared=cfg.temperature_squared)
-        if cfg.top_k is not None:
-            return losses.top_k_kl(student_logits, teacher_logits, k=cfg.top_k, **options)
-        return losses.vocab_parallel_kl(student_logits, teacher_logits, **options)
+        if cfg.top_k is not None:  # (its LM loss is replaced when it is trained on)
+            return (losses.top_k_kl(student_logits, teacher_logits, k=cfg.top_k, **options),
+                    None if cfg.lm_weight > 0 else losses.reported_cross_entropy(student_logits, labels, group=group))
+        return losses.vocab_parallel_kl_and_lm(student_logits, teacher_logits, labels, **options)
 
     def cross_entropy(logits, labels):
         # megatron's vocab-parallel CE writes into its input: give it its own fp32 copy
@@ -264,11 +266,9 @@ def distill_task(runtime, cfg: DistillConfig, chunk: DistillationChunk, pairs: t
         mask = batch["loss_mask"]
 
         def loss_func(_output):
-            kd_loss = kd(student_logits, teacher_logits)
-            if cfg.lm_weight > 0:
+            kd_loss, lm = kd_and_lm(student_logits, teacher_logits, batch["labels"])
+            if cfg.lm_weight > 0:  # trained on: megatron's CE, with its gradient
                 lm = cross_entropy(student_logits, batch["labels"])
-            else:
-                lm = losses.reported_cross_entropy(student_logits, batch["labels"], group=group)
             # the teacher's own loss is for validation reports only
             teacher_lm = (torch.zeros_like(kd_loss) if model.training
                           else losses.reported_cross_entropy(teacher_logits, batch["labels"], group=group))

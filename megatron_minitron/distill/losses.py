@@ -117,32 +117,42 @@ class _VocabParallelKL(torch.autograd.Function):
     the incoming gradient. Otherwise (reverse KL, whose gradient needs the finished row KL, or a backward
     after the first, as with retain_graph) backward recomputes each chunk's log-probabilities from the
     saved log-sum-exps (no collective). Either way the fp32 memory stays bounded by the chunk; autograd
-    of a chunked forward would keep every chunk's fp32 intermediates alive until backward."""
+    of a chunked forward would keep every chunk's fp32 intermediates alive until backward.
+
+    With `labels`, also the student's LM loss −log softmax(logits)[label] at τ = 1, for reports (no
+    gradient): its log-sum-exp minus the label's logit, both riding on the per-chunk sum all-reduce (at
+    τ ≠ 1 one more sum-exp per chunk gives the τ = 1 log-sum-exp). No pass or collective of its own."""
 
     @staticmethod
-    def forward(ctx, student, teacher, group, temperature, reverse, chunk_size, with_grad):
+    def forward(ctx, student, teacher, labels, group, temperature, reverse, chunk_size, with_grad):
         student2d, teacher2d = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
         lse = _global_max(student2d, teacher2d, temperature, group)
         kl = torch.zeros(student2d.shape[0], dtype=COMPUTE_DTYPE, device=student.device)
         grad = torch.empty_like(student2d) if with_grad and not reverse else None
+        lm = None if labels is None else _label_logits(student2d, labels, group)  # → the LM loss, chunk by chunk
         for i in range(0, student2d.shape[0], chunk_size):
             rows = slice(i, i + chunk_size)
             kl[rows] = _forward_chunk(student2d[rows], teacher2d[rows], lse[:, rows], temperature, reverse, group,
-                                      None if grad is None else grad[rows])
+                                      None if grad is None else grad[rows], None if lm is None else lm[rows])
         _all_reduce(kl, dist.ReduceOp.SUM, group)
         ctx.save_for_backward(student, teacher, lse, kl)
         ctx.temperature, ctx.reverse, ctx.chunk_size, ctx.grad = temperature, reverse, chunk_size, grad
-        return kl.reshape(student.shape[:-1])
+        kl = kl.reshape(student.shape[:-1])
+        if lm is None:
+            return kl
+        lm = lm.reshape(student.shape[:-1])
+        ctx.mark_non_differentiable(lm)
+        return kl, lm
 
     @staticmethod
-    def backward(ctx, grad_kl):
+    def backward(ctx, grad_kl, *_grad_lm):
         student, teacher, lse, kl = ctx.saved_tensors
         grad_rows = grad_kl.reshape(-1).to(COMPUTE_DTYPE) / ctx.temperature
         if ctx.grad is not None:  # written by the forward; scaled in place, so only the first backward uses it
             grad, ctx.grad = ctx.grad, None
             for i in range(0, grad.shape[0], ctx.chunk_size):  # by chunk: a bf16 x fp32 product makes fp32 copies
                 grad[i:i + ctx.chunk_size].mul_(grad_rows[i:i + ctx.chunk_size].unsqueeze(-1))
-            return grad.reshape(student.shape), None, None, None, None, None, None
+            return grad.reshape(student.shape), None, None, None, None, None, None, None
         student2d, teacher2d = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
         grad = torch.empty_like(student2d)
         for i in range(0, student2d.shape[0], ctx.chunk_size):
@@ -150,18 +160,40 @@ class _VocabParallelKL(torch.autograd.Function):
             log_ps = _log_softmax_(_scaled(student2d[rows], ctx.temperature), lse[0, rows])
             log_pt = _log_softmax_(_scaled(teacher2d[rows], ctx.temperature), lse[1, rows])
             grad[rows] = _kl_grad(log_ps, log_pt, kl[rows], ctx.reverse).mul_(grad_rows[rows].unsqueeze(-1))
-        return grad.reshape(student.shape), None, None, None, None, None, None
+        return grad.reshape(student.shape), None, None, None, None, None, None, None
+
+
+def _label_logits(logits2d: torch.Tensor, labels: torch.Tensor, group) -> torch.Tensor:
+    """fp32 [N]: each row's logit at its global label id where this rank holds that id, else 0 (the
+    group's sum is the label's logit)."""
+    vocab_local = logits2d.shape[-1]
+    first = 0 if _group_size(group) == 1 else dist.get_rank(group) * vocab_local
+    local = labels.reshape(-1) - first
+    mine = (local >= 0) & (local < vocab_local)
+    at_label = logits2d.gather(-1, local.clamp(0, vocab_local - 1).unsqueeze(-1)).squeeze(-1)
+    return torch.where(mine, at_label.to(COMPUTE_DTYPE), 0.0)
 
 
 def _forward_chunk(student: torch.Tensor, teacher: torch.Tensor, lse: torch.Tensor, temperature: float, reverse: bool,
-                   group, grad: torch.Tensor | None) -> torch.Tensor:
+                   group, grad: torch.Tensor | None, lm: torch.Tensor | None) -> torch.Tensor:
     """One chunk of the KL's forward: turns its maxima `lse` [2, n] into log-sum-exps (in place), returns
     this rank's part of its KL rows, and writes the forward KL's gradient p_s − p_t into `grad` when given
-    (with p_t from the KL: what _kl_grad computes, one exp fewer). A function, so that the chunk's fp32
-    arrays are freed before the next chunk's are made."""
+    (with p_t from the KL: what _kl_grad computes, one exp fewer). `lm` (this rank's part of the label
+    logits, see _label_logits) becomes the student's LM loss at τ = 1, in place. A function, so that the
+    chunk's fp32 arrays are freed before the next chunk's are made."""
     s, t = _scaled(student, temperature), _scaled(teacher, temperature)
-    sums = torch.stack(((s - lse[0].unsqueeze(-1)).exp_().sum(-1), (t - lse[1].unsqueeze(-1)).exp_().sum(-1)))
-    lse.add_(_all_reduce(sums, dist.ReduceOp.SUM, group).log_())  # lse = max + log Σ exp(x − max)
+    shifted = s - lse[0].unsqueeze(-1)
+    extra = []
+    if lm is not None:
+        extra.append(lm)
+        if temperature != 1:  # the τ = 1 sum-exp, shifted by τ x the scaled max (any shift near the max is stable)
+            extra.append(torch.mul(shifted, temperature).exp_().sum(-1))
+    parts = [shifted.exp_().sum(-1), (t - lse[1].unsqueeze(-1)).exp_().sum(-1), *extra]
+    sums = _all_reduce(torch.stack(parts), dist.ReduceOp.SUM, group)
+    if lm is not None:  # lse(τ = 1) − the label's logit
+        lse_1 = lse[0] + sums[0].log() if temperature == 1 else lse[0] * temperature + sums[3].log()
+        torch.sub(lse_1, sums[2], out=lm)
+    lse.add_(sums[:2].log_())  # lse = max + log Σ exp(x − max)
     log_ps, log_pt = _log_softmax_(s, lse[0]), _log_softmax_(t, lse[1])
     kl, p = _kl_rows(log_ps, log_pt, reverse)
     if grad is not None:
@@ -202,11 +234,34 @@ def vocab_parallel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     Every rank of `group` gets the same per-token values; the gradient reaches only the student's
     slice. `chunk_size` tokens are converted to fp32 at a time (default: CHUNK_ELEMENTS / V_local, or
     CPU_CHUNK_ELEMENTS / V_local for logits on the CPU)."""
+    return _apply_kl(student_logits, teacher_logits, None, group=group, temperature=temperature, reverse=reverse,
+                     scale_by_temperature_squared=scale_by_temperature_squared, chunk_size=chunk_size)[0]
+
+
+def vocab_parallel_kl_and_lm(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
+                             group=None, temperature: float = 1.0, reverse: bool = False,
+                             scale_by_temperature_squared: bool = False,
+                             chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`vocab_parallel_kl` (the same values and gradient), and the student's LM loss −log softmax(student
+    logits)[label] at τ = 1 (global label ids [...]) from the same pass over the vocabulary: fp32 [...] each.
+    The LM loss is what `reported_cross_entropy` gives, for reports: it carries no gradient (a run that
+    trains on it adds megatron's vocab-parallel cross entropy), and costs no pass or collective of its own."""
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match student logits {tuple(student_logits.shape)}: "
+                         "one label per token is needed")
+    return _apply_kl(student_logits, teacher_logits, labels.to(torch.int64), group=group, temperature=temperature,
+                     reverse=reverse, scale_by_temperature_squared=scale_by_temperature_squared,
+                     chunk_size=chunk_size)
+
+
+def _apply_kl(student_logits, teacher_logits, labels, *, group, temperature, reverse, scale_by_temperature_squared,
+              chunk_size) -> tuple[torch.Tensor, torch.Tensor | None]:
     chunk = _check(student_logits, teacher_logits, temperature, chunk_size)
     with_grad = torch.is_grad_enabled() and student_logits.requires_grad  # (inside forward, autograd is off)
-    kl = _VocabParallelKL.apply(student_logits, teacher_logits.detach(), group, float(temperature), reverse, chunk,
-                                with_grad)
-    return kl * temperature**2 if scale_by_temperature_squared else kl
+    out = _VocabParallelKL.apply(student_logits, teacher_logits.detach(), labels, group, float(temperature), reverse,
+                                 chunk, with_grad)
+    kl, lm = out if labels is not None else (out, None)
+    return (kl * temperature**2 if scale_by_temperature_squared else kl), lm
 
 
 @torch.no_grad()
@@ -224,18 +279,15 @@ def reported_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, group=
         raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)} without their "
                          "vocabulary dim")
     chunk = chunk_size or _default_chunk(vocab_local, logits.device)
-    first = 0 if _group_size(group) == 1 else dist.get_rank(group) * vocab_local
-    logits2d, local = logits.reshape(-1, vocab_local), labels.reshape(-1) - first
-    mine = (local >= 0) & (local < vocab_local)  # the label's logit lives on this rank
-    local = local.clamp(0, vocab_local - 1).unsqueeze(-1)
-    loss = torch.empty(local.shape[0], dtype=COMPUTE_DTYPE, device=logits.device)
-    for i in range(0, local.shape[0], chunk):
+    logits2d = logits.reshape(-1, vocab_local)
+    labels_part = _label_logits(logits2d, labels, group)
+    loss = torch.empty(logits2d.shape[0], dtype=COMPUTE_DTYPE, device=logits.device)
+    for i in range(0, logits2d.shape[0], chunk):
         rows = slice(i, i + chunk)
         x = logits2d[rows]
         top = _all_reduce(x.amax(-1).to(COMPUTE_DTYPE), dist.ReduceOp.MAX, group)
-        label = torch.where(mine[rows], x.gather(-1, local[rows]).squeeze(-1).to(COMPUTE_DTYPE), 0)
         sum_exp = x.to(COMPUTE_DTYPE).sub(top.unsqueeze(-1)).exp_().sum(-1)
-        label, sum_exp = _all_reduce(torch.stack((label, sum_exp)), dist.ReduceOp.SUM, group)
+        label, sum_exp = _all_reduce(torch.stack((labels_part[rows], sum_exp)), dist.ReduceOp.SUM, group)
         loss[rows] = sum_exp.log_().add_(top).sub_(label)
     return loss.reshape(labels.shape)
 

@@ -231,3 +231,29 @@ def test_reported_cross_entropy_equals_torch(dtype):
         torch.testing.assert_close(got.double().flatten(), expected, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match=r"labels \(5, 2\) do not match logits \(5, 3, 37\)"):
         losses.reported_cross_entropy(logits, labels[:, :2])
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_kl_and_lm_is_the_kl_and_the_cross_entropy(reverse, temperature, dtype):
+    """The LM loss that rides on the KL's pass is torch's cross entropy at τ = 1 (whatever τ the KL takes),
+    and the KL and its gradient stay bit for bit those of vocab_parallel_kl."""
+    g = torch.Generator().manual_seed(4)
+    student, teacher = (logits(*SHAPE, seed=seed).to(dtype) for seed in (5, 6))
+    upstream = logits(*SHAPE[:-1], seed=7)
+    labels = torch.randint(0, SHAPE[-1], SHAPE[:-1], generator=g)
+    expected = torch.nn.functional.cross_entropy(student.double().flatten(0, 1), labels.flatten(), reduction="none")
+    for chunk_size in (None, 1, 4):
+        options = dict(temperature=temperature, reverse=reverse, chunk_size=chunk_size)
+        kl, grad = value_and_grad(lambda s, t: vocab_parallel_kl(s, t, **options), student, teacher, upstream)
+        leaf = student.detach().clone().requires_grad_(True)
+        kl_too, lm = losses.vocab_parallel_kl_and_lm(leaf, teacher, labels, **options)
+        (kl_too * upstream).sum().backward()
+        assert torch.equal(kl_too.detach(), kl) and torch.equal(leaf.grad, grad)
+        assert lm.dtype == torch.float32 and lm.shape == labels.shape and not lm.requires_grad
+        torch.testing.assert_close(lm.double().flatten(), expected, rtol=1e-6, atol=1e-6)
+        with torch.no_grad():  # as in validation: no gradient buffer, the same LM loss
+            assert torch.equal(losses.vocab_parallel_kl_and_lm(student, teacher, labels, **options)[1], lm)
+    with pytest.raises(ValueError, match=r"labels \(5, 2\) do not match student logits \(5, 3, 37\)"):
+        losses.vocab_parallel_kl_and_lm(student, teacher, labels[:, :2])

@@ -51,3 +51,11 @@ def test_reported_cross_entropy_over_a_split_vocabulary(ranks):
     for r in ranks:  # every rank reports the cross entropy of the whole vocabulary, whichever rank holds the label
         assert r["cross_entropy"].dtype == torch.float32
         assert rel(r["cross_entropy"].flatten(), expected) <= 1e-6
+
+
+def test_lm_loss_from_the_kl_pass_over_a_split_vocabulary(ranks):
+    student, _, _ = inputs(torch.float32)
+    expected = torch.nn.functional.cross_entropy(student.double().flatten(0, -2), labels().flatten(), reduction="none")
+    for r in ranks:
+        for temperature, lm in r["kl_and_lm"].items():
+            assert rel(lm.flatten(), expected) <= 1e-6, temperature

@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_minitron.distill.losses import reported_cross_entropy, top_k_kl, vocab_parallel_kl  # noqa: E402
+from megatron_minitron.distill.losses import (reported_cross_entropy, top_k_kl, vocab_parallel_kl,  # noqa: E402
+                                              vocab_parallel_kl_and_lm)
 
 SHAPE = (6, 3, 40)  # [s, b, V]: padded vocabulary 40, 20 per rank
 CASES = {  # name: (function, keyword arguments, dtype)
@@ -59,6 +60,16 @@ def run_cross_entropy(rank: int, world: int, group) -> torch.Tensor:
     return reported_cross_entropy(student[..., rank * width:(rank + 1) * width], labels(), group=group, chunk_size=3)
 
 
+def run_kl_and_lm(rank: int, world: int, group) -> dict:
+    """The student's LM loss that rides on the KL's pass, at τ = 1 and 2 (it is the τ = 1 loss at both)."""
+    student, teacher, _ = inputs(torch.float32)
+    width = SHAPE[-1] // world
+    mine = slice(rank * width, (rank + 1) * width)
+    return {temperature: vocab_parallel_kl_and_lm(student[..., mine], teacher[..., mine], labels(), group=group,
+                                                  temperature=temperature, chunk_size=4)[1]
+            for temperature in (1.0, 2.0)}
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
@@ -67,6 +78,7 @@ if __name__ == "__main__":
         group = dist.new_group(list(range(world)))  # an explicit group, not WORLD, as TP would pass
         results = {name: run_case(fn, kwargs, dtype, rank, world, group) for name, (fn, kwargs, dtype) in CASES.items()}
         results["cross_entropy"] = run_cross_entropy(rank, world, group)
+        results["kl_and_lm"] = run_kl_and_lm(rank, world, group)
         torch.save(results, out / f"rank{rank}.pt")
         dist.barrier(group=group)
     finally:
