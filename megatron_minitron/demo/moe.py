@@ -74,7 +74,8 @@ def check_moe_teacher(arch: ArchConfig, cfg: DemoConfig) -> None:
 
 def run_moe_demo(cfg: DemoConfig) -> Optional[dict]:
     """Every stage, on every rank; rank 0 gets back the raw results (None elsewhere)."""
-    from megatron_minitron.demo.run import _context, prepare_out, prune, retrain, train_teacher, zero_shot_loss
+    from megatron_minitron.demo.run import (_context, importance, prepare_out, prune, retrain, train_teacher,
+                                            zero_shot_loss)
     from megatron_minitron.runtime import ParallelConfig, initialize, shutdown
 
     # megatron-core's MoE layers need sequence parallelism at TP > 1
@@ -88,7 +89,7 @@ def run_moe_demo(cfg: DemoConfig) -> Optional[dict]:
         with ctx.stage("teacher"):
             teacher, teacher_record = train_teacher(ctx)
         with ctx.stage("importance"):
-            scores = moe_importance(ctx, teacher)
+            scores = importance(ctx, teacher)  # no layer LM-loss passes: no plan here drops layers
         with ctx.stage("plans"):
             named = moe_plans(ctx, scores, teacher.arch)
         with ctx.stage("prune"):
@@ -115,46 +116,6 @@ def run_moe_demo(cfg: DemoConfig) -> Optional[dict]:
         return raw
     finally:
         shutdown()
-
-
-def moe_importance(ctx, teacher):
-    """The teacher's scores (experts, expert neurons, and every dense axis) from one calibration pass at the
-    job's layout, written to OUT/scores and read back on every rank. No layer LM-loss passes: no plan here
-    drops layers."""
-    from megatron_minitron.importance.calibration import CalibrationData, build_calibration_dataset, micro_batches
-    from megatron_minitron.importance.run import ImportanceConfig, collect, make_scores
-    from megatron_minitron.importance.scores import load_scores, save_scores
-    from megatron_minitron.model.build import build_model, transformer_engine_available
-    from megatron_minitron.model.checkpoint import load_checkpoint
-
-    cfg, rt = ctx.cfg, ctx.runtime
-    calibration = CalibrationData(data_path=cfg.data_path, num_samples=cfg.calib_samples, seq_length=cfg.seq_length,
-                                  seed=cfg.seed, cap=True, cache_dir=cfg.cache_dir)
-    icfg = ImportanceConfig(micro_batch_size=cfg.micro_batch_size)
-    icfg.validate(teacher.arch.num_layers)
-    dataset, num_samples = build_calibration_dataset(calibration, ctx.tokenizer,
-                                                     model_vocab_size=teacher.arch.vocab_size)
-    use_te = transformer_engine_available()
-    # the all-gather token dispatcher: the expert hooks read its token order
-    model = build_model(teacher.arch, rt, use_te=use_te, moe_dispatcher="allgather")
-    load_checkpoint(teacher, model=model)
-
-    def batches():
-        return micro_batches(dataset, num_samples, micro_batch_size=icfg.micro_batch_size, dp_rank=rt.dp_rank,
-                             dp_size=rt.data_parallel)
-
-    ctx.log(f"importance: {num_samples} calibration samples x {cfg.seq_length} tokens, experts weighted by the "
-            f"router's probability ({icfg.expert_weighting})")
-    tensors, loss = collect(model, rt, teacher.arch, batches, num_samples, cfg.seq_length, icfg, use_te=use_te,
-                            log=ctx.log)
-    scores = make_scores(tensors, arch=teacher.arch, info=teacher, calibration=calibration, num_samples=num_samples,
-                         cfg=icfg, use_te=use_te, runtime=rt, lm_loss=loss)
-    out = ctx.out / "scores"
-    if rt.rank == 0:
-        save_scores(scores, out)
-    rt.barrier()
-    del model
-    return load_scores(out)
 
 
 def moe_plans(ctx, scores, arch: ArchConfig) -> dict:

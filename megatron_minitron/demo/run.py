@@ -258,35 +258,41 @@ def train_teacher(ctx: Context):
 
 
 # ---------------------------------------------------------------------------------------- importance
-def importance(ctx: Context, teacher, *, block_size: int):
-    """Scores of the teacher at the job's layout, written to OUT/scores and read back on every rank."""
+def importance(ctx: Context, teacher, *, block_size: Optional[int] = None):
+    """Scores of the teacher at the job's layout, written to OUT/scores and read back on every rank. With
+    `block_size`, also the LM loss without each layer and without each block of that many layers (what the
+    depth plans rank by); without it, one calibration pass, which gives a MoE teacher's expert and expert
+    neuron scores with the dense axes' (its model is built with the all-gather token dispatcher, whose token
+    order the expert hooks read)."""
     from megatron_minitron.importance.calibration import CalibrationData, build_calibration_dataset, micro_batches
     from megatron_minitron.importance.run import ImportanceConfig, collect, make_scores
     from megatron_minitron.importance.scores import load_scores, save_scores
     from megatron_minitron.model.build import build_model, transformer_engine_available
     from megatron_minitron.model.checkpoint import load_checkpoint
 
-    cfg, rt = ctx.cfg, ctx.runtime
+    cfg, rt, arch = ctx.cfg, ctx.runtime, teacher.arch
     calibration = CalibrationData(data_path=cfg.data_path, num_samples=cfg.calib_samples, seq_length=cfg.seq_length,
                                   seed=cfg.seed, cap=True, cache_dir=cfg.cache_dir)
-    icfg = ImportanceConfig(micro_batch_size=cfg.micro_batch_size, lm_loss=True, block_sizes=(block_size,),
-                            lm_loss_samples=cfg.lm_loss_samples)
-    icfg.validate(teacher.arch.num_layers)
-    dataset, num_samples = build_calibration_dataset(calibration, ctx.tokenizer,
-                                                     model_vocab_size=teacher.arch.vocab_size)
+    if block_size is None:
+        icfg = ImportanceConfig(micro_batch_size=cfg.micro_batch_size)
+        measured = f", experts weighted by the router's probability ({icfg.expert_weighting})" if arch.is_moe else ""
+    else:
+        icfg = ImportanceConfig(micro_batch_size=cfg.micro_batch_size, lm_loss=True, block_sizes=(block_size,),
+                                lm_loss_samples=cfg.lm_loss_samples)
+        measured = f", LM loss without each layer and without each block of {block_size} layers"
+    icfg.validate(arch.num_layers)
+    dataset, num_samples = build_calibration_dataset(calibration, ctx.tokenizer, model_vocab_size=arch.vocab_size)
     use_te = transformer_engine_available()
-    model = build_model(teacher.arch, rt, use_te=use_te)
+    model = build_model(arch, rt, use_te=use_te, **({"moe_dispatcher": "allgather"} if arch.is_moe else {}))
     load_checkpoint(teacher, model=model)
 
     def batches():
         return micro_batches(dataset, num_samples, micro_batch_size=icfg.micro_batch_size, dp_rank=rt.dp_rank,
                              dp_size=rt.data_parallel)
 
-    ctx.log(f"importance: {num_samples} calibration samples x {cfg.seq_length} tokens, LM loss without each layer "
-            f"and without each block of {block_size} layers")
-    tensors, loss = collect(model, rt, teacher.arch, batches, num_samples, cfg.seq_length, icfg, use_te=use_te,
-                            log=ctx.log)
-    scores = make_scores(tensors, arch=teacher.arch, info=teacher, calibration=calibration, num_samples=num_samples,
+    ctx.log(f"importance: {num_samples} calibration samples x {cfg.seq_length} tokens{measured}")
+    tensors, loss = collect(model, rt, arch, batches, num_samples, cfg.seq_length, icfg, use_te=use_te, log=ctx.log)
+    scores = make_scores(tensors, arch=arch, info=teacher, calibration=calibration, num_samples=num_samples,
                          cfg=icfg, use_te=use_te, runtime=rt, lm_loss=loss)
     out = ctx.out / "scores"
     if rt.rank == 0:
