@@ -16,16 +16,14 @@ from typing import Iterator, Optional
 
 import torch
 
-from megatron_minitron.distill.loop import LOSSES, DistillConfig, check_teacher_loss
+from megatron_minitron.distill.loop import (LOSSES, DistillConfig, check_teacher_loss, loss_triple,
+                                           trained_cross_entropy)
 from megatron_minitron.distill.logits_cache import LABEL_KEY, TARGET_KEYS, LogitsCache, WithTeacherTargets
-from megatron_minitron.training.losses import masked_sum
 
 
 def cached_task(runtime, cfg: DistillConfig):
     """megatron forward step + loss function of distillation against cached targets, for a student built by
     `cached_trainer`."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
     from megatron_minitron.distill.cached_kl import cached_kl_and_lm
     from megatron_minitron.training.loop import Task
 
@@ -48,18 +46,10 @@ def cached_task(runtime, cfg: DistillConfig):
                                       reverse=cfg.kd_loss == "reverse",
                                       scale_by_temperature_squared=cfg.temperature_squared,
                                       sequence_first=sequence_first)
-            if cfg.lm_weight > 0:  # trained on: megatron's CE (as online), on an fp32 copy it may overwrite
-                copy = student_logits.float() if student_logits.dtype != torch.float32 else student_logits.clone()
-                lm = vocab_parallel_cross_entropy(copy, batch["labels"])
+            if cfg.lm_weight > 0:  # trained on: megatron's CE, as online
+                lm = trained_cross_entropy(student_logits, batch["labels"])
             teacher_lm = batch[LABEL_KEY].to(torch.float32).neg()  # what the online teacher's CE gives
-            total = cfg.kd_weight * kd + cfg.lm_weight * lm
-            mask = batch["loss_mask"]
-            loss_sum, count = masked_sum(total, mask)
-            report = {}
-            for name, value in zip(LOSSES, (total, kd, lm, teacher_lm)):
-                value_sum, value_count = masked_sum(value.detach(), mask)
-                report[name] = torch.stack([value_sum, value_count.float()])
-            return loss_sum, count, report
+            return loss_triple(cfg, kd, lm, teacher_lm, batch["loss_mask"])
 
         return logits, loss_func
 

@@ -32,6 +32,27 @@ ADAPTERS = "distill_adapters"
 LOSSES = ("loss", "kd loss", "lm loss", "teacher lm loss")
 
 
+def trained_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The student's LM loss with its gradient, for a run that trains on it (lm_weight > 0): megatron's
+    vocab-parallel cross entropy, on an fp32 copy of the logits (it writes into its input)."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    copy = logits.float() if logits.dtype != torch.float32 else logits.clone()
+    return vocab_parallel_cross_entropy(copy, labels)
+
+
+def loss_triple(cfg, kd: torch.Tensor, lm: torch.Tensor, teacher_lm: torch.Tensor, mask: torch.Tensor):
+    """What a megatron loss function returns for per-token losses: the masked sum of kd_weight * KD +
+    lm_weight * LM, the token count, and the masked (sum, count) of each of LOSSES for the reports."""
+    total = cfg.kd_weight * kd + cfg.lm_weight * lm
+    loss_sum, count = masked_sum(total, mask)
+    report = {}
+    for name, value in zip(LOSSES, (total, kd, lm, teacher_lm)):
+        value_sum, value_count = masked_sum(value.detach(), mask)
+        report[name] = torch.stack([value_sum, value_count.float()])
+    return loss_sum, count, report
+
+
 @dataclass(frozen=True, kw_only=True)
 class DistillConfig:
     """What the student is trained to match."""
@@ -236,8 +257,6 @@ def load_teacher(teacher_info, runtime, cfg: DistillConfig, *, dtype: torch.dtyp
 
 def distill_task(runtime, cfg: DistillConfig, chunk: DistillationChunk, pairs: tuple[LayerPair, ...]):
     """megatron forward step + loss function, and the reduction of the intermediate losses."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
     from megatron_minitron.distill import losses
     from megatron_minitron.training.loop import Task
 
@@ -252,11 +271,6 @@ def distill_task(runtime, cfg: DistillConfig, chunk: DistillationChunk, pairs: t
                     None if cfg.lm_weight > 0 else losses.reported_cross_entropy(student_logits, labels, group=group))
         return losses.vocab_parallel_kl_and_lm(student_logits, teacher_logits, labels, **options)
 
-    def cross_entropy(logits, labels):
-        # megatron's vocab-parallel CE writes into its input: give it its own fp32 copy
-        copy = logits.float() if logits.dtype != torch.float32 else logits.clone()
-        return vocab_parallel_cross_entropy(copy, labels)
-
     def forward_step(data_iterator: Iterator[dict], model: DistillationChunk):
         batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
         out = model(batch["tokens"], batch["position_ids"], None, loss_mask=batch["loss_mask"])
@@ -267,18 +281,12 @@ def distill_task(runtime, cfg: DistillConfig, chunk: DistillationChunk, pairs: t
 
         def loss_func(_output):
             kd_loss, lm = kd_and_lm(student_logits, teacher_logits, batch["labels"])
-            if cfg.lm_weight > 0:  # trained on: megatron's CE, with its gradient
-                lm = cross_entropy(student_logits, batch["labels"])
+            if cfg.lm_weight > 0:
+                lm = trained_cross_entropy(student_logits, batch["labels"])
             # the teacher's own loss is for validation reports only
             teacher_lm = (torch.zeros_like(kd_loss) if model.training
                           else losses.reported_cross_entropy(teacher_logits, batch["labels"], group=group))
-            total = cfg.kd_weight * kd_loss + cfg.lm_weight * lm
-            loss_sum, count = masked_sum(total, mask)
-            report = {}
-            for name, value in zip(LOSSES, (total, kd_loss, lm, teacher_lm)):
-                value_sum, value_count = masked_sum(value.detach(), mask)
-                report[name] = torch.stack([value_sum, value_count.float()])
-            return loss_sum, count, report
+            return loss_triple(cfg, kd_loss, lm, teacher_lm, mask)
 
         return student_logits, loss_func
 
