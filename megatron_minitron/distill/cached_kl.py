@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_minitron.distill.losses import (COMPUTE_DTYPE, _all_gather_last, _all_reduce, _default_chunk,
-                                              _group_size, _scaled)
+                                              _group_size, _label_logits, _scaled)
 
 NEG_INF = float("-inf")
 
@@ -183,10 +183,7 @@ class _CachedKL(torch.autograd.Function):
         z, total, rest, label_logit = acc[:, :k], acc[:, k], acc[:, k + 1], acc[:, k + 2]
         z[mine] = x2d.view(-1)[flat].to(COMPUTE_DTYPE).div_(temperature)
         if labels is not None:
-            local = labels.reshape(-1) - start
-            held = (local >= 0) & (local < vocab_local)
-            at_label = x2d.gather(-1, local.clamp(0, vocab_local - 1).unsqueeze(-1)).squeeze(-1)
-            label_logit.copy_(torch.where(held, at_label.to(COMPUTE_DTYPE), 0.0))
+            label_logit.copy_(_label_logits(x2d, labels, group))
         work = torch.empty(min(chunk_size, n), vocab_local, dtype=COMPUTE_DTYPE, device=device)
         for i in range(0, n, chunk_size):
             j = min(i + chunk_size, n)
